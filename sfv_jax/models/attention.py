@@ -1,0 +1,153 @@
+"""Attention and transformer blocks of the SVD UNet: Attention, GEGLU FeedForward,
+BasicTransformerBlock (spatial), TemporalBasicTransformerBlock, and TransformerSpatioTemporal
+(diffusers ``TransformerSpatioTemporalModel``, svd_port_spec 1.3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sfv_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from sfv_jax.models.primitives import GroupNorm, dense, layer_norm
+from sfv_jax.models.resnet import AlphaBlender
+
+Dtype = Any
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (keys ``to_q``, ``to_k``, ``to_v``, ``to_out_0``).
+
+    ``x`` [..., T, C]; ``context`` [..., S, C_ctx] whose leading axes broadcast against x's
+    (``None`` = self-attention). Heads split the channels head-major (channel = head * head_dim + d),
+    scale head_dim ** -0.5, softmax over keys. Keys and values are projected once per context row and
+    then broadcast, so a per-video context is never copied per frame or pixel.
+    ``attention_impl``: None (JAX picks), "xla" or "cudnn" (fused flash attention, GPU, bf16/fp16).
+    """
+
+    heads: int
+    head_dim: int
+    out_dim: int | None = None
+    qkv_bias: bool = False
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.heads * self.head_dim
+        context = x if context is None else context
+        q = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(context)
+        v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(context)
+        lead = jnp.broadcast_shapes(x.shape[:-2], context.shape[:-2])
+        n = 1
+        for d in lead:
+            n *= d
+
+        def heads(t: jax.Array) -> jax.Array:
+            t = jnp.broadcast_to(t, lead + t.shape[-2:])
+            return t.reshape(n, t.shape[-2], self.heads, self.head_dim)
+
+        out = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), scale=self.head_dim ** -0.5,
+                                           implementation=self.attention_impl)
+        out = out.reshape(*lead, x.shape[-2], inner)
+        return dense(self.out_dim or x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(out)
+
+
+class GEGLU(nn.Module):
+    """``proj`` Dense(C -> 2 * inner); value = first half, gate = second half; value * GELU_exact(gate)."""
+
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(2 * self.inner_dim, ("embed", "mlp"), name="proj", dtype=self.dtype,
+                  param_dtype=self.param_dtype)(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """``net_0`` GEGLU(inner = mult * C) -> ``net_2`` Dense(inner -> out_dim). [..., C] -> [..., out_dim]."""
+
+    out_dim: int | None = None
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+        return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN block: self-attention, cross-attention to ``context``, GEGLU feed-forward.
+
+    ``x`` [..., T, C]; ``context`` [..., S, C_ctx] (broadcast over x's leading axes). LN eps 1e-5.
+    With ``temporal=True`` it is diffusers' TemporalBasicTransformerBlock: a residual GEGLU
+    ``ff_in`` after ``norm_in`` comes first (dim == time_mix_inner_dim, so it is residual).
+    """
+
+    heads: int
+    head_dim: int
+    temporal: bool = False
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(heads=self.heads, head_dim=self.head_dim, attention_impl=self.attention_impl, **kw)
+        if self.temporal:
+            x = FeedForward(name="ff_in", **kw)(layer_norm(name="norm_in", **kw)(x)) + x
+        x = Attention(name="attn1", **attn)(layer_norm(name="norm1", **kw)(x)) + x
+        x = Attention(name="attn2", **attn)(layer_norm(name="norm2", **kw)(x), context) + x
+        return FeedForward(name="ff", **kw)(layer_norm(name="norm3", **kw)(x)) + x
+
+
+class TransformerSpatioTemporal(nn.Module):
+    """SVD's spatio-temporal transformer (svd_port_spec 1.3).
+
+    ``x`` [B, F, H, W, C] and ``context`` [B, S, C_ctx] (the image embedding, shared by all frames;
+    the temporal blocks use it too, as diffusers uses the first frame's context) -> [B, F, H, W, C].
+    GN (per frame, eps 1e-6) -> ``proj_in`` -> per layer: spatial block over the H*W tokens of each
+    frame; temporal block over the F frames of each pixel, on the spatial output plus the frame
+    positional embedding; ``time_mixer`` a * spatial + (1 - a) * temporal -> ``proj_out`` -> + x.
+    """
+
+    heads: int
+    num_layers: int = 1
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, f, hgt, wid, c = x.shape
+        if c % self.heads:
+            raise ValueError(f"TransformerSpatioTemporal: {c} channels do not split into {self.heads} heads")
+        blk = dict(heads=self.heads, head_dim=c // self.heads, attention_impl=self.attention_impl, **kw)
+        h = GroupNorm(32, 1e-6, -3, name="norm", **kw)(x).reshape(b, f, hgt * wid, c)
+        h = dense(c, ("embed", "embed_out"), name="proj_in", **kw)(h)
+        ctx = context[:, None].astype(self.dtype)  # [B, 1, S, C_ctx]: broadcast over frames / pixels
+        frame_pos = TimestepEmbedding(4 * c, c, name="time_pos_embed", **kw)(
+            timestep_embedding(jnp.arange(f), c).astype(self.dtype))  # [F, C]
+        mixer = AlphaBlender(0.5, False, self.param_dtype, name="time_mixer")
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(name=f"transformer_blocks_{i}", **blk)(h, ctx)
+            mix = (h + frame_pos[None, :, None, :]).transpose(0, 2, 1, 3)  # [B, HW, F, C]
+            mix = BasicTransformerBlock(temporal=True, name=f"temporal_transformer_blocks_{i}", **blk)(mix, ctx)
+            h = mixer(h, mix.transpose(0, 2, 1, 3))
+        h = dense(c, ("embed_out", "embed"), name="proj_out", **kw)(h)
+        return h.reshape(b, f, hgt, wid, c) + x.astype(h.dtype)
