@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny diffusers reference models and torch <-> Flax plumbing for parity tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from sfv_jax import convert  # noqa: E402
+from sfv_jax import torch_reference as ref  # noqa: E402
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+PARITY_TOL = 1e-4  # max|jax - torch| / max|torch|, fp32 (issue #2)
+BF16_TOL = 3e-2    # bf16 compute against the fp32 reference
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def flax_params_from_torch(torch_module, flax_module, *flax_inputs, dtype=np.float32) -> dict:
+    """Convert ``torch_module``'s weights with our converter onto ``flax_module``'s parameter tree."""
+    abstract = jax.eval_shape(lambda: flax_module.init(jax.random.PRNGKey(0), *flax_inputs))["params"]
+    state = {k: v.detach().cpu().numpy() for k, v in torch_module.state_dict().items()}
+    return convert.torch_to_flax(state, nn.meta.unbox(abstract), dtype=dtype, progress=False)
+
+
+def video_to_torch(x: np.ndarray) -> torch.Tensor:
+    """[B, F, H, W, C] -> torch (B*F, C, H, W), frame index fastest."""
+    b, f, h, w, c = x.shape
+    return torch.from_numpy(np.ascontiguousarray(x.reshape(b * f, h, w, c).transpose(0, 3, 1, 2)))
+
+
+def video_from_torch(t: torch.Tensor, batch: int) -> np.ndarray:
+    """torch (B*F, C, H, W) -> [B, F, H, W, C]."""
+    x = t.detach().numpy().transpose(0, 2, 3, 1)
+    return x.reshape(batch, -1, *x.shape[1:])
+
+
+@pytest.fixture(scope="session")
+def tiny_unets():
+    """name -> randomised diffusers UNet (built once per session)."""
+    return {name: ref.build_unet(cfg, seed=i) for i, (name, cfg) in enumerate(ref.TINY_CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dirs(tiny_unets, tmp_path_factory):
+    """name -> diffusers folder (config.json + safetensors) of each tiny UNet."""
+    root = tmp_path_factory.mktemp("diffusers_unets")
+    return {name: ref.save_unet(m, root / name) for name, m in tiny_unets.items()}
