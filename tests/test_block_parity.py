@@ -175,3 +175,26 @@ def test_up_blocks(tm, cfg, index):
     params = flax_params_from_torch(block, module, x, skips, temb, ctx, size)
     got = jax.jit(module.apply, static_argnums=5)({"params": params}, x, skips, temb, ctx, size)
     assert rel_err(got, video_from_torch(want, B)) <= PARITY_TOL
+
+
+@pytest.mark.parametrize("tokens", [384, 400, 257])  # chunk 128, chunk 100, no divisor -> one block
+def test_chunked_attention_matches_torch_sdpa(tokens):
+    from sfv_jax.models.attention import dot_product_attention
+
+    q, k, v = (rand(2, tokens, 3, 16) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))).transpose(1, 2).numpy()
+    for impl in ("chunked", "xla"):
+        got = jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 16 ** -0.5, impl))(q, k, v)
+        assert rel_err(got, want) <= PARITY_TOL, impl
+
+
+def test_transformer_at_chunked_size(tm):
+    """A spatial size whose H*W (20*20 = 400 tokens) takes the chunked attention path."""
+    block = tm.get_submodule("down_blocks.0.attentions.0")
+    x, ctx = rand(1, 2, 20, 20, 32), rand(1, 1, 48)
+    with torch.no_grad():
+        want = block(video_to_torch(x), torch.from_numpy(ctx).repeat_interleave(2, 0), torch.zeros(1, 2),
+                     return_dict=False)[0]
+    got = run_flax(TransformerSpatioTemporal(block.num_attention_heads, 1, "chunked"), block, x, ctx)
+    assert rel_err(got, video_from_torch(want, 1)) <= PARITY_TOL
