@@ -1,5 +1,5 @@
-"""Residual blocks of SVD: ResnetBlock2D, TemporalResnetBlock, their AlphaBlender mix
-(SpatioTemporalResBlock), and the 2x down / up samplers.
+"""Residual blocks of SVD: the spatial and temporal ResnetBlock, their AlphaBlender mix
+(SpatioTemporalResBlock), the matmul temporal conv, and the 2x down / up samplers.
 
 Layout: video activations are ``[B, F, H, W, C]``; spatial layers act per frame, temporal
 layers mix along F. The time embedding ``temb`` is ``[B, D]`` (identical for every frame of a
@@ -19,39 +19,10 @@ from sfv_jax.models.primitives import GroupNorm, conv, dense
 Dtype = Any
 
 
-def _add_temb(h: jax.Array, temb: jax.Array | None, proj: nn.Module | None) -> jax.Array:
+def _add_temb(h: jax.Array, temb: jax.Array, proj: nn.Module) -> jax.Array:
     """h [B, ..., C] + Dense(SiLU(temb [B, D])) broadcast over every axis but batch and channel."""
-    if temb is None:
-        return h
     t = proj(nn.silu(temb))
     return h + t.reshape(t.shape[0], *([1] * (h.ndim - 2)), t.shape[-1])
-
-
-class ResnetBlock2D(nn.Module):
-    """GN -> SiLU -> conv3x3 (+ temb) -> GN -> SiLU -> conv3x3, + (1x1-projected) input.
-
-    ``x`` [..., H, W, C_in] -> [..., H, W, out_channels]; GroupNorm statistics per image.
-    """
-
-    out_channels: int
-    eps: float = 1e-6
-    use_temb: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        pad = ((1, 1), (1, 1))
-        h = nn.silu(GroupNorm(32, self.eps, -3, name="norm1", **kw)(x))
-        h = conv(self.out_channels, (3, 3), padding=pad, name="conv1", **kw)(h)
-        proj = dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj", **kw) if self.use_temb else None
-        h = _add_temb(h, temb if self.use_temb else None, proj)
-        h = nn.silu(GroupNorm(32, self.eps, -3, name="norm2", **kw)(h))
-        h = conv(self.out_channels, (3, 3), padding=pad, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, (1, 1), padding=((0, 0), (0, 0)), name="conv_shortcut", **kw)(x)
-        return x.astype(h.dtype) + h
 
 
 class TemporalConv(nn.Module):
@@ -80,14 +51,19 @@ class TemporalConv(nn.Module):
         return out + bias
 
 
-class TemporalResnetBlock(nn.Module):
-    """The same residual block with (3, 1, 1) convolutions along frames (zero-padded in time).
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv (+ temb) -> GN -> SiLU -> conv, + (1x1-projected) input.
 
-    ``x`` [B, F, H, W, C] -> same shape. GroupNorm statistics pool over all F frames of a video
-    (PyTorch GroupNorm on a 5-D tensor). No shortcut: SVD always has C_in == C_out here.
+    Spatial (``temporal=False``, diffusers ResnetBlock2D): 3x3 convs per image, GroupNorm statistics
+    per image; ``x`` [..., H, W, C_in] -> [..., H, W, out_channels].
+    Temporal (``temporal=True``, diffusers TemporalResnetBlock): (3, 1, 1) convs along frames, GroupNorm
+    statistics pooled over all F frames of a video (PyTorch GroupNorm on a 5-D tensor);
+    ``x`` [B, F, H, W, C] -> same shape (SVD always has C_in == C_out there, so no shortcut).
     """
 
+    out_channels: int
     eps: float = 1e-6
+    temporal: bool = False
     use_temb: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -95,13 +71,21 @@ class TemporalResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        channels = x.shape[-1]
-        h = nn.silu(GroupNorm(32, self.eps, 1, name="norm1", **kw)(x))
-        h = TemporalConv(channels, name="conv1", **kw)(h)
-        proj = dense(channels, ("embed", "conv_out"), name="time_emb_proj", **kw) if self.use_temb else None
-        h = _add_temb(h, temb if self.use_temb else None, proj)
-        h = nn.silu(GroupNorm(32, self.eps, 1, name="norm2", **kw)(h))
-        h = TemporalConv(channels, name="conv2", **kw)(h)
+        gn_axis = 1 if self.temporal else -3
+
+        def conv_layer(name: str) -> nn.Module:
+            if self.temporal:
+                return TemporalConv(self.out_channels, name=name, **kw)
+            return conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
+
+        h = nn.silu(GroupNorm(32, self.eps, gn_axis, name="norm1", **kw)(x))
+        h = conv_layer("conv1")(h)
+        if self.use_temb:
+            h = _add_temb(h, temb, dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj", **kw))
+        h = nn.silu(GroupNorm(32, self.eps, gn_axis, name="norm2", **kw)(h))
+        h = conv_layer("conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, (1, 1), padding=((0, 0), (0, 0)), name="conv_shortcut", **kw)(x)
         return x.astype(h.dtype) + h
 
 
@@ -144,9 +128,9 @@ class SpatioTemporalResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_temb=self.use_temb)
-        spatial = ResnetBlock2D(self.out_channels, self.eps, name="spatial_res_block", **kw)(x, temb)
+        spatial = ResnetBlock(self.out_channels, self.eps, name="spatial_res_block", **kw)(x, temb)
         t_eps = self.eps if self.temporal_eps is None else self.temporal_eps
-        temporal = TemporalResnetBlock(t_eps, name="temporal_res_block", **kw)(spatial, temb)
+        temporal = ResnetBlock(self.out_channels, t_eps, temporal=True, name="temporal_res_block", **kw)(spatial, temb)
         return AlphaBlender(0.5, self.switch_spatial_to_temporal_mix, self.param_dtype,
                             name="time_mixer")(spatial, temporal)
 
