@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sfv_jax import convert, pretrained
 from sfv_jax import torch_reference as ref

@@ -15,7 +15,7 @@ this code with the pretrained weights. Numerics follow ``shared/reference/svd_po
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
