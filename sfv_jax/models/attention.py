@@ -5,6 +5,7 @@ BasicTransformerBlock (spatial), TemporalBasicTransformerBlock, and TransformerS
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -92,9 +93,7 @@ class Attention(nn.Module):
         k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(context)
         v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(context)
         lead = jnp.broadcast_shapes(x.shape[:-2], context.shape[:-2])
-        n = 1
-        for d in lead:
-            n *= d
+        n = math.prod(lead)
 
         def heads(t: jax.Array) -> jax.Array:
             t = jnp.broadcast_to(t, lead + t.shape[-2:])
