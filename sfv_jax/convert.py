@@ -1,8 +1,9 @@
 """PyTorch (diffusers safetensors) <-> Flax parameter conversion, and the converted-checkpoint format.
 
 Usage:
-  python -m sfv_jax.convert --src path/to/svd/unet --out converted/unet          # diffusers -> Flax (orbax)
-  python -m sfv_jax.convert --to-diffusers --src converted/unet --out exported/unet   # Flax -> diffusers
+  python -m sfv_jax.convert --src path/to/stable-video-diffusion --out converted/svd  # the whole pipeline
+  python -m sfv_jax.convert --src path/to/svd/unet --out converted/unet                 # one component
+  python -m sfv_jax.convert --to-diffusers --src converted/svd --out exported/svd      # Flax -> PyTorch formats
 
 Key mapping (svd_port_spec 5): the Flax module tree mirrors the PyTorch names, with list indices joined
 by '_' (``down_blocks.0.resnets.1`` <-> ``down_blocks_0/resnets_1``); leaves ``kernel``/``scale``/
@@ -239,49 +240,164 @@ class Component:
     name: str
     subfolder: str
     weights_stem: str
-    abstract_params: Callable[[Mapping], Mapping]  # diffusers config -> unboxed abstract params
+    class_name: str  # diffusers ``_class_name`` / transformers ``architectures`` entry
+    abstract_params: Callable[[Mapping], Mapping]  # config dict -> unboxed abstract params
 
 
 def _unet_component() -> Component:
     from sfv_jax import pretrained
-    return Component("unet", "unet", "diffusion_pytorch_model",
+    return Component("unet", "unet", "diffusion_pytorch_model", "UNetSpatioTemporalConditionModel",
                      lambda cfg: pretrained.abstract_params(pretrained.unet_from_config(cfg)))
 
 
-COMPONENTS: dict[str, Callable[[], Component]] = {"unet": _unet_component}
+def _vae_component() -> Component:
+    from sfv_jax import pretrained
+    return Component("vae", "vae", "diffusion_pytorch_model", "AutoencoderKLTemporalDecoder",
+                     lambda cfg: pretrained.abstract_params(pretrained.vae_from_config(cfg)))
+
+
+def _image_encoder_component() -> Component:
+    from sfv_jax import pretrained
+    return Component("image_encoder", "image_encoder", "model", "CLIPVisionModelWithProjection",
+                     lambda cfg: pretrained.abstract_params(pretrained.image_encoder_from_config(cfg)))
+
+
+COMPONENTS: dict[str, Callable[[], Component]] = {
+    "unet": _unet_component, "vae": _vae_component, "image_encoder": _image_encoder_component}
+PIPELINE_INDEX = "model_index.json"
+# Sub-folders of a diffusers SVD folder that hold only configs; copied as they are.
+CONFIG_ONLY = ("feature_extractor", "scheduler")
 
 
 def component_folder(path: Path, comp: Component) -> Path:
     """``path`` itself, or its ``comp.subfolder`` when ``path`` is a whole pipeline folder."""
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist")
-    if path.is_dir() and not (path / "config.json").exists() and (path / comp.subfolder).is_dir():
-        return path / comp.subfolder
+    if path.is_dir() and not (path / "config.json").exists():
+        if (path / comp.subfolder).is_dir():
+            return path / comp.subfolder
+        if is_pipeline_folder(path):
+            raise CheckpointError(f"{path}: the pipeline folder has no {comp.subfolder}/ (the {comp.name} component)")
     return path
 
 
-def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, component: str = "unet",
+def detect_component(config: Mapping, where: Path) -> str:
+    """The component name for a config dict, from its ``_class_name`` or ``architectures``."""
+    names = [config.get("_class_name")] + list(config.get("architectures") or [])
+    for key, make in COMPONENTS.items():
+        if make().class_name in names:
+            return key
+    known = ", ".join(make().class_name for make in COMPONENTS.values())
+    raise CheckpointError(f"{where}/config.json: class {[n for n in names if n]} is not an SVD component ({known})")
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    if (path / PIPELINE_INDEX).is_file():
+        return True
+    if is_converted(path):
+        return json.loads((path / META_FILE).read_text()).get("component") == "pipeline"
+    return False
+
+
+def check_pipeline_folder(root: Path) -> None:
+    """Raise a CheckpointError unless ``root`` is a (diffusers or converted) SVD pipeline folder with
+    every model component."""
+    if not root.exists():
+        raise CheckpointError(f"{root}: does not exist")
+    if not root.is_dir() or not is_pipeline_folder(root):
+        raise CheckpointError(f"{root}: not an SVD pipeline folder (expected {PIPELINE_INDEX} with unet/, vae/ "
+                              "and image_encoder/ sub-folders, or a folder converted from one)")
+    missing = [f"{c().subfolder}/" for c in COMPONENTS.values() if not (root / c().subfolder / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(f"{root}: the pipeline folder is missing {', '.join(missing)} "
+                              "(each needs config.json and its weights)")
+
+
+def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, component: str | None = None,
                    variant: str | None = None, dtype: Any = jnp.float32, overwrite: bool = False,
                    progress: bool = True) -> Path:
-    """diffusers component folder (or pipeline folder) -> converted sfv_jax checkpoint at ``out``."""
+    """diffusers / transformers folder -> converted sfv_jax checkpoint at ``out``.
+
+    ``src`` is a component folder (its kind is read from config.json unless ``component`` is given) or,
+    with ``component=None``, a whole SVD pipeline folder: then every component is converted into
+    ``out/<component>/`` and the config-only folders and ``model_index.json`` are copied.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: does not exist")
+    if component is None and src.is_dir() and is_pipeline_folder(src):
+        return convert_pipeline(src, out, variant=variant, dtype=dtype, overwrite=overwrite, progress=progress)
+    if component is None:
+        if src.is_file():
+            raise CheckpointError(f"{src}: pass the folder that holds config.json and the weights, not a file")
+        component = detect_component(read_config(src), src)
     comp = COMPONENTS[component]()
-    folder = component_folder(Path(src), comp)
+    folder = component_folder(src, comp)
     if folder.is_file():
         raise CheckpointError(f"{folder}: pass the folder that holds config.json and the weights, not a file")
     config = read_config(folder)
+    try:
+        abstract = comp.abstract_params(config)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     weights = open_weights(folder, comp.weights_stem, variant)
-    params = torch_to_flax(weights, comp.abstract_params(config), dtype=dtype,
-                           what=f"{comp.name} {weights.description}", progress=progress)
+    params = torch_to_flax(weights, abstract, dtype=dtype, what=f"{comp.name} {weights.description}",
+                           progress=progress)
     return save_converted(out, params, config, comp.name, source=str(folder.absolute()), overwrite=overwrite)
+
+
+def _write_pipeline(src: Path, out: Path, overwrite: bool, write_component: Callable[[Component, Path], None],
+                    meta: dict | None) -> Path:
+    """Stage a whole pipeline folder (each component via ``write_component``, configs copied), then
+    rename it into place: a failure leaves nothing at ``out``."""
+    check_pipeline_folder(src)
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    tmp = _staging(out)
+    try:
+        for make in COMPONENTS.values():
+            comp = make()
+            write_component(comp, tmp / comp.subfolder)
+        for name in CONFIG_ONLY:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        if (src / PIPELINE_INDEX).is_file():
+            shutil.copy2(src / PIPELINE_INDEX, tmp / PIPELINE_INDEX)
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, variant: str | None = None,
+                     dtype: Any = jnp.float32, overwrite: bool = False, progress: bool = True) -> Path:
+    """A diffusers SVD folder -> a converted pipeline folder (``unet/``, ``vae/``, ``image_encoder/``
+    converted; ``model_index.json``, ``feature_extractor/``, ``scheduler/`` copied)."""
+    src = Path(src)
+
+    def write(comp: Component, dest: Path) -> None:
+        convert_folder(src / comp.subfolder, dest, component=comp.name, variant=variant, dtype=dtype,
+                       progress=progress)
+
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "component": "pipeline", "source": str(src.absolute())}
+    return _write_pipeline(src, out, overwrite, write, meta)
 
 
 def export_folder(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
                   overwrite: bool = False) -> Path:
-    """converted sfv_jax checkpoint -> diffusers component folder that ``from_pretrained`` loads."""
+    """converted sfv_jax checkpoint (a component or a whole pipeline) -> diffusers / transformers
+    folder that ``from_pretrained`` loads."""
     src = Path(src)
     if not is_converted(src):
         raise CheckpointError(f"{src}: not a converted sfv_jax checkpoint (no {META_FILE})")
     meta = json.loads((src / META_FILE).read_text())
+    if meta.get("component") == "pipeline":
+        return _write_pipeline(src, out, overwrite,
+                               lambda comp, dest: export_folder(src / comp.subfolder, dest, dtype=dtype), None)
     comp = COMPONENTS[meta["component"]]()
     config = read_config(src)
     params = load_converted(src, comp.abstract_params(config))
@@ -297,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", required=True, help="diffusers folder (or, with --to-diffusers, a converted one)")
     parser.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--to-diffusers", action="store_true", help="export a converted checkpoint to diffusers")
-    parser.add_argument("--component", default="unet", choices=sorted(COMPONENTS))
+    parser.add_argument("--component", default=None, choices=sorted(COMPONENTS),
+                        help="default: a whole SVD folder converts every component; a component folder is "
+                             "recognised from its config.json")
     parser.add_argument("--variant", default=None, help="weights variant to read, e.g. fp16 (default: fp32 if present)")
     parser.add_argument("--dtype", default=None, choices=sorted(_DTYPE_FLAGS),
                         help="parameter dtype to store (default: float32; with --to-diffusers: as stored)")

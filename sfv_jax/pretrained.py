@@ -1,8 +1,15 @@
-"""Loading SVD models: from a diffusers folder (converted on the fly) or a converted sfv_jax checkpoint.
+"""Loading SVD models: from diffusers / transformers folders (converted on the fly) or converted sfv_jax
+checkpoints.
 
     from sfv_jax import pretrained
-    model, params = pretrained.load_unet("path/to/stable-video-diffusion-img2vid/unet")
-    v = model.apply({"params": params}, sample, timestep, encoder_hidden_states, added_time_ids)
+    model, params = pretrained.load_unet("stable-video-diffusion-img2vid/unet")
+    vae, vae_params = pretrained.load_vae("stable-video-diffusion-img2vid")            # the vae/ subfolder
+    clip, clip_params = pretrained.load_image_encoder("stable-video-diffusion-img2vid")
+    pipe = pretrained.load_pipeline("stable-video-diffusion-img2vid", dtype=jnp.bfloat16)
+    frames = pipe(image)                                                               # [F, H, W, 3] in [0, 1]
+
+Every path may be a component folder, a whole pipeline folder (the component's subfolder is used), or
+the converted equivalent (``python -m sfv_jax.convert``).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from sfv_jax import convert
+from sfv_jax.models.clip import CLIPVisionConfig, CLIPVisionWithProjection
 from sfv_jax.models.unet import UNetConfig, UNetSpatioTemporal, init_inputs
-from sfv_jax.safetensors_io import open_weights
+from sfv_jax.models.vae import AutoencoderKLTemporalDecoder, VAEConfig
+from sfv_jax.safetensors_io import CheckpointError, open_weights
 
 
 def unet_from_config(config: Mapping[str, Any] | UNetConfig, *, dtype: Any = jnp.float32,
@@ -29,31 +38,104 @@ def unet_from_config(config: Mapping[str, Any] | UNetConfig, *, dtype: Any = jnp
                               attention_impl=attention_impl)
 
 
-def abstract_params(model: UNetSpatioTemporal, *, boxed: bool = False) -> Mapping:
+def vae_from_config(config: Mapping[str, Any] | VAEConfig, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32, attention_impl: str | None = None) -> AutoencoderKLTemporalDecoder:
+    """The Flax VAE for a diffusers ``vae/config.json`` dict."""
+    cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_diffusers(config)
+    return AutoencoderKLTemporalDecoder(cfg, attention_impl, dtype=dtype, param_dtype=param_dtype)
+
+
+def image_encoder_from_config(config: Mapping[str, Any] | CLIPVisionConfig, *, dtype: Any = jnp.float32,
+                              param_dtype: Any = jnp.float32,
+                              attention_impl: str | None = None) -> CLIPVisionWithProjection:
+    """The Flax CLIP image encoder for a transformers ``image_encoder/config.json`` dict."""
+    cfg = config if isinstance(config, CLIPVisionConfig) else CLIPVisionConfig.from_transformers(config)
+    return CLIPVisionWithProjection(cfg, attention_impl, dtype=dtype, param_dtype=param_dtype)
+
+
+def _init_args(model: nn.Module) -> tuple:
+    if isinstance(model, UNetSpatioTemporal):
+        return init_inputs(model.config)
+    if isinstance(model, AutoencoderKLTemporalDecoder):
+        f = model.config.downsample_factor
+        return (jnp.zeros((1, 1, f, f, model.config.in_channels)),)
+    if isinstance(model, CLIPVisionWithProjection):
+        s = model.config.image_size
+        return (jnp.zeros((1, s, s, model.config.num_channels)),)
+    raise TypeError(f"no init inputs known for {type(model).__name__}")
+
+
+def abstract_params(model: nn.Module, *, boxed: bool = False) -> Mapping:
     """``jax.eval_shape`` of the parameters (no memory used). ``boxed=True`` keeps the logical-axis boxes."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_inputs(model.config)))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_args(model)))
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 
-def logical_axes(model: UNetSpatioTemporal) -> Mapping:
+def logical_axes(model: nn.Module) -> Mapping:
     """Tree of ``PartitionSpec`` of logical axis names, one per parameter."""
     return nn.get_partition_spec(abstract_params(model, boxed=True))
+
+
+def _load(component: str, path: str | os.PathLike, build, *, param_dtype: Any, variant: str | None,
+          progress: bool) -> tuple[nn.Module, dict]:
+    comp = convert.COMPONENTS[component]()
+    folder = convert.component_folder(Path(path), comp)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: pass the {component} folder (config.json + weights), not a file")
+    config = convert.read_config(folder)
+    try:
+        model = build(config)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract_params(model))
+    if convert.is_converted(folder):
+        return model, convert.load_converted(folder, abstract)
+    weights = open_weights(folder, comp.weights_stem, variant)
+    params = convert.torch_to_flax(weights, abstract, dtype=param_dtype, what=f"{component} {weights.description}",
+                                   progress=progress)
+    return model, jax.tree.map(jnp.asarray, params)
 
 
 def load_unet(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
               variant: str | None = None, remat_policy: str = "none", attention_impl: str | None = None,
               progress: bool = True) -> tuple[UNetSpatioTemporal, dict]:
-    """``(model, params)`` from a diffusers UNet folder (or a whole SVD folder with ``unet/``) or a
-    converted checkpoint. ``dtype`` is the compute dtype, ``param_dtype`` the parameters' dtype."""
-    comp = convert.COMPONENTS["unet"]()
-    folder = convert.component_folder(Path(path), comp)
-    config = convert.read_config(folder)
-    model = unet_from_config(config, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
-                             attention_impl=attention_impl)
-    abstract = abstract_params(model)
-    if convert.is_converted(folder):
-        return model, convert.load_converted(folder, abstract)
-    weights = open_weights(folder, comp.weights_stem, variant)
-    params = convert.torch_to_flax(weights, abstract, dtype=param_dtype, what=f"unet {weights.description}",
-                                   progress=progress)
-    return model, jax.tree.map(jnp.asarray, params)
+    """``(model, params)`` of the UNet. ``dtype`` is the compute dtype, ``param_dtype`` the parameters'."""
+    def build(cfg):
+        return unet_from_config(cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
+                                attention_impl=attention_impl)
+    return _load("unet", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+
+
+def load_vae(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
+             variant: str | None = None, attention_impl: str | None = None,
+             progress: bool = True) -> tuple[AutoencoderKLTemporalDecoder, dict]:
+    """``(model, params)`` of the temporal-decoder VAE (``vae/``)."""
+    def build(cfg):
+        return vae_from_config(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    return _load("vae", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+
+
+def load_image_encoder(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
+                       variant: str | None = None, attention_impl: str | None = None,
+                       progress: bool = True) -> tuple[CLIPVisionWithProjection, dict]:
+    """``(model, params)`` of the CLIP image encoder (``image_encoder/``)."""
+    def build(cfg):
+        return image_encoder_from_config(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    return _load("image_encoder", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+
+
+def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
+                  variant: str | None = None, attention_impl: str | None = None, progress: bool = True):
+    """The whole image-to-video pipeline (:class:`sfv_jax.pipeline.SVDPipeline`) from a diffusers SVD folder
+    (``model_index.json``, ``unet/``, ``vae/``, ``image_encoder/``, ``feature_extractor/``) or its
+    converted copy. ``dtype`` is the compute dtype of the UNet and image encoder; the VAE encodes in
+    float32 (as diffusers' ``force_upcast``) and decodes in ``dtype``."""
+    from sfv_jax.pipeline import SVDPipeline
+
+    root = Path(path)
+    convert.check_pipeline_folder(root)
+    opts = dict(param_dtype=param_dtype, variant=variant, attention_impl=attention_impl, progress=progress)
+    unet = load_unet(root, dtype, **opts)
+    vae = load_vae(root, dtype, **opts)
+    image_encoder = load_image_encoder(root, dtype, **opts)
+    return SVDPipeline.from_components(unet, vae, image_encoder, folder=root)

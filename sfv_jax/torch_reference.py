@@ -126,3 +126,72 @@ def unet_forward(model, sample, timestep, context, ids) -> np.ndarray:
                     torch.from_numpy(context).to(device, dtype),
                     torch.from_numpy(ids).to(device, dtype), return_dict=False)[0]
     return out.float().cpu().numpy().transpose(0, 1, 3, 4, 2)
+
+
+# ----------------------------------------------------------------------------- VAE, image encoder, pipeline
+
+# A tiny AutoencoderKLTemporalDecoder: 3 levels, so images are 4x the latent size.
+TINY_VAE: dict[str, Any] = {
+    "_class_name": "AutoencoderKLTemporalDecoder", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "block_out_channels": [32, 32, 64], "layers_per_block": 2,
+    "latent_channels": 4, "sample_size": 32, "scaling_factor": 0.18215, "force_upcast": True,
+}
+# A tiny CLIPVisionModelWithProjection (projection_dim = TINY_B's cross_attention_dim).
+TINY_CLIP: dict[str, Any] = {
+    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+    "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "patch_size": 4, "image_size": 32, "num_channels": 3, "projection_dim": 48, "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+# stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json.
+SVD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "set_alpha_to_one": False, "sigma_max": 700.0, "sigma_min": 0.002, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous", "trained_betas": None,
+    "use_karras_sigmas": True,
+}
+
+
+def build_vae(config: dict = TINY_VAE, seed: int = 0):
+    """A diffusers AutoencoderKLTemporalDecoder (fp32, eval) with randomised weights."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLTemporalDecoder(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return randomize_(model, seed).eval()
+
+
+def build_image_encoder(config: dict = TINY_CLIP, seed: int = 0):
+    """A transformers CLIPVisionModelWithProjection (fp32, eval, eager attention) with randomised weights."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    model = CLIPVisionModelWithProjection(cfg)
+    return randomize_(model, seed).eval()
+
+
+def build_pipeline(unet_config: dict = TINY_B, vae_config: dict = TINY_VAE, clip_config: dict = TINY_CLIP,
+                   seed: int = 0):
+    """A diffusers StableVideoDiffusionPipeline of tiny random components (fp32, CPU)."""
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    scheduler = EulerDiscreteScheduler.from_config(SVD_SCHEDULER_CONFIG)
+    extractor = CLIPImageProcessor(crop_size={"height": clip_config["image_size"], "width": clip_config["image_size"]},
+                                   size={"shortest_edge": clip_config["image_size"]}, do_center_crop=True,
+                                   do_normalize=True, do_resize=True, do_rescale=True, resample=3)
+    pipe = StableVideoDiffusionPipeline(vae=build_vae(vae_config, seed), image_encoder=build_image_encoder(clip_config, seed),
+                                        unet=build_unet(unet_config, seed), scheduler=scheduler,
+                                        feature_extractor=extractor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, folder: str | Path) -> Path:
+    """Save as a diffusers SVD folder (model_index.json, unet/, vae/, image_encoder/, ...)."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

@@ -74,6 +74,11 @@ class Attention(nn.Module):
     scale head_dim ** -0.5, softmax over keys. Keys and values are projected once per context row and
     then broadcast, so a per-video context is never copied per frame or pixel.
     ``attention_impl``: see :func:`dot_product_attention` (None: "chunked" on a CPU, JAX's choice elsewhere).
+
+    Options mirroring diffusers' ``Attention`` / transformers' ``CLIPAttention``:
+    ``group_norm_eps`` (not None): a 32-group ``group_norm`` over the T tokens of each row is applied to
+    ``x`` first (the VAE's mid-block attention); ``residual``: the input is added to the output;
+    ``names``: the q, k, v and output projections' parameter names (CLIP: q_proj, k_proj, v_proj, out_proj).
     """
 
     heads: int
@@ -81,6 +86,9 @@ class Attention(nn.Module):
     out_dim: int | None = None
     qkv_bias: bool = False
     attention_impl: str | None = None
+    group_norm_eps: float | None = None
+    residual: bool = False
+    names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out_0")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -88,10 +96,14 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         inner = self.heads * self.head_dim
+        residual = x
+        if self.group_norm_eps is not None:
+            x = GroupNorm(32, self.group_norm_eps, -2, name="group_norm", **kw)(x)
         context = x if context is None else context
-        q = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
-        k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(context)
-        v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(context)
+        q_name, k_name, v_name, out_name = self.names
+        q = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=q_name, **kw)(x)
+        k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=k_name, **kw)(context)
+        v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=v_name, **kw)(context)
         lead = jnp.broadcast_shapes(x.shape[:-2], context.shape[:-2])
         n = math.prod(lead)
 
@@ -101,7 +113,8 @@ class Attention(nn.Module):
 
         out = dot_product_attention(heads(q), heads(k), heads(v), self.head_dim ** -0.5, self.attention_impl)
         out = out.reshape(*lead, x.shape[-2], inner)
-        return dense(self.out_dim or x.shape[-1], ("heads", "embed"), name="to_out_0", **kw)(out)
+        out = dense(self.out_dim or x.shape[-1], ("heads", "embed"), name=out_name, **kw)(out)
+        return out + residual.astype(out.dtype) if self.residual else out
 
 
 class GEGLU(nn.Module):
