@@ -136,11 +136,12 @@ TINY_VAE: dict[str, Any] = {
     "down_block_types": ["DownEncoderBlock2D"] * 3, "block_out_channels": [32, 32, 64], "layers_per_block": 2,
     "latent_channels": 4, "sample_size": 32, "scaling_factor": 0.18215, "force_upcast": True,
 }
-# A tiny CLIPVisionModelWithProjection (projection_dim = TINY_B's cross_attention_dim).
+# A tiny CLIPVisionModelWithProjection (projection_dim = TINY_B's cross_attention_dim). The image size stays
+# 224: diffusers' SVD pipeline always resizes the CLIP input to 224x224; 32-pixel patches keep it cheap.
 TINY_CLIP: dict[str, Any] = {
     "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
     "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "patch_size": 4, "image_size": 32, "num_channels": 3, "projection_dim": 48, "hidden_act": "gelu",
+    "patch_size": 32, "image_size": 224, "num_channels": 3, "projection_dim": 48, "hidden_act": "gelu",
     "layer_norm_eps": 1e-5,
 }
 # stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json.
