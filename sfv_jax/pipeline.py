@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfv_jax import conditioning, edm, samplers
+from sfv_jax.models.vae import decode_latents
 
 SAMPLERS = ("svd", "sfv")
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
@@ -117,7 +118,7 @@ class SVDPipeline:
         model = self.vae
 
         def fn(p, z):
-            x = model.apply({"params": p}, z, chunk_size, method=model.decode_latents).astype(jnp.float32)
+            x = decode_latents(model, p, z, chunk_size).astype(jnp.float32)
             return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
         return self._run("vae_decode", fn, (self.vae_params, latents), static=(chunk_size,))

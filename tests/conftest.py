@@ -57,3 +57,20 @@ def tiny_unet_dirs(tiny_unets, tmp_path_factory):
     """name -> diffusers folder (config.json + safetensors) of each tiny UNet."""
     root = tmp_path_factory.mktemp("diffusers_unets")
     return {name: ref.save_unet(m, root / name) for name, m in tiny_unets.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory):
+    """(diffusers StableVideoDiffusionPipeline of tiny random components, its saved folder, the converted folder)."""
+    root = tmp_path_factory.mktemp("svd_pipeline")
+    pipe = ref.build_pipeline()
+    src = ref.save_pipeline(pipe, root / "diffusers")
+    out = convert.convert_folder(src, root / "converted", progress=False)
+    return pipe, src, out
+
+
+@pytest.fixture(scope="session")
+def jax_pipeline(tiny_pipeline_dirs):
+    """The JAX pipeline loaded from the converted tiny folder (shared: its compiled stages are reused)."""
+    from sfv_jax import pretrained
+    return pretrained.load_pipeline(tiny_pipeline_dirs[2], progress=False)

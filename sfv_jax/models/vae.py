@@ -188,7 +188,6 @@ class AutoencoderKLTemporalDecoder(nn.Module):
       ``encode(x [N, H, W, 3]) -> mean [N, H/8, W/8, L]``             posterior mode (what SVD uses)
       ``encode_moments(x) -> (mean, logvar)``                         logvar clamped to [-30, 20]
       ``decode(z [B, F, h, w, L]) -> [B, F, 8h, 8w, 3]``              one decode call: frames mix within it
-      ``decode_latents(latents [B, F, h, w, L], chunk_size) -> [B, F, 8h, 8w, 3]``  the pipeline's decode
       ``__call__(x [B, F, H, W, 3])``: encode every frame (mean) and decode the video (used by ``init``)
     """
 
@@ -224,22 +223,39 @@ class AutoencoderKLTemporalDecoder(nn.Module):
         self._check(z, self.config.latent_channels, "latent")
         return self.decoder(z)
 
-    def decode_latents(self, latents: jax.Array, chunk_size: int | None = None) -> jax.Array:
-        """diffusers' ``StableVideoDiffusionPipeline.decode_latents`` (svd_port_spec 2.4): ``latents``
-        [B, F, h, w, L] (scaled, as the UNet sees them) are divided by ``scaling_factor``, flattened to
-        B*F rows (frame fastest) and decoded ``chunk_size`` rows at a time (default: F), each chunk as one
-        clip of ``len(chunk)`` frames. -> [B, F, 8h, 8w, 3] in about [-1, 1]."""
-        b, f = latents.shape[:2]
-        rows = (latents / self.config.scaling_factor).reshape(b * f, *latents.shape[2:])
-        chunk = chunk_size or f
-        if chunk < 1:
-            raise ValueError(f"VAE: decode chunk size must be >= 1, got {chunk_size}")
-        frames = [self.decode(rows[None, i:i + chunk])[0] for i in range(0, b * f, chunk)]
-        out = jnp.concatenate(frames, axis=0)
-        return out.reshape(b, f, *out.shape[1:])
-
     def __call__(self, x: jax.Array) -> jax.Array:
         b, f = x.shape[:2]
         mean = self.encode(x.reshape(b * f, *x.shape[2:]))
         return self.decode(mean.reshape(b, f, *mean.shape[1:]))
 
+
+
+def decode_latents(vae: AutoencoderKLTemporalDecoder, params: Any, latents: jax.Array,
+                   chunk_size: int | None = None) -> jax.Array:
+    """diffusers' ``StableVideoDiffusionPipeline.decode_latents`` (svd_port_spec 2.4), a pure function.
+
+    ``latents`` [B, F, h, w, L] (scaled, as the UNet sees them) are divided by ``scaling_factor``,
+    flattened to B*F rows (frame fastest) and decoded ``chunk_size`` rows at a time (default F), each
+    chunk as one clip of ``len(chunk)`` frames. Equal chunks run under ``lax.map`` (one compiled decoder
+    however many chunks); a shorter last chunk is one more call. -> [B, F, 8h, 8w, 3], about [-1, 1].
+    """
+    b, f = latents.shape[:2]
+    chunk = chunk_size or f
+    if chunk < 1:
+        raise ValueError(f"VAE: decode chunk size must be >= 1, got {chunk_size}")
+    n = b * f
+    rows = (latents / vae.config.scaling_factor).reshape(n, *latents.shape[2:])
+
+    def decode(clip: jax.Array) -> jax.Array:  # [c, h, w, L] -> [c, H, W, 3]
+        return vae.apply({"params": params}, clip[None], method=vae.decode)[0]
+
+    full = (n // chunk) * chunk
+    parts = []
+    if full:
+        blocks = rows[:full].reshape(n // chunk, chunk, *rows.shape[1:])
+        mapped = jax.lax.map(decode, blocks)  # [n // chunk, chunk, H, W, 3]
+        parts.append(mapped.reshape(full, *mapped.shape[2:]))
+    if full < n:
+        parts.append(decode(rows[full:]))
+    out = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return out.reshape(b, f, *out.shape[1:])
