@@ -1,15 +1,17 @@
-"""The README's main job and the benchmark run end to end (smoke runs; no timing is asserted)."""
+"""The README's main job and the benchmarks run end to end (smoke runs; no timing is asserted)."""
 
 from __future__ import annotations
 
-from sfv_jax import bench, demo
+from sfv_jax import bench, demo, video_io
 
 
 def test_demo_main_job(tmp_path, capsys):
-    assert demo.main(["--workdir", str(tmp_path / "demo"), "--config", "tiny_a", "--latent", "8", "8"]) == 0
+    assert demo.main(["--workdir", str(tmp_path / "demo"), "--steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "parity max|jax-torch|/max|torch|" in out and "OK" in out
-    assert (tmp_path / "demo" / "flax_unet" / "sfv_jax.json").exists()
+    assert "max|jax-torch|" in out and "OK" in out
+    assert (tmp_path / "demo" / "flax_svd" / "sfv_jax.json").exists()
+    frames, _ = video_io.read_video(tmp_path / "demo" / "sfv.mp4")
+    assert frames.shape[0] == 5
 
 
 def test_bench_unet_runs(capsys):
@@ -17,3 +19,12 @@ def test_bench_unet_runs(capsys):
                        "--warmup", "0"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("unet_flax_s=") and "ratio_flax_over_torch=" in last
+
+
+def test_bench_pipeline_runs(capsys):
+    assert bench.main(["pipeline", "--config", "tiny", "--height", "48", "--width", "40", "--steps", "1",
+                       "--repeats", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("pipeline_flax_s=") and "ratio_flax_over_torch=" in lines[-1]
+    for stage in ("image_encoder", "vae_encode", "unet", "vae_decode"):
+        assert any(line.startswith(f"[bench] {stage} ") for line in lines), stage

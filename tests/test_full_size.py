@@ -71,3 +71,50 @@ def test_bf16_compute_keeps_fp32_params(abstract):
     out = jax.eval_shape(lambda p, *a: model.apply({"params": p}, *a), params,
                          *init_inputs(model.config, 1, 14, 72, 128))
     assert out.shape == (1, 14, 72, 128, 4) and out.dtype == jnp.bfloat16
+
+
+def _meta_state_shapes(build) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    with torch.device("meta"):
+        model = build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("component", ["vae", "image_encoder"])
+def test_full_size_vae_and_image_encoder_map_exactly(component):
+    """SVD's VAE (374 tensors, 97,742,847 params) and ViT-H/14 (520 tensors, 632,076,800 params),
+    built by diffusers / transformers on the meta device, map onto jax.eval_shape of our modules."""
+    from sfv_jax.bench import SVD_CLIP, SVD_VAE
+
+    if component == "vae":
+        from diffusers import AutoencoderKLTemporalDecoder
+        cfg, n_tensors, n_params = SVD_VAE, 374, 97_742_847
+        shapes = _meta_state_shapes(lambda: AutoencoderKLTemporalDecoder(
+            **{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    else:
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        cfg, n_tensors, n_params = SVD_CLIP, 520, 632_076_800
+        shapes = _meta_state_shapes(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+            **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})))
+    shapes = {k: s for k, s in shapes.items() if not k.endswith("position_ids")}
+    assert len(shapes) == n_tensors and sum(math.prod(s) for s in shapes.values()) == n_params
+    abstract = convert.COMPONENTS[component]().abstract_params(cfg)
+    plan = convert.layout(abstract)
+    convert.check_compatible(shapes, plan, f"full SVD {component}")
+    assert set(plan) == set(shapes)
+
+
+def test_full_size_vae_shapes():
+    """1024x576 frames <-> 128x72 latents; decode of 14 frames in chunks of 7."""
+    from sfv_jax.bench import SVD_VAE
+    from sfv_jax.models.vae import decode_latents
+
+    vae = pretrained.vae_from_config(SVD_VAE)
+    params = pretrained.abstract_params(vae)
+    mean = jax.eval_shape(lambda p, x: vae.apply({"params": p}, x, method=vae.encode), params,
+                          jax.ShapeDtypeStruct((1, 576, 1024, 3), jnp.float32))
+    assert mean.shape == (1, 72, 128, 4)
+    frames = jax.eval_shape(lambda p, z: decode_latents(vae, p, z, 7), params,
+                            jax.ShapeDtypeStruct((1, 14, 72, 128, 4), jnp.float32))
+    assert frames.shape == (1, 14, 576, 1024, 3)
