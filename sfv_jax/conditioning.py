@@ -37,7 +37,7 @@ class ImageError(ValueError):
 
 
 def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
-    """Load ``image`` as an RGB PIL image (like ``diffusers.utils.load_image``: EXIF orientation applied).
+    """Load ``image`` as an RGB PIL image (files like ``diffusers.utils.load_image``: EXIF orientation applied).
 
     Accepts a file path, a PIL image of any mode (converted with ``convert("RGB")``; alpha is dropped, not
     composited), or a uint8 numpy array of shape [H, W] (gray), [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA).
@@ -55,7 +55,7 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
         except (PIL.UnidentifiedImageError, OSError) as e:
             raise ImageError(f"cannot read image file {str(path)!r} (not an image or corrupt): {e}") from e
     elif isinstance(image, PIL.Image.Image):
-        pil = PIL.ImageOps.exif_transpose(image).convert("RGB")
+        pil = image.convert("RGB")  # as given: diffusers' pipeline does not re-orient PIL inputs
     elif isinstance(image, np.ndarray):
         pil = _array_to_pil(image)
     else:
