@@ -3,6 +3,7 @@ components, written as a diffusers folder and converted), the SF-V sampler, and 
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import jax
@@ -47,6 +48,28 @@ class CompileCounter:
 
 
 COUNTER = CompileCounter()
+
+
+class LogCompiles(logging.Handler):
+    """Collects JAX's "Compiling ..." log lines while active (names what recompiled, if anything)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        if "ompil" in record.getMessage():
+            self.messages.append(record.getMessage()[:300])
+
+    def __enter__(self):
+        self._previous = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        logging.getLogger("jax").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("jax").removeHandler(self)
+        jax.config.update("jax_log_compiles", self._previous)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 25])
@@ -103,9 +126,10 @@ def test_sfv_one_step_is_the_denoiser_at_sigma_max_and_compiles_once(jax_pipelin
     before = COUNTER.count
     pipe(image, height=H, width=W, sampler="sfv", seed=1)
     mid = COUNTER.count
-    pipe(image, height=H, width=W, sampler="sfv", seed=2)
-    pipe.sample_latents(other_noise, image_latents, embeds, ids, sigmas, sampler="sfv")
-    assert COUNTER.count == mid, f"{COUNTER.count - mid} recompilations for unchanged shapes"
+    with LogCompiles() as log:
+        pipe(image, height=H, width=W, sampler="sfv", seed=2)
+        pipe.sample_latents(other_noise, image_latents, embeds, ids, sigmas, sampler="sfv")
+    assert COUNTER.count == mid, f"{COUNTER.count - mid} recompilations for unchanged shapes: {log.messages}"
     assert mid - before >= 1  # the counter does see compilations (the first full call compiles its stages)
 
 
