@@ -1,0 +1,35 @@
+"""SF-V training entry point: ``python -m sfv_jax.main --config configs/NAME.py --workdir DIR [--config.key=value]``.
+
+Examples:
+  python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny                       # CPU, minutes
+  python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv --config.init_from=checkpoints/svd
+  python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny --config.total_steps=10 --config.seed=3
+Re-running with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and samples go here")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    from sfv_jax import train
+    train.train(FLAGS.config, FLAGS.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ".")  # configs/ is importable from the repository root
+    app.run(main)
