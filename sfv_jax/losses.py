@@ -17,20 +17,25 @@ import jax.numpy as jnp
 R1_TYPES = ("none", "paper", "features", "approx")
 
 
+def _up(x: jax.Array) -> jax.Array:
+    """At least float32 (float64 stays float64, for finite-difference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _mean_over_heads(per_head: Sequence[jax.Array]) -> jax.Array:
     return sum(per_head) / len(per_head)
 
 
 def discriminator_hinge_loss(real_logits: Sequence[jax.Array], fake_logits: Sequence[jax.Array]) -> jax.Array:
     """Eq. 11 without R1: E[max(0, 1 + D(x'_t))] + E[max(0, 1 - D(x_hat'_t))], per pixel, averaged over heads."""
-    real = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 + r.astype(jnp.float32))) for r in real_logits])
-    fake = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 - f.astype(jnp.float32))) for f in fake_logits])
+    real = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 + _up(r))) for r in real_logits])
+    fake = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 - _up(f))) for f in fake_logits])
     return real + fake
 
 
 def generator_adversarial_loss(fake_logits: Sequence[jax.Array]) -> jax.Array:
     """Eq. 8: L_adv^G = E[D(c_in(sigma') x_hat'_t)], averaged over heads."""
-    return _mean_over_heads([jnp.mean(f.astype(jnp.float32)) for f in fake_logits])
+    return _mean_over_heads([jnp.mean(_up(f)) for f in fake_logits])
 
 
 def pseudo_huber_c(elements_per_sample: int, factor: float = 0.00054) -> float:
@@ -55,7 +60,7 @@ def generator_loss(fake_logits: Sequence[jax.Array], x0_hat: jax.Array, x0: jax.
 def logit_sum(logits: Sequence[jax.Array]) -> jax.Array:
     """Per-sample scalar D output that R1 differentiates: each head's mean over its pixels and frames,
     averaged over heads -> [B] (so a sample's penalty does not depend on the batch it is in)."""
-    return _mean_over_heads([jnp.mean(l.astype(jnp.float32).reshape(l.shape[0], -1), axis=1) for l in logits])
+    return _mean_over_heads([jnp.mean(_up(l).reshape(l.shape[0], -1), axis=1) for l in logits])
 
 
 def r1_penalty(fn: Callable[[jax.Array], Sequence[jax.Array]], inputs) -> jax.Array:
@@ -67,7 +72,7 @@ def r1_penalty(fn: Callable[[jax.Array], Sequence[jax.Array]], inputs) -> jax.Ar
     * type "features": ``inputs`` = the backbone features fed to the heads (cheaper; LADD-style)
     """
     grads = jax.grad(lambda x: jnp.sum(logit_sum(fn(x))))(inputs)
-    sq = sum(jnp.sum(g.astype(jnp.float32).reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+    sq = sum(jnp.sum(_up(g).reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
     return jnp.mean(sq)
 
 

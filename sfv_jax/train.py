@@ -11,7 +11,6 @@ Single device for now; sharded meshes are the sharding issue's.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -122,9 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
         ema_rate=config.opt.ema_rate, nonfinite=config.opt.nonfinite)
     gen_tx = train_steps.make_optimizer(config.opt.generator_lr, config.opt.b1, config.opt.b2)
     disc_tx = train_steps.make_optimizer(config.opt.discriminator_lr, config.opt.b1, config.opt.b2)
-    g_step = jax.jit(functools.partial(train_steps.generator_step, models=models, cfg=cfg, tx=gen_tx), donate_argnums=0)
-    d_step = jax.jit(functools.partial(train_steps.discriminator_step, models=models, cfg=cfg, tx=disc_tx),
-                     donate_argnums=0)
+    steps = train_steps.JittedSteps(models, cfg, gen_tx, disc_tx)
     state = train_steps.init_state(unet_params, head_params, gen_tx, disc_tx, jax.random.fold_in(key, 3))
     del unet_params, head_params
 
@@ -164,8 +161,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
             frames, index, buckets = clip_batch(step * per_step)
             batch = encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength)
             batch = {k: v.reshape(d.accum_steps, d.micro_batch, *v.shape[1:]) for k, v in batch.items()}
-            state, g_metrics = g_step(state, batch, backbone)
-            state, d_metrics = d_step(state, batch, backbone)
+            state, g_metrics = steps.generator_step(state, batch, backbone)
+            state, d_metrics = steps.discriminator_step(state, batch, backbone)
             metrics = {k: float(v) for k, v in {**g_metrics, **d_metrics}.items()}
             done = int(state.step)
             report(done)

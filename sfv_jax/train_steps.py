@@ -205,24 +205,59 @@ def _step_key(state: TrainState, which: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), which)
 
 
-def generator_step(state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig,
-                   tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One generator update (UNet parameters only; heads and backbone are inputs, never outputs) + EMA.
-    A non-finite loss or gradient leaves the state unchanged (``g_finite`` = 0, ``skipped`` + 1)."""
+def generator_grads(state: TrainState, batch: dict, backbone: Any, *, models: Models,
+                    cfg: StepConfig) -> tuple[Any, dict]:
+    """Mean generator gradient over the micro-batches (UNet parameters only; heads and backbone are inputs)."""
     loss_fn = functools.partial(generator_loss_fn, models=models, cfg=cfg)
-    grads, m = accumulate_grads(loss_fn, state.generator, batch, backbone, state.heads, _step_key(state, 0))
-    finite, params, opt, gnorm = _apply(tx, grads, state.gen_opt, state.generator, m["g_loss"])
+    return accumulate_grads(loss_fn, state.generator, batch, backbone, state.heads, _step_key(state, 0))
+
+
+def generator_update(state: TrainState, grads: Any, metrics: dict, *, cfg: StepConfig,
+                     tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """SM3 update of the generator and its EMA. A non-finite loss or gradient leaves the state unchanged
+    (``g_finite`` = 0, ``skipped`` + 1)."""
+    finite, params, opt, gnorm = _apply(tx, grads, state.gen_opt, state.generator, metrics["g_loss"])
     ema = _select(finite, ema_update(state.ema, params, cfg.ema_rate), state.ema)
     state = state.replace(generator=params, gen_opt=opt, ema=ema, skipped=state.skipped + (~finite).astype(jnp.int32))
-    return state, {**m, "g_grad_norm": gnorm, "g_finite": finite.astype(jnp.float32)}
+    return state, {**metrics, "g_grad_norm": gnorm, "g_finite": finite.astype(jnp.float32)}
 
 
-def discriminator_step(state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig,
-                       tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One discriminator update (head parameters only), then the iteration counter advances."""
+def discriminator_grads(state: TrainState, batch: dict, backbone: Any, *, models: Models,
+                        cfg: StepConfig) -> tuple[Any, dict]:
+    """Mean discriminator gradient over the micro-batches (head parameters only)."""
     loss_fn = functools.partial(discriminator_loss_fn, models=models, cfg=cfg)
-    grads, m = accumulate_grads(loss_fn, state.heads, batch, state.generator, backbone, _step_key(state, 1))
-    finite, heads, opt, gnorm = _apply(tx, grads, state.disc_opt, state.heads, m["d_loss"])
+    return accumulate_grads(loss_fn, state.heads, batch, state.generator, backbone, _step_key(state, 1))
+
+
+def discriminator_update(state: TrainState, grads: Any, metrics: dict, *,
+                         tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """SM3 update of the heads, then the iteration counter advances."""
+    finite, heads, opt, gnorm = _apply(tx, grads, state.disc_opt, state.heads, metrics["d_loss"])
     state = state.replace(heads=heads, disc_opt=opt, step=state.step + 1,
                           skipped=state.skipped + (~finite).astype(jnp.int32))
-    return state, {**m, "d_grad_norm": gnorm, "d_finite": finite.astype(jnp.float32)}
+    return state, {**metrics, "d_grad_norm": gnorm, "d_finite": finite.astype(jnp.float32)}
+
+
+@dataclasses.dataclass
+class JittedSteps:
+    """The generator step and the discriminator step, each as two jitted functions: gradients (the
+    accumulation loop), then the update with the state buffers donated. (One jit with both the
+    accumulation loop and donated outputs makes XLA:CPU's copy insertion take minutes to compile.)"""
+
+    models: Models
+    cfg: StepConfig
+    gen_tx: optax.GradientTransformation
+    disc_tx: optax.GradientTransformation
+
+    def __post_init__(self):
+        kw = dict(models=self.models, cfg=self.cfg)
+        self._g_grads = jax.jit(functools.partial(generator_grads, **kw))
+        self._g_update = jax.jit(functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx), donate_argnums=0)
+        self._d_grads = jax.jit(functools.partial(discriminator_grads, **kw))
+        self._d_update = jax.jit(functools.partial(discriminator_update, tx=self.disc_tx), donate_argnums=0)
+
+    def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+        return self._g_update(state, *self._g_grads(state, batch, backbone))
+
+    def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+        return self._d_update(state, *self._d_grads(state, batch, backbone))

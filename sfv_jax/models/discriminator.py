@@ -83,7 +83,8 @@ class ProjectionHead(nn.Module):
             phi = body(feats.reshape(b * f, h, w, c)).reshape(b, f, h, w, -1)  # (B F) x H x W x C
         e = dense(self.proj_dim, ("embed", "mlp"), name="cond_proj", dtype=self.dtype,
                   param_dtype=self.param_dtype)(cond)  # Affine(c): [B, F, proj_dim]
-        logits = jnp.einsum("bfhwk,bfk->bfhw", phi.astype(jnp.float32), e.astype(jnp.float32))
+        acc = jnp.promote_types(phi.dtype, jnp.float32)
+        logits = jnp.einsum("bfhwk,bfk->bfhw", phi.astype(acc), e.astype(acc))
         return logits / math.sqrt(self.proj_dim)
 
 
@@ -108,7 +109,7 @@ class DiscriminatorHeads(nn.Module):
         b, f = features[0].shape[:2]
         noise_emb = timestep_embedding(edm.c_noise(jnp.asarray(sigma, jnp.float32)).reshape(b), _COND_SINUSOID)
         frame_emb = timestep_embedding(jnp.arange(f), _COND_SINUSOID)
-        cond = jnp.concatenate([jnp.broadcast_to(image_embeds.astype(jnp.float32)[:, None], (b, f, image_embeds.shape[-1])),
+        cond = jnp.concatenate([jnp.broadcast_to(image_embeds.astype(noise_emb.dtype)[:, None], (b, f, image_embeds.shape[-1])),
                                 jnp.broadcast_to(noise_emb[:, None], (b, f, _COND_SINUSOID)),
                                 jnp.broadcast_to(frame_emb[None], (b, f, _COND_SINUSOID))], axis=-1)
         kinds = {"both": (False, True), "spatial": (False,), "temporal": (True,)}[self.heads]

@@ -111,7 +111,8 @@ class GroupNorm(nn.Module):
         start = self.first_reduction_axis % x.ndim
         n = math.prod(x.shape[:start])
         per_group = channels // self.num_groups
-        xf = x.astype(jnp.float32).reshape(n, -1, channels)  # [N, S, C]: reduce S, then within groups
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
+        xf = x.astype(stat_dtype).reshape(n, -1, channels)  # [N, S, C]: reduce S, then within groups
 
         def group_mean(t: jax.Array) -> jax.Array:  # [N, C] -> [N, 1, C], averaged within each group
             g = t.reshape(n, self.num_groups, per_group).mean(-1)
@@ -123,5 +124,5 @@ class GroupNorm(nn.Module):
         centred = xf - mean
         var = group_mean(jnp.mean(centred * centred, axis=1))
         normed = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        out = normed * scale.astype(stat_dtype) + bias.astype(stat_dtype)
         return out.astype(self.dtype)
