@@ -19,6 +19,7 @@ place, so an interrupted conversion never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -163,12 +164,23 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def _staging(out: Path) -> Path:
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``out``; on success rename it into place (replacing ``out``
+    only with ``overwrite``), on any error delete it, so ``out`` is never half-written."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_converted(out: str | os.PathLike, params: Mapping, config: Mapping, component: str, *,
@@ -177,10 +189,7 @@ def save_converted(out: str | os.PathLike, params: Mapping, config: Mapping, com
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = _staging(out)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         leaves = jax.tree.leaves(params)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
@@ -190,10 +199,6 @@ def save_converted(out: str | os.PathLike, params: Mapping, config: Mapping, com
                 "num_tensors": len(leaves), "num_params": int(sum(np.size(x) for x in leaves)),
                 "param_dtypes": sorted({str(np.dtype(x.dtype)) for x in leaves})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -218,16 +223,9 @@ def export_diffusers(params: Mapping, config: Mapping, out: str | os.PathLike, *
                      overwrite: bool = False) -> Path:
     """Write ``params`` as a diffusers component folder (``config.json`` + safetensors), atomically."""
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = _staging(out)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         save_file(tmp / weights_name, flax_to_torch(params, dtype=dtype), {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -352,10 +350,7 @@ def _write_pipeline(src: Path, out: Path, overwrite: bool, write_component: Call
     rename it into place: a failure leaves nothing at ``out``."""
     check_pipeline_folder(src)
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    tmp = _staging(out)
-    try:
+    with staged_folder(out, overwrite) as tmp:
         for make in COMPONENTS.values():
             comp = make()
             write_component(comp, tmp / comp.subfolder)
@@ -366,10 +361,6 @@ def _write_pipeline(src: Path, out: Path, overwrite: bool, write_component: Call
             shutil.copy2(src / PIPELINE_INDEX, tmp / PIPELINE_INDEX)
         if meta is not None:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

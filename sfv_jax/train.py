@@ -15,7 +15,6 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 from sfv_jax import pretrained, train_steps, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.synthetic import motion_bucket, synthetic_clip
-from sfv_jax.models.discriminator import DiscriminatorHeads, backbone_features, backbone_param_subset
+from sfv_jax.models.discriminator import DiscriminatorHeads, backbone_param_subset
 from sfv_jax.models.unet import init_inputs
 from sfv_jax.pipeline import SVDPipeline
 
@@ -188,5 +187,3 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
         k: v for k, v in locals().get("metrics", {}).items()}}, indent=2) + "\n")
     return state
 
-
-__all__ = ["train", "build_models", "backbone_features"]
