@@ -1,4 +1,4 @@
-"""The paper's SF-V setting (Sec. 4): full SVD, 768x448, 14 frames at 7 FPS, total batch 32 =
+"""DRAFT (the training issue is in progress). The paper's SF-V setting (Sec. 4): full SVD, 768x448, 14 frames at 7 FPS, total batch 32 =
 8 devices x micro-batch 1 x 4 accumulation steps, 50K iterations, SM3 (momentum 0.5, beta2 0.999;
 lr 1e-5 generator, 1e-4 discriminator), EMA 0.95, lambda 0.1, P_mean = P_std = -1, T_g = 4, T_d = 1000.
 

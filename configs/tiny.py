@@ -1,6 +1,7 @@
 """The SF-V pipeline at toy size, for a CPU: tiny random-init UNet / VAE / CLIP, synthetic videos.
 
-Run (the README's main job):
+DRAFT (the training issue is in progress): the trainer is not yet tested end to end.
+Run:
   python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny
 Overrides: --config.total_steps=20 --config.seed=1 --config.init_from=path/to/converted_svd ...
 """
