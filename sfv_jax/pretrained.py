@@ -53,7 +53,8 @@ def image_encoder_from_config(config: Mapping[str, Any] | CLIPVisionConfig, *, d
     return CLIPVisionWithProjection(cfg, attention_impl, dtype=dtype, param_dtype=param_dtype)
 
 
-def _init_args(model: nn.Module) -> tuple:
+def init_args(model: nn.Module) -> tuple:
+    """Small zero inputs that run every parameter of an SVD UNet, VAE or CLIP module (for init / eval_shape)."""
     if isinstance(model, UNetSpatioTemporal):
         return init_inputs(model.config)
     if isinstance(model, AutoencoderKLTemporalDecoder):
@@ -67,7 +68,7 @@ def _init_args(model: nn.Module) -> tuple:
 
 def abstract_params(model: nn.Module, *, boxed: bool = False) -> Mapping:
     """``jax.eval_shape`` of the parameters (no memory used). ``boxed=True`` keeps the logical-axis boxes."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_args(model)))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_args(model)))
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 

@@ -71,7 +71,7 @@ def build_models(config: ml_collections.ConfigDict, key: jax.Array):
     clip = pretrained.image_encoder_from_config(config.model.image_encoder.to_dict(), dtype=dtype)
 
     def init(model, k):
-        return nn.meta.unbox(jax.jit(lambda k: model.init(k, *pretrained._init_args(model)))(k)["params"])
+        return nn.meta.unbox(jax.jit(lambda k: model.init(k, *pretrained.init_args(model)))(k)["params"])
 
     return unet, init(unet, k1), vae, init(vae, k2), clip, init(clip, k3)
 

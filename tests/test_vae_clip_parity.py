@@ -20,7 +20,7 @@ from sfv_jax.models.vae import decode_latents
 def vae_pair():
     tv = ref.build_vae(seed=3)
     model = pretrained.vae_from_config(ref.TINY_VAE)
-    params = flax_params_from_torch(tv, model, *pretrained._init_args(model))
+    params = flax_params_from_torch(tv, model, *pretrained.init_args(model))
     return tv, model, params
 
 
@@ -28,7 +28,7 @@ def vae_pair():
 def clip_pair():
     tc = ref.build_image_encoder(seed=4)
     model = pretrained.image_encoder_from_config(ref.TINY_CLIP)
-    params = flax_params_from_torch(tc, model, *pretrained._init_args(model))
+    params = flax_params_from_torch(tc, model, *pretrained.init_args(model))
     return tc, model, params
 
 
