@@ -1,4 +1,4 @@
-"""DRAFT (the training issue is in progress). The paper's SF-V setting (Sec. 4): full SVD, 768x448, 14 frames at 7 FPS, total batch 32 =
+"""The paper's SF-V setting (Sec. 4): full SVD, 768x448, 14 frames at 7 FPS, total batch 32 =
 8 devices x micro-batch 1 x 4 accumulation steps, 50K iterations, SM3 (momentum 0.5, beta2 0.999;
 lr 1e-5 generator, 1e-4 discriminator), EMA 0.95, lambda 0.1, P_mean = P_std = -1, T_g = 4, T_d = 1000.
 
@@ -6,7 +6,7 @@ Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stab
 --out checkpoints/svd``):
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
 Until the data and sharding issues land this trains on the embedded synthetic videos, on one device,
-with micro_batch x accum_steps samples per step.
+with micro_batch x accum_steps samples per step (the paper's 8 devices x 1 x 4 needs the sharding issue).
 """
 
 from __future__ import annotations

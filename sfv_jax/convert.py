@@ -344,7 +344,7 @@ def convert_folder(src: str | os.PathLike, out: str | os.PathLike, *, component:
     return save_converted(out, params, config, comp.name, source=str(folder.absolute()), overwrite=overwrite)
 
 
-def _write_pipeline(src: Path, out: Path, overwrite: bool, write_component: Callable[[Component, Path], None],
+def write_pipeline(src: Path, out: Path, overwrite: bool, write_component: Callable[[Component, Path], None],
                     meta: dict | None) -> Path:
     """Stage a whole pipeline folder (each component via ``write_component``, configs copied), then
     rename it into place: a failure leaves nothing at ``out``."""
@@ -375,7 +375,7 @@ def convert_pipeline(src: str | os.PathLike, out: str | os.PathLike, *, variant:
                        progress=progress)
 
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "component": "pipeline", "source": str(src.absolute())}
-    return _write_pipeline(src, out, overwrite, write, meta)
+    return write_pipeline(src, out, overwrite, write, meta)
 
 
 def export_folder(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None,
@@ -387,7 +387,7 @@ def export_folder(src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any 
         raise CheckpointError(f"{src}: not a converted sfv_jax checkpoint (no {META_FILE})")
     meta = json.loads((src / META_FILE).read_text())
     if meta.get("component") == "pipeline":
-        return _write_pipeline(src, out, overwrite,
+        return write_pipeline(src, out, overwrite,
                                lambda comp, dest: export_folder(src / comp.subfolder, dest, dtype=dtype), None)
     comp = COMPONENTS[meta["component"]]()
     config = read_config(src)

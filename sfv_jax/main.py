@@ -4,7 +4,8 @@ Examples:
   python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny                       # CPU, minutes
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv --config.init_from=checkpoints/svd
   python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny --config.total_steps=10 --config.seed=3
-Re-running with the same workdir resumes from its latest checkpoint.
+Re-running with the same workdir resumes from its latest checkpoint. Set JAX_COMPILATION_CACHE_DIR to
+reuse compiled steps across runs (it saves most of the start-up time of a restart).
 """
 
 from __future__ import annotations
@@ -20,13 +21,29 @@ config_flags.DEFINE_config_file("config", None, "training config file (configs/*
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and samples go here")
 flags.mark_flags_as_required(["config", "workdir"])
 
+_QUIET = ("/orbax/", "/jax/_src/", "/clu/local", "/clu/platform")  # their INFO lines drown the training log
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(q in record.pathname for q in _QUIET)
+
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.addFilter(_QuietLibraries())
     from sfv_jax import train
-    train.train(FLAGS.config, FLAGS.workdir)
+    from sfv_jax.safetensors_io import CheckpointError
+    try:
+        train.train(FLAGS.config, FLAGS.workdir)
+    except (train.ConfigError, CheckpointError, FloatingPointError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

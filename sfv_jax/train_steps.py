@@ -251,8 +251,9 @@ def discriminator_update(state: TrainState, grads: Any, metrics: dict, *,
 @dataclasses.dataclass
 class JittedSteps:
     """The generator step and the discriminator step, each as two jitted functions: gradients (the
-    accumulation loop), then the update with the state buffers donated. (One jit with both the
-    accumulation loop and donated outputs makes XLA:CPU's copy insertion take minutes to compile.)"""
+    accumulation loop; ``g_grads`` / ``d_grads``), then the update with the state buffers donated
+    (``g_update`` / ``d_update``). (One jit with both the accumulation loop and donated outputs makes
+    XLA:CPU's copy insertion take minutes to compile.)"""
 
     models: Models
     cfg: StepConfig
@@ -261,13 +262,13 @@ class JittedSteps:
 
     def __post_init__(self):
         kw = dict(models=self.models, cfg=self.cfg)
-        self._g_grads = jax.jit(functools.partial(generator_grads, **kw))
-        self._g_update = jax.jit(functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx), donate_argnums=0)
-        self._d_grads = jax.jit(functools.partial(discriminator_grads, **kw))
-        self._d_update = jax.jit(functools.partial(discriminator_update, tx=self.disc_tx), donate_argnums=0)
+        self.g_grads = jax.jit(functools.partial(generator_grads, **kw))
+        self.g_update = jax.jit(functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx), donate_argnums=0)
+        self.d_grads = jax.jit(functools.partial(discriminator_grads, **kw))
+        self.d_update = jax.jit(functools.partial(discriminator_update, tx=self.disc_tx), donate_argnums=0)
 
     def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
-        return self._g_update(state, *self._g_grads(state, batch, backbone))
+        return self.g_update(state, *self.g_grads(state, batch, backbone))
 
     def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
-        return self._d_update(state, *self._d_grads(state, batch, backbone))
+        return self.d_update(state, *self.d_grads(state, batch, backbone))

@@ -1,0 +1,271 @@
+"""SF-V training (issue #4): gradient routing, accumulation, non-finite batches, bitwise resume, the CLI
+end to end (checkpoint, TensorBoard scalars, sample mp4) and SIGTERM.
+
+Everything runs the tiny config (configs/tiny.py). The steps are built from the same pieces as
+``train.train`` so the in-process tests, the in-process ``train`` calls and the CLI subprocesses compile
+identical programs; conftest's session-wide persistent XLA cache then compiles each of them once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from sfv_jax import export, pretrained, train, train_steps, video_io
+from sfv_jax.data.latents import ClipEncoder
+from sfv_jax.models.discriminator import backbone_param_subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _dev(tree):
+    return train.place(tree)  # committed, as train() places its state: the same executables
+
+
+def _equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b)), strict=True))
+
+
+def _changed_fraction(a, b) -> float:
+    la, lb = jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b))
+    return sum(not np.array_equal(x, y) for x, y in zip(la, lb, strict=True)) / len(la)
+
+
+def _all_finite(tree) -> bool:
+    return all(np.isfinite(x).all() for x in jax.tree.leaves(_np(tree)) if np.issubdtype(x.dtype, np.floating))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The tiny config's models, steps, initial state (host copy) and first batch, as ``train`` builds them."""
+    config = tiny.get_config()
+    key = jax.random.PRNGKey(config.seed)
+    unet, unet_params, vae, vae_params, clip, clip_params = train.build_models(config, jax.random.fold_in(key, 1))
+    backbone = backbone_param_subset(unet_params)
+    f = vae.config.downsample_factor
+    heads, head_params = train.build_heads(config, unet, backbone, clip.config.projection_dim,
+                                           (config.data.height // f, config.data.width // f), jax.random.fold_in(key, 2))
+    gen_tx, disc_tx = train.make_optimizers(config)
+    steps = train_steps.JittedSteps(train_steps.Models(unet, heads), train.step_config(config), gen_tx, disc_tx)
+    state = train_steps.init_state(unet_params, head_params, gen_tx, disc_tx, jax.random.fold_in(key, 3))
+    encoder = ClipEncoder(vae, vae_params, clip, clip_params, seed=config.seed)
+    batch = train.make_batch(config, encoder, 0)
+    return {"config": config, "steps": steps, "state": _np(state), "backbone": backbone, "batch": batch}
+
+
+def test_gradient_routing(setup):
+    """G step: only the UNet (and its EMA, optimizer) moves; D step: only the heads; backbone frozen."""
+    steps, state0, batch = setup["steps"], setup["state"], setup["batch"]
+    backbone0 = _np(setup["backbone"])
+    s1, gm = steps.generator_step(_dev(state0), batch, setup["backbone"])
+    s1 = _np(s1)
+    assert float(gm["g_finite"]) == 1 and np.isfinite(float(gm["g_loss"])) and float(gm["g_grad_norm"]) > 0
+    assert _changed_fraction(s1.generator, state0.generator) > 0.9
+    assert _changed_fraction(s1.ema, state0.ema) > 0.9
+    assert _equal(s1.heads, state0.heads) and _equal(s1.disc_opt, state0.disc_opt)
+    assert int(s1.step) == 0 and int(s1.skipped) == 0
+
+    s2, dm = steps.discriminator_step(_dev(s1), batch, setup["backbone"])
+    s2 = _np(s2)
+    assert float(dm["d_finite"]) == 1 and np.isfinite(float(dm["d_loss"])) and float(dm["d_grad_norm"]) > 0
+    assert _changed_fraction(s2.heads, s1.heads) > 0.9
+    for field in ("generator", "ema", "gen_opt", "rng"):
+        assert _equal(getattr(s2, field), getattr(s1, field)), field
+    assert int(s2.step) == 1
+    assert _equal(setup["backbone"], backbone0)
+    # the backbone is a copy of the initial UNet encoder: it no longer equals the updated generator
+    assert not _equal(backbone_param_subset(s2.generator), backbone0)
+    assert _equal(backbone_param_subset(state0.generator), backbone0)
+
+
+def _tree_rel(a, b) -> tuple[float, float]:
+    """(max |a - b| / max |b|, ||a - b|| / ||b||) over the whole gradient tree. (Per leaf the relative error
+    is meaningless for leaves whose exact gradient is 0, e.g. conv biases followed by a GroupNorm: their
+    float32 gradients are round-off, ~1e-10.)"""
+    la, lb = jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b))
+    diff = [np.asarray(x, np.float64) - y for x, y in zip(la, lb, strict=True)]
+    max_rel = max(np.abs(d).max() for d in diff) / max(np.abs(y).max() for y in lb)
+    l2_rel = np.sqrt(sum((d ** 2).sum() for d in diff) / sum((np.asarray(y, np.float64) ** 2).sum() for y in lb))
+    return float(max_rel), float(l2_rel)
+
+
+def test_accumulation_equals_concatenated_batch(setup):
+    """k = 2 micro-batches of 1 give the gradients and metrics of one micro-batch of 2 (<= 1e-5)."""
+    steps, batch, backbone = setup["steps"], setup["batch"], setup["backbone"]
+    state = _dev(setup["state"])
+    k, m = batch["index"].shape
+    assert (k, m) == (2, 1)
+    concat = {name: v.reshape(1, k * m, *v.shape[2:]) for name, v in batch.items()}
+    for grads_fn in (steps.g_grads, steps.d_grads):
+        g_acc, m_acc = grads_fn(state, batch, backbone)
+        g_cat, m_cat = grads_fn(state, concat, backbone)
+        max_rel, l2_rel = _tree_rel(g_acc, g_cat)
+        assert max_rel <= 1e-5 and l2_rel <= 1e-5, (grads_fn, max_rel, l2_rel)
+        for name in m_acc:
+            np.testing.assert_allclose(float(m_acc[name]), float(m_cat[name]), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_nonfinite_batch_is_skipped(setup):
+    """A NaN in the batch: both updates are skipped, the state stays bitwise unchanged and finite."""
+    steps, state0 = setup["steps"], setup["state"]
+    bad = dict(setup["batch"])
+    bad["latents"] = bad["latents"].copy()
+    bad["latents"][1, 0, 0, 0, 0, 0] = np.nan
+    s1, gm = steps.generator_step(_dev(state0), bad, setup["backbone"])
+    s2, dm = steps.discriminator_step(s1, bad, setup["backbone"])
+    s2 = _np(s2)
+    assert float(gm["g_finite"]) == 0 and float(dm["d_finite"]) == 0
+    assert not np.isfinite(float(gm["g_loss"]))
+    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng"):
+        assert _equal(getattr(s2, field), getattr(state0, field)), field
+    assert int(s2.step) == 1 and int(s2.skipped) == 2
+    assert _all_finite(s2)
+
+
+def _config(**overrides):
+    config = tiny.get_config()
+    config.sample_every_steps = 0
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 1
+    for k, v in overrides.items():
+        node = config
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return config
+
+
+def test_resume_is_bitwise(tmp_path):
+    """3 steps straight == 2 steps, stop, resume (new process state, restored checkpoint) to 3."""
+    straight = train.train(_config(total_steps=3, keep_checkpoints=2), tmp_path / "a")
+    train.train(_config(total_steps=2, keep_checkpoints=2), tmp_path / "b")
+    resumed = train.train(_config(total_steps=3, keep_checkpoints=2), tmp_path / "b")
+    assert int(straight.step) == int(resumed.step) == 3
+    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):
+        assert _equal(getattr(straight, field), getattr(resumed, field)), field
+    mngr = train.checkpoint_manager(tmp_path / "b")
+    assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
+    restored, meta = train.restore(mngr, straight)
+    assert _equal(restored, straight)
+    assert meta["data_position"] == 3 * 2 and meta["step"] == 3
+    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert summary["step"] == 3 and summary["steps_this_run"] == 1
+
+
+def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkeypatch):
+    """opt.nonfinite=halt: FloatingPointError, and the checkpoint of the failed step holds the finite state
+    of the step before (both updates skipped); resuming would continue after the bad batch."""
+    make_batch = train.make_batch
+
+    def poisoned(config, encoder, position):
+        batch = make_batch(config, encoder, position)
+        if position == 2 * 2:  # the third step's samples
+            batch["latents"] = np.full_like(batch["latents"], np.nan)
+        return batch
+
+    monkeypatch.setattr(train, "make_batch", poisoned)
+    config = _config(total_steps=5, keep_checkpoints=5)
+    config.opt.nonfinite = "halt"
+    with pytest.raises(FloatingPointError, match="step 3: non-finite"):
+        train.train(config, tmp_path)
+    mngr = train.checkpoint_manager(tmp_path)
+    assert mngr.all_steps() == [1, 2, 3]
+    like = _dev(setup["state"])
+    at2, _ = train.restore(mngr, like, 2)
+    at3, meta = train.restore(mngr, like, 3)
+    assert _all_finite(at3) and int(at3.skipped) == 2 and meta["data_position"] == 3 * 2
+    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt"):
+        assert _equal(getattr(at3, field), getattr(at2, field)), field
+
+
+def _main(workdir, *flags):
+    cmd = [sys.executable, "-m", "sfv_jax.main", "--config", "configs/tiny.py", "--workdir", str(workdir), *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return cmd, env
+
+
+def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
+    import tensorflow as tf
+    out: dict[str, dict[int, float]] = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
+                    out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
+    """``python -m sfv_jax.main``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
+    a second run on the workdir resumes, and SIGTERM makes it checkpoint and exit 0."""
+    workdir = tmp_path / "run"
+    cmd, env = _main(workdir, "--config.total_steps=3", "--config.checkpoint_every_steps=2",
+                     "--config.sample_every_steps=3", "--config.log_every_steps=1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mngr = train.checkpoint_manager(workdir)
+    assert mngr.all_steps() == [2, 3]
+    scalars = _scalars(workdir)
+    for tag in ("g_loss", "g_adv", "g_recon", "g_grad_norm", "d_loss", "d_hinge", "d_r1", "d_grad_norm",
+                "skipped_updates"):
+        assert sorted(scalars[tag]) == [1, 2, 3], tag
+        assert all(np.isfinite(list(scalars[tag].values()))), tag
+    assert "steps_per_sec" in scalars
+    frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
+    assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
+    summary = json.loads((workdir / "train_summary.json").read_text())
+    assert summary["step"] == 3 and summary["skipped_updates"] == 0 and np.isfinite(summary["metrics"]["g_loss"])
+
+    # export: the EMA generator becomes a pipeline folder that load_pipeline (and so the sample CLI) reads
+    trained, _ = train.restore(mngr, _dev(setup["state"]), 3)
+    out = export.export_run(workdir, tmp_path / "exported")
+    pipe = pretrained.load_pipeline(out, progress=False)
+    assert _equal(pipe.unet_params, trained.ema) and not _equal(pipe.unet_params, trained.generator)
+    assert json.loads((out / "sfv_jax.json").read_text())["trained_step"] == 3
+
+    cmd, env = _main(workdir, "--config.total_steps=100000", "--config.log_every_steps=1",
+                     "--config.checkpoint_every_steps=100000", "--config.sample_every_steps=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    log, deadline = [], time.time() + 600
+    try:
+        for line in proc.stderr:  # wait until the resumed run has logged a step after 3
+            log.append(line)
+            if "] [4] " in line and "g_loss=" in line:
+                break
+            assert time.time() < deadline, "".join(log[-50:])
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    log.append(rest)
+    text = "".join(log)
+    assert proc.returncode == 0, text[-4000:]
+    assert "resumed from" in text and "at step 3" in text
+    assert "stopped at step" in text
+    stopped = train.checkpoint_manager(workdir).latest_step()
+    assert stopped >= 4
+    state, meta = train.restore(train.checkpoint_manager(workdir), _dev(setup["state"]))
+    assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and _all_finite(state)
+
+
+def test_cli_rejects_bad_config(tmp_path):
+    cmd, env = _main(tmp_path, "--config.opt.nonfinite=sometimes")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--config.opt.nonfinite='sometimes'" in proc.stderr and "skip" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
