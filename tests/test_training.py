@@ -249,7 +249,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
                 break
             assert time.time() < deadline, "".join(log[-50:])
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=300)
+        _, rest = proc.communicate(timeout=300)
     finally:
         proc.kill()
     log.append(rest)
