@@ -9,7 +9,8 @@ The workdir gets
   ``events.out.tfevents.*``    TensorBoard scalars (clu): losses, gradient norms, steps/s, skipped updates.
   ``samples/step_XXXXXXX.mp4`` one-step SF-V samples of the EMA generator on a fixed conditioning frame.
   ``config.json``              the run's config (what ``python -m sfv_jax.export`` reads).
-  ``train_summary.json``       final step, wall time, steps/s, last metrics.
+  ``train_summary.json``       final step, wall time, first step (compilation) time, steps/s after it
+                               (samples and checkpoints included), last metrics.
 SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, ``train`` returns.
 A non-finite loss or gradient skips the update (``opt.nonfinite="skip"``) or checkpoints the last
 finite state and raises ``FloatingPointError`` (``"halt"``; a resumed run continues after that batch).
@@ -228,11 +229,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     key = jax.random.PRNGKey(config.seed)
     logging.info("building models (%s)", config.init_from or "random init")
     unet, unet_params, vae, vae_params, clip, clip_params = build_models(config, jax.random.fold_in(key, 1))
+    unet_params, vae_params, clip_params = place((unet_params, vae_params, clip_params))
     f = vae.config.downsample_factor
     if d.height % f or d.width % f or (d.height // f) % 2 ** (len(unet.config.block_out_channels) - 1):
         raise ConfigError(f"--config.data.height/width={d.height}x{d.width}: must be multiples of "
                          f"{f * 2 ** (len(unet.config.block_out_channels) - 1)} for this VAE and UNet")
-    backbone = backbone_param_subset(unet_params)  # frozen copy of the pretrained encoder (never updated)
+    backbone = place(backbone_param_subset(unet_params))  # frozen copy of the pretrained encoder (never updated)
     heads, head_params = build_heads(config, unet, backbone, clip.config.projection_dim,
                                      (d.height // f, d.width // f), jax.random.fold_in(key, 2))
     parameter_overview.log_parameter_overview(unet_params, msg="generator (UNet)")
@@ -282,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     if first >= config.total_steps:
         logging.warning("checkpoint step %d >= total_steps %d: nothing to do", first, config.total_steps)
     metrics: dict[str, float] = {}
-    t_loop = time.time()
+    t_loop = t_first = time.time()
     with StopRequested() as stop:
         for _ in range(first, config.total_steps):
             batch = make_batch(config, encoder, position)
@@ -291,6 +293,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
             position += per_step
             metrics = {k: float(v) for k, v in {**g_metrics, **d_metrics}.items()}
             done = int(state.step)
+            if done == first + 1:
+                t_first = time.time()  # the first step includes compiling the steps
             report(done)
             if metrics["g_finite"] < 1 or metrics["d_finite"] < 1:
                 logging.warning("step %d: non-finite loss or gradient, update skipped (%s)", done, metrics)
@@ -312,10 +316,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     save(state, wait=True)
     mngr.close()
     writer.flush()
-    ran = int(state.step) - first
-    loop_s = time.time() - t_loop
-    summary = {"step": int(state.step), "steps_this_run": ran, "wall_s": round(time.time() - t_start, 2),
-               "loop_s": round(loop_s, 2), "steps_per_s": round(ran / loop_s, 4) if ran else None,
+    ran, t_end = int(state.step) - first, time.time()
+    summary = {"step": int(state.step), "steps_this_run": ran, "wall_s": round(t_end - t_start, 2),
+               "first_step_s": round(t_first - t_loop, 2) if ran else None,
+               "steps_per_s": round((ran - 1) / (t_end - t_first), 3) if ran > 1 else None,
                "skipped_updates": int(state.skipped),
                "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}}
     (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -206,7 +206,7 @@ def _apply(tx, grads, opt_state, params, loss, extra=None):
         return params, opt_state, (extra(params, keep=True) if extra else None)
 
     new_params, new_opt, more = jax.lax.cond(finite, update, keep, None)
-    return finite, new_params, new_opt, optax.global_norm(grads), more
+    return finite, new_params, new_opt, optax.tree.norm(grads), more
 
 
 def _step_key(state: TrainState, which: int) -> jax.Array:

@@ -55,7 +55,8 @@ def setup():
     config = tiny.get_config()
     key = jax.random.PRNGKey(config.seed)
     unet, unet_params, vae, vae_params, clip, clip_params = train.build_models(config, jax.random.fold_in(key, 1))
-    backbone = backbone_param_subset(unet_params)
+    unet_params, vae_params, clip_params = train.place((unet_params, vae_params, clip_params))
+    backbone = train.place(backbone_param_subset(unet_params))
     f = vae.config.downsample_factor
     heads, head_params = train.build_heads(config, unet, backbone, clip.config.projection_dim,
                                            (config.data.height // f, config.data.width // f), jax.random.fold_in(key, 2))
@@ -269,3 +270,28 @@ def test_cli_rejects_bad_config(tmp_path):
     assert proc.returncode == 2
     assert "--config.opt.nonfinite='sometimes'" in proc.stderr and "skip" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_init_from_a_converted_pipeline_folder_then_export(tmp_path):
+    """--config.init_from: the generator starts from the folder's UNet, the VAE / image encoder are the
+    folder's, and the export keeps them. (The folder is an exported random-init tiny run, so the steps
+    are the tiny config's, already compiled; diffusers -> converted folders are the converter's tests.)"""
+    train.train(_config(total_steps=1), tmp_path / "first")
+    base = export.export_run(tmp_path / "first", tmp_path / "base")
+    source = pretrained.load_pipeline(base, progress=False)
+    config = _config(total_steps=1, init_from=str(base), seed=5)
+    config.model.unet = config.model.vae = config.model.image_encoder = None
+    state = train.train(config, tmp_path / "run")
+    delta = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(_np(state.generator)),
+                                                           jax.tree.leaves(_np(source.unet_params)), strict=True))
+    # one SM3 step from zero accumulators: |update| <= lr (1 - b1) / sqrt(1 - b2) = 1.58e-4 per element
+    assert 0 < delta <= 1e-5 * 0.5 / np.sqrt(1 - 0.999) * 1.001
+    out = export.export_run(tmp_path / "run", tmp_path / "exported", weights="generator")
+    assert json.loads((out / "sfv_jax.json").read_text())["weights"] == "generator"
+    pipe = pretrained.load_pipeline(out, progress=False)
+    assert _equal(pipe.unet_params, state.generator)
+    assert _equal(pipe.vae_params, source.vae_params)
+    assert _equal(pipe.image_encoder_params, source.image_encoder_params)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+        export.export_run(tmp_path / "run", tmp_path / "exported7", step=7)
+    assert not (tmp_path / "exported7").exists()
