@@ -43,11 +43,13 @@ def _component_config(config: ml_collections.ConfigDict, name: str) -> dict:
     return config.model[name].to_dict()
 
 
-def trained_unet(workdir: str | Path, *, weights: str = "ema", step: int | None = None) -> tuple[dict, dict, int]:
-    """(UNet config dict, trained UNet params, step) of a training workdir's checkpoint."""
+def trained_unet(workdir: str | Path, *, weights: str = "ema", step: int | None = None,
+                 config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict, int]:
+    """(UNet config dict, trained UNet params, step) of a training workdir's checkpoint (``config``:
+    the run's config, read from the workdir when not given)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: must be one of {WEIGHTS}")
-    config = run_config(workdir)
+    config = run_config(workdir) if config is None else config
     unet_cfg = _component_config(config, "unet")
     vae = pretrained.vae_from_config(_component_config(config, "vae"))
     embed_dim = pretrained.image_encoder_from_config(_component_config(config, "image_encoder")).config.projection_dim
@@ -72,7 +74,7 @@ def export_run(workdir: str | Path, out: str | Path, *, weights: str = "ema", st
     """Write the pipeline folder; returns its path."""
     workdir = Path(workdir)
     config = run_config(workdir)
-    unet_cfg, params, step = trained_unet(workdir, weights=weights, step=step)
+    unet_cfg, params, step = trained_unet(workdir, weights=weights, step=step, config=config)
     meta = {"format": convert.FORMAT, "version": convert.FORMAT_VERSION, "component": "pipeline",
             "source": str(workdir.absolute()), "trained_step": step, "weights": weights}
     src = Path(config.init_from) if config.init_from else None

@@ -173,10 +173,14 @@ def make_batch(config: ml_collections.ConfigDict, encoder: ClipEncoder, position
     return {k: v.reshape(d.accum_steps, d.micro_batch, *v.shape[1:]) for k, v in batch.items()}
 
 
+def default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def place(tree: Any) -> Any:
     """Commit a pytree to the default device: fresh and restored states then compile to the same
     executables (an uncommitted and a committed array are different jit cache entries)."""
-    return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return jax.device_put(tree, default_sharding())
 
 
 def checkpoint_manager(workdir: str | Path, config: ml_collections.ConfigDict | None = None):
@@ -195,11 +199,10 @@ def restore(mngr, like: train_steps.TrainState, step: int | None = None) -> tupl
         raise FileNotFoundError(f"{mngr.directory}: no checkpoint")
     if step not in mngr.all_steps():
         raise FileNotFoundError(f"{mngr.directory}: no checkpoint at step {step} (have {mngr.all_steps()})")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
     def spec(x):
         s = ocp.utils.to_shape_dtype_struct(x)
-        return s if getattr(s, "sharding", None) is not None else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
+        return s if getattr(s, "sharding", None) is not None else jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=default_sharding())
 
     abstract = jax.tree.map(spec, like)
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
