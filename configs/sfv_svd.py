@@ -5,13 +5,17 @@ lr 1e-5 generator, 1e-4 discriminator), EMA 0.95, lambda 0.1, P_mean = P_std = -
 Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stable-video-diffusion-img2vid
 --out checkpoints/svd``):
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
-Until the data and sharding issues land this trains on the embedded synthetic videos, on one device,
-with micro_batch x accum_steps samples per step (the paper's 8 devices x 1 x 4 needs the sharding issue).
+Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
+Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first:
+  python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8
+Until the data issue lands this trains on the embedded synthetic videos.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from sfv_jax import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.sample_every_steps = 2000
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
+
+    # 8 GPUs: every device one FSDP shard (parameters, EMA, optimizer states split 8 ways), batch split 8 ways
+    c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)
+    c.sharding = sharding.sharding_config()   # logical-axis rules, min_shard_size, fsdp_fallback
 
     c.model = ml_collections.ConfigDict()
     c.model.unet = None          # random-init configs (used only without init_from)
@@ -37,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fps = 7
     c.data.motion_bucket_id = 127       # or -1: from the clip's motion score
     c.data.noise_aug_strength = 0.02
-    c.data.micro_batch = 1              # per step of accumulation (x devices once sharding lands)
+    c.data.micro_batch = 1              # per device (batch shard) and accumulation step
     c.data.accum_steps = 4
 
     c.disc = ml_collections.ConfigDict()

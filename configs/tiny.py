@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
         "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 32, "image_size": 224,
         "projection_dim": 32, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
 
+    c.mesh.data, c.mesh.fsdp = -1, 1  # every device data parallel (one on a CPU)
     c.data.height, c.data.width, c.data.num_frames = 16, 16, 4
     c.data.micro_batch = 1
     c.data.accum_steps = 2

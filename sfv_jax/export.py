@@ -22,8 +22,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from sfv_jax import convert, pretrained, train, train_steps
-from sfv_jax.models.discriminator import backbone_param_subset
+from sfv_jax import convert, sharding, train
 from sfv_jax.safetensors_io import CheckpointError
 
 WEIGHTS = ("ema", "generator")
@@ -51,19 +50,8 @@ def trained_unet(workdir: str | Path, *, weights: str = "ema", step: int | None 
         raise ValueError(f"weights={weights!r}: must be one of {WEIGHTS}")
     config = run_config(workdir) if config is None else config
     unet_cfg = _component_config(config, "unet")
-    vae = pretrained.vae_from_config(_component_config(config, "vae"))
-    embed_dim = pretrained.image_encoder_from_config(_component_config(config, "image_encoder")).config.projection_dim
-    unet = pretrained.unet_from_config(unet_cfg)
-    f = vae.config.downsample_factor
-    gen_tx, disc_tx = train.make_optimizers(config)
-
-    def template(unet_params):  # the TrainState's structure, never materialised
-        key = jax.random.PRNGKey(0)
-        _, heads = train.build_heads(config, unet, backbone_param_subset(unet_params), embed_dim,
-                                     (config.data.height // f, config.data.width // f), key)
-        return train_steps.init_state(unet_params, heads, gen_tx, disc_tx, key)
-
-    like = jax.eval_shape(template, pretrained.abstract_params(unet))
+    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))  # any mesh restores onto one device
+    like = train.make_layout(config, plan, *train.build_modules(config)).abstract_state
     mngr = train.checkpoint_manager(workdir)
     state, meta = train.restore(mngr, like, step)
     return unet_cfg, getattr(state, weights), int(meta["step"])
@@ -90,8 +78,9 @@ def export_run(workdir: str | Path, out: str | Path, *, weights: str = "ema", st
     if src is not None:
         return convert.write_pipeline(src, Path(out), overwrite, write, meta)
     # random-init run: the VAE and image encoder are re-created from the run's config and seed
-    _, _, vae, vae_params, clip, clip_params = train.build_models(config, jax.random.fold_in(
-        jax.random.PRNGKey(config.seed), 1))
+    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
+    _, vae_params, clip_params, _, _ = train.init_params(
+        config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed))
     with convert.staged_folder(Path(out), overwrite) as tmp:
         convert.save_converted(tmp / "unet", params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step}")
         convert.save_converted(tmp / "vae", vae_params, config.model.vae.to_dict(), "vae", source="random init")

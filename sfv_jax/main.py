@@ -4,7 +4,9 @@ Examples:
   python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny                       # CPU, minutes
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv --config.init_from=checkpoints/svd
   python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny --config.total_steps=10 --config.seed=3
-Re-running with the same workdir resumes from its latest checkpoint. Set JAX_COMPILATION_CACHE_DIR to
+  python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv --config.mesh.fsdp=4 --config.mesh.data=2
+Multi-process (one process per host or GPU): set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID, or launch with SLURM's srun (see launch/). Re-running with the same workdir resumes from its latest checkpoint. Set JAX_COMPILATION_CACHE_DIR to
 reuse compiled steps across runs (it saves most of the start-up time of a restart).
 """
 
@@ -36,11 +38,12 @@ def main(argv: list[str]) -> int:
     root.setLevel(logging.INFO)
     for handler in root.handlers:
         handler.addFilter(_QuietLibraries())
-    from sfv_jax import train
+    from sfv_jax import sharding, train
     from sfv_jax.safetensors_io import CheckpointError
     try:
+        sharding.initialize_distributed()  # multi-process runs: before JAX touches a device
         train.train(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, CheckpointError, FloatingPointError) as e:
+    except (train.ConfigError, sharding.ShardingError, CheckpointError, FloatingPointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

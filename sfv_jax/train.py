@@ -15,11 +15,16 @@ SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, ``train``
 A non-finite loss or gradient skips the update (``opt.nonfinite="skip"``) or checkpoints the last
 finite state and raises ``FloatingPointError`` (``"halt"``; a resumed run continues after that batch).
 
-Single device for now; sharded meshes belong to the sharding issue, real video datasets to the data issue.
+Sharding: ``config.mesh`` (data x fsdp x tensor) and ``config.sharding`` (logical-axis rules), see
+``sfv_jax.sharding``. Parameters, EMA and optimizer states are created in their shardings; every process
+loads its own rows of each global batch; only process 0 writes logs, samples and the summary; every
+process writes its checkpoint shards. Real video datasets belong to the data issue.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,12 +38,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from sfv_jax import losses, pretrained, train_steps, video_io
+from sfv_jax import convert, losses, pretrained, sharding, train_steps, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.synthetic import motion_bucket, synthetic_clip
-from sfv_jax.models.discriminator import HEAD_KINDS, DiscriminatorHeads, backbone_param_subset
-from sfv_jax.models.unet import init_inputs
+from sfv_jax.models.clip import CLIPVisionConfig
+from sfv_jax.models.discriminator import HEAD_KINDS, DiscriminatorHeads, backbone_param_subset, backbone_subset
+from sfv_jax.models.unet import UNetConfig, init_inputs
+from sfv_jax.models.vae import VAEConfig
 from sfv_jax.pipeline import SVDPipeline
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -112,39 +120,136 @@ class StopRequested:
 
 # ---------------------------------------------------------------------------------------------- pieces
 
-def build_models(config: ml_collections.ConfigDict, key: jax.Array):
-    """(unet, unet_params, vae, vae_params, image_encoder, clip_params): from ``init_from`` (an SVD folder,
-    diffusers or converted) or randomly initialised from the configs in ``config.model``."""
-    dtype = DTYPES[config.model.dtype]
+def build_modules(config: ml_collections.ConfigDict, *, svd_defaults: bool = False):
+    """(unet, vae, image_encoder) modules, no parameters: the architectures of ``init_from``'s folder, else
+    of ``config.model``; ``svd_defaults``: SVD's own when neither is given (the memory planner)."""
+    dtype, remat = DTYPES[config.model.dtype], config.model.remat_policy
     if config.init_from:
-        pipe = pretrained.load_pipeline(config.init_from, dtype)
-        unet = pipe.unet.clone(remat_policy=config.model.remat_policy)
-        return unet, pipe.unet_params, pipe.vae, pipe.vae_params, pipe.image_encoder, pipe.image_encoder_params
-    for name in ("unet", "vae", "image_encoder"):
-        if config.model[name] is None:
-            raise ConfigError(f"--config.init_from is not set and config.model.{name} is None: give an SVD folder "
-                             f"(diffusers or converted) or model config dicts for a random init")
-    k1, k2, k3 = jax.random.split(key, 3)
-    unet = pretrained.unet_from_config(config.model.unet.to_dict(), dtype=dtype, remat_policy=config.model.remat_policy)
-    vae = pretrained.vae_from_config(config.model.vae.to_dict(), dtype=dtype)
-    clip = pretrained.image_encoder_from_config(config.model.image_encoder.to_dict(), dtype=dtype)
+        def cfg(name):
+            return convert.read_config(convert.component_folder(Path(config.init_from), convert.COMPONENTS[name]()))
+    elif all(config.model[n] is not None for n in ("unet", "vae", "image_encoder")):
+        def cfg(name):
+            return config.model[name].to_dict()
+    elif svd_defaults:
+        def cfg(name):
+            return {"unet": UNetConfig(), "vae": VAEConfig(), "image_encoder": CLIPVisionConfig()}[name]
+    else:
+        missing = [n for n in ("unet", "vae", "image_encoder") if config.model[n] is None]
+        raise ConfigError(f"--config.init_from is not set and config.model.{missing[0]} is None: give an SVD folder "
+                          f"(diffusers or converted) or model config dicts for a random init")
+    return (pretrained.unet_from_config(cfg("unet"), dtype=dtype, remat_policy=remat),
+            pretrained.vae_from_config(cfg("vae"), dtype=dtype),
+            pretrained.image_encoder_from_config(cfg("image_encoder"), dtype=dtype))
 
-    def init(model, k):
-        return nn.meta.unbox(jax.jit(lambda k: model.init(k, *pretrained.init_args(model)))(k)["params"])
 
-    return unet, init(unet, k1), vae, init(vae, k2), clip, init(clip, k3)
+@dataclasses.dataclass
+class Layout:
+    """Everything about a run's arrays but the arrays: modules, optimizers and the shardings (on
+    ``plan``'s mesh) of the parameters, the frozen backbone, the train state and the batch."""
+
+    plan: sharding.Plan
+    unet: nn.Module
+    vae: nn.Module
+    clip: nn.Module
+    heads: DiscriminatorHeads
+    gen_tx: optax.GradientTransformation
+    disc_tx: optax.GradientTransformation
+    unet_shardings: Any
+    head_shardings: Any
+    backbone_shardings: Any
+    state_shardings: train_steps.TrainState
+    abstract_state: train_steps.TrainState   # ShapeDtypeStructs
+    global_micro: int                        # samples per accumulation step, over all devices
+
+    def step_shardings(self) -> train_steps.StepShardings:
+        return train_steps.StepShardings(self.state_shardings, self.backbone_shardings,
+                                         self.plan.batch_sharding(1), self.plan.replicated)
+
+    def steps(self, config: ml_collections.ConfigDict) -> train_steps.JittedSteps:
+        return train_steps.JittedSteps(train_steps.Models(self.unet, self.heads), step_config(config), self.gen_tx,
+                                       self.disc_tx, self.step_shardings(), self.plan.context)
+
+    def abstract_batch(self, config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes, dtypes and sharding of a step's batch (train_steps' ``[k, m, ...]`` layout)."""
+        d, f = config.data, self.vae.config.downsample_factor
+        k, m, h, w = d.accum_steps, self.global_micro, d.height // f, d.width // f
+        c = self.vae.config.latent_channels
+        shapes = {"latents": (k, m, d.num_frames, h, w, c), "image_latents": (k, m, h, w, c),
+                  "image_embeds": (k, m, self.clip.config.projection_dim), "added_time_ids": (k, m, 3), "index": (k, m)}
+        sh = self.plan.batch_sharding(1)
+        return {n: jax.ShapeDtypeStruct(s, jnp.int32 if n == "index" else jnp.float32, sharding=sh)
+                for n, s in shapes.items()}
 
 
-def build_heads(config: ml_collections.ConfigDict, unet: nn.Module, backbone: Any, embed_dim: int,
-                latent_hw: tuple[int, int], key: jax.Array) -> tuple[DiscriminatorHeads, Any]:
-    """The discriminator heads and their random init, sized from the backbone's feature shapes."""
-    d = config.data
+def make_layout(config: ml_collections.ConfigDict, plan: sharding.Plan, unet: nn.Module, vae: nn.Module,
+                clip: nn.Module) -> Layout:
+    """Shardings from the modules' logical axis names and ``plan``'s rules (``jax.eval_shape`` only)."""
+    d, f = config.data, vae.config.downsample_factor
+    down = f * 2 ** (len(unet.config.block_out_channels) - 1)
+    if d.height % down or d.width % down:
+        raise ConfigError(f"--config.data.height/width={d.height}x{d.width}: must be multiples of {down} "
+                          f"for this VAE and UNet")
+    boxed = pretrained.abstract_params(unet, boxed=True)
+    unet_abs, unet_sh = nn.meta.unbox(boxed), plan.param_shardings(boxed)
     heads = DiscriminatorHeads(config.disc.heads, config.disc.channels, config.disc.proj_dim)
+    head_boxed = jax.eval_shape(functools.partial(_init_heads, heads, unet, embed_dim=clip.config.projection_dim,
+                                                  latent_hw=(d.height // f, d.width // f)),
+                                backbone_subset(unet_abs), jax.random.PRNGKey(0))
+    head_abs, head_sh = nn.meta.unbox(head_boxed), plan.param_shardings(head_boxed)
+    gen_tx, disc_tx = make_optimizers(config)
+    abstract = jax.eval_shape(functools.partial(train_steps.init_state, gen_tx=gen_tx, disc_tx=disc_tx),
+                              unet_abs, head_abs, rng=jax.random.PRNGKey(0))
+    rep = plan.replicated
+    state_sh = train_steps.TrainState(
+        step=rep, generator=unet_sh, ema=unet_sh, heads=head_sh,
+        gen_opt=plan.like_params(abstract.gen_opt, unet_abs, unet_sh),
+        disc_opt=plan.like_params(abstract.disc_opt, head_abs, head_sh), rng=rep, skipped=rep)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return Layout(plan, unet, vae, clip, heads, gen_tx, disc_tx, unet_sh, head_sh, backbone_subset(unet_sh),
+                  state_sh, abstract, d.micro_batch * plan.batch_shards)
+
+
+def _init_heads(heads: DiscriminatorHeads, unet: nn.Module, backbone: Any, key: jax.Array, *, embed_dim: int,
+                latent_hw: tuple[int, int], batch: int = 1) -> Any:
+    """The heads' boxed random init, sized from the backbone's feature shapes."""
     feats = jax.eval_shape(lambda p, *a: unet.apply({"params": p}, *a, method=unet.encode), backbone,
-                           *init_inputs(unet.config, d.micro_batch, d.num_frames, *latent_hw))
-    params = jax.jit(lambda k: heads.init(k, [jnp.zeros(f.shape, jnp.float32) for f in feats],
-                                          jnp.zeros((d.micro_batch, embed_dim)), jnp.ones((d.micro_batch,))))(key)
-    return heads, nn.meta.unbox(params["params"])
+                           *init_inputs(unet.config, batch, unet.config.num_frames, *latent_hw))
+    return heads.init(key, [jnp.zeros(f.shape, jnp.float32) for f in feats], jnp.zeros((batch, embed_dim)),
+                      jnp.ones((batch,)))["params"]
+
+
+def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
+    """(unet_params, vae_params, clip_params, head_params, backbone): the UNet, heads and backbone
+    created directly in their shardings (jitted init with ``out_shardings``; no full host copy for a
+    random init), the frozen VAE and image encoder on this process's first device (they encode the
+    process's own samples). ``init_from``: weights from the SVD folder, placed leaf by leaf."""
+    local = jax.local_devices()[0]
+    k_unet, k_vae, k_clip = jax.random.split(jax.random.fold_in(key, 1), 3)
+    if config.init_from:
+        dtype = DTYPES[config.model.dtype]
+        pipe = pretrained.load_pipeline(config.init_from, dtype)
+        unet_params = sharding.put(jax.tree.map(np.asarray, pipe.unet_params), lay.unet_shardings)
+        vae_params, clip_params = jax.device_put((pipe.vae_params, pipe.image_encoder_params), local)
+        del pipe
+    else:
+        def init(model, k, out):
+            return jax.jit(lambda k: nn.meta.unbox(model.init(k, *pretrained.init_args(model))["params"]),
+                           out_shardings=out)(k)
+        unet_params = init(lay.unet, k_unet, lay.unet_shardings)
+        vae_params = init(lay.vae, k_vae, jax.sharding.SingleDeviceSharding(local))
+        clip_params = init(lay.clip, k_clip, jax.sharding.SingleDeviceSharding(local))
+    d, f = config.data, lay.vae.config.downsample_factor
+    head_params = jax.jit(lambda k: nn.meta.unbox(_init_heads(
+        lay.heads, lay.unet, backbone_subset(unet_params), k, embed_dim=lay.clip.config.projection_dim,
+        latent_hw=(d.height // f, d.width // f))), out_shardings=lay.head_shardings)(jax.random.fold_in(key, 2))
+    backbone = jax.jit(backbone_param_subset, out_shardings=lay.backbone_shardings)(unet_params)
+    return unet_params, vae_params, clip_params, head_params, backbone
+
+
+def init_train_state(lay: Layout, unet_params: Any, head_params: Any, rng: jax.Array) -> train_steps.TrainState:
+    """The fresh train state (EMA = generator copy, zero optimizer states) in ``lay.state_shardings``."""
+    fn = functools.partial(train_steps.init_state, gen_tx=lay.gen_tx, disc_tx=lay.disc_tx)
+    return jax.jit(fn, out_shardings=lay.state_shardings)(unet_params, head_params, rng=rng)
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
@@ -162,24 +267,30 @@ def step_config(config: ml_collections.ConfigDict) -> train_steps.StepConfig:
         r1_gamma=lo.r1_gamma, r1_alpha=lo.r1_alpha, ema_rate=config.opt.ema_rate, nonfinite=config.opt.nonfinite)
 
 
-def make_batch(config: ml_collections.ConfigDict, encoder: ClipEncoder, position: int) -> dict[str, np.ndarray]:
-    """The step's batch: samples ``position .. position + micro_batch * accum_steps`` of the synthetic
-    dataset, encoded, reshaped to ``[accum_steps, micro_batch, ...]`` (train_steps' layout)."""
+def make_batch(config: ml_collections.ConfigDict, encoder: ClipEncoder, position: int, global_micro: int | None = None,
+               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """This process's part of the step's batch: the step holds samples ``position .. position + k * m``
+    of the synthetic dataset (k = ``accum_steps``, m = ``global_micro``, default ``micro_batch``) in
+    train_steps' ``[k, m, ...]`` layout, sample ``position + i * m + r`` at ``[i, r]``; ``rows``
+    (default all) are the r this process loads (``Plan.local_rows``). Encoded here, returned as numpy."""
     d = config.data
-    index = np.arange(position, position + d.micro_batch * d.accum_steps)
+    m = d.micro_batch if global_micro is None else global_micro
+    rows = np.arange(m) if rows is None else np.asarray(rows)
+    index = (position + np.arange(d.accum_steps)[:, None] * m + rows[None, :]).reshape(-1)
     frames = np.stack([synthetic_clip(config.seed, int(i), d.num_frames, d.height, d.width) for i in index])
     buckets = [float(d.motion_bucket_id if d.motion_bucket_id >= 0 else motion_bucket(f)) for f in frames]
     batch = encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength)
-    return {k: v.reshape(d.accum_steps, d.micro_batch, *v.shape[1:]) for k, v in batch.items()}
+    return {k: v.reshape(d.accum_steps, len(rows), *v.shape[1:]) for k, v in batch.items()}
 
 
 def default_sharding() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """Where a restore puts arrays whose target has no sharding: this process's first device."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def place(tree: Any) -> Any:
-    """Commit a pytree to the default device: fresh and restored states then compile to the same
-    executables (an uncommitted and a committed array are different jit cache entries)."""
+    """Commit a pytree to :func:`default_sharding` (a committed and an uncommitted array are different
+    jit cache entries; single-device tools and tests use this)."""
     return jax.device_put(tree, default_sharding())
 
 
@@ -226,37 +337,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     d = config.data
-    per_step = d.micro_batch * d.accum_steps
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ mesh
+    plan = sharding.Plan.from_config(config)
+    logging.info("mesh %s, process %d of %d", plan.describe(), jax.process_index(), jax.process_count())
+
+    # ------------------------------------------------------------------ models and shardings
     key = jax.random.PRNGKey(config.seed)
-    logging.info("building models (%s)", config.init_from or "random init")
-    unet, unet_params, vae, vae_params, clip, clip_params = build_models(config, jax.random.fold_in(key, 1))
-    unet_params, vae_params, clip_params = place((unet_params, vae_params, clip_params))
-    f = vae.config.downsample_factor
-    if d.height % f or d.width % f or (d.height // f) % 2 ** (len(unet.config.block_out_channels) - 1):
-        raise ConfigError(f"--config.data.height/width={d.height}x{d.width}: must be multiples of "
-                         f"{f * 2 ** (len(unet.config.block_out_channels) - 1)} for this VAE and UNet")
-    backbone = place(backbone_param_subset(unet_params))  # frozen copy of the pretrained encoder (never updated)
-    heads, head_params = build_heads(config, unet, backbone, clip.config.projection_dim,
-                                     (d.height // f, d.width // f), jax.random.fold_in(key, 2))
+    lay = make_layout(config, plan, *build_modules(config))
+    per_step = lay.global_micro * d.accum_steps
+    logging.info("building models (%s); %d samples per step (%d per device x %d batch shards x %d accumulation)",
+                 config.init_from or "random init", per_step, d.micro_batch, plan.batch_shards, d.accum_steps)
+    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
     parameter_overview.log_parameter_overview(unet_params, msg="generator (UNet)")
     parameter_overview.log_parameter_overview(head_params, msg="discriminator heads")
 
     # ------------------------------------------------------------------ data
-    encoder = ClipEncoder(vae, vae_params, clip, clip_params, seed=config.seed)
+    encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
+    rows = plan.local_rows(lay.global_micro)  # the samples of each accumulation step this process loads
 
-    # ------------------------------------------------------------------ steps
-    gen_tx, disc_tx = make_optimizers(config)
-    steps = train_steps.JittedSteps(train_steps.Models(unet, heads), step_config(config), gen_tx, disc_tx)
-    state = place(train_steps.init_state(unet_params, head_params, gen_tx, disc_tx, jax.random.fold_in(key, 3)))
+    # ------------------------------------------------------------------ steps and state
+    steps = lay.steps(config)
+    state = init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
     del unet_params, head_params
 
     # ------------------------------------------------------------------ restore
     mngr = checkpoint_manager(workdir, config)
     position = 0
     if mngr.latest_step() is not None:
-        state, meta = restore(mngr, state)  # same shardings as the fresh state
+        state, meta = restore(mngr, state)  # into the shardings of the fresh state (any mesh saved it)
         position = int(meta["data_position"])
         logging.info("resumed from %s at step %d (data position %d)", mngr.directory, int(state.step), position)
 
@@ -270,16 +379,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
 
     # ------------------------------------------------------------------ samples
     sample_frame = synthetic_clip(config.seed + _SAMPLE_SEED, 0, d.num_frames, d.height, d.width)[0]
-    sampler = SVDPipeline(unet.clone(remat_policy="none"), None, vae, vae_params, clip, clip_params)
+    sampler = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
+    gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
     def write_sample(state) -> None:
-        sampler.unet_params = state.ema
+        # every process runs the sampler (SPMD); across processes the EMA is gathered first
+        sampler.unet_params = state.ema if jax.process_count() == 1 else gather(state.ema)
         frames = sampler(sample_frame, height=config.sample.height, width=config.sample.width,
                          num_frames=d.num_frames, num_inference_steps=config.sample.steps, fps=d.fps,
                          motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127, noise_aug_strength=d.noise_aug_strength,
                          sampler="sfv", seed=config.seed)
-        path = video_io.write_video(workdir / "samples" / f"step_{int(state.step):07d}.mp4", frames, fps=d.fps)
-        logging.info("sample written to %s", path)
+        if jax.process_index() == 0:
+            path = video_io.write_video(workdir / "samples" / f"step_{int(state.step):07d}.mp4", frames, fps=d.fps)
+            logging.info("sample written to %s", path)
 
     # ------------------------------------------------------------------ loop
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
@@ -290,7 +402,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     t_loop = t_first = time.time()
     with StopRequested() as stop:
         for _ in range(first, config.total_steps):
-            batch = make_batch(config, encoder, position)
+            batch = plan.global_batch(make_batch(config, encoder, position, lay.global_micro, rows), lay.global_micro)
             state, g_metrics = steps.generator_step(state, batch, backbone)
             state, d_metrics = steps.discriminator_step(state, batch, backbone)
             position += per_step
@@ -325,6 +437,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
                "steps_per_s": round((ran - 1) / (t_end - t_first), 3) if ran > 1 else None,
                "skipped_updates": int(state.skipped),
                "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)}}
-    (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if jax.process_index() == 0:
+        (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logging.info("done: %s", json.dumps(summary))
     return state

@@ -14,9 +14,10 @@ step on the concatenated batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -248,27 +249,60 @@ def discriminator_update(state: TrainState, grads: Any, metrics: dict, *,
     return state, {**metrics, "d_grad_norm": gnorm, "d_finite": finite.astype(jnp.float32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the steps' inputs and outputs live (``sfv_jax.sharding.Plan`` computes them): ``state`` a
+    ``TrainState`` of shardings, ``backbone`` the frozen encoder's, ``batch`` one sharding for every
+    batch array (samples split over the mesh's batch axes), ``replicated`` for metrics."""
+
+    state: Any
+    backbone: Any
+    batch: Any
+    replicated: Any
+
+
 @dataclasses.dataclass
 class JittedSteps:
     """The generator step and the discriminator step, each as two jitted functions: gradients (the
     accumulation loop; ``g_grads`` / ``d_grads``), then the update with the state buffers donated
     (``g_update`` / ``d_update``). (One jit with both the accumulation loop and donated outputs makes
-    XLA:CPU's copy insertion take minutes to compile.)"""
+    XLA:CPU's copy insertion take minutes to compile.)
+
+    With ``shardings`` the jits get explicit in/out shardings (gradients come out sharded like the
+    parameters, metrics replicated) and the calls run inside ``context()`` (the mesh and logical-axis
+    rules of ``sfv_jax.sharding.Plan.context``, so the UNet's activation constraints apply)."""
 
     models: Models
     cfg: StepConfig
     gen_tx: optax.GradientTransformation
     disc_tx: optax.GradientTransformation
+    shardings: StepShardings | None = None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __post_init__(self):
         kw = dict(models=self.models, cfg=self.cfg)
-        self.g_grads = jax.jit(functools.partial(generator_grads, **kw))
-        self.g_update = jax.jit(functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx), donate_argnums=0)
-        self.d_grads = jax.jit(functools.partial(discriminator_grads, **kw))
-        self.d_update = jax.jit(functools.partial(discriminator_update, tx=self.disc_tx), donate_argnums=0)
+        g_grads = functools.partial(generator_grads, **kw)
+        g_update = functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx)
+        d_grads = functools.partial(discriminator_grads, **kw)
+        d_update = functools.partial(discriminator_update, tx=self.disc_tx)
+        sh = self.shardings
+        if sh is None:
+            self.g_grads, self.d_grads = jax.jit(g_grads), jax.jit(d_grads)
+            self.g_update = jax.jit(g_update, donate_argnums=0)
+            self.d_update = jax.jit(d_update, donate_argnums=0)
+            return
+        st, rep = sh.state, sh.replicated
+        self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
+        self.d_grads = jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.heads, rep))
+        self.g_update = jax.jit(g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep),
+                                donate_argnums=0)
+        self.d_update = jax.jit(d_update, in_shardings=(st, st.heads, rep), out_shardings=(st, rep),
+                                donate_argnums=0)
 
     def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
-        return self.g_update(state, *self.g_grads(state, batch, backbone))
+        with self.context():
+            return self.g_update(state, *self.g_grads(state, batch, backbone))
 
     def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
-        return self.d_update(state, *self.d_grads(state, batch, backbone))
+        with self.context():
+            return self.d_update(state, *self.d_grads(state, batch, backbone))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sfv_jax import export, pretrained, train, train_steps, video_io
+from sfv_jax import export, pretrained, sharding, train, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.models.discriminator import backbone_param_subset
 
@@ -32,8 +32,9 @@ def _np(tree):
     return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def _dev(tree):
-    return train.place(tree)  # committed, as train() places its state: the same executables
+def _dev(setup, state):
+    """Host copy of a state -> device arrays in the shardings train() uses (the same executables)."""
+    return sharding.put(state, setup["state_shardings"])
 
 
 def _equal(a, b) -> bool:
@@ -54,25 +55,20 @@ def setup():
     """The tiny config's models, steps, initial state (host copy) and first batch, as ``train`` builds them."""
     config = tiny.get_config()
     key = jax.random.PRNGKey(config.seed)
-    unet, unet_params, vae, vae_params, clip, clip_params = train.build_models(config, jax.random.fold_in(key, 1))
-    unet_params, vae_params, clip_params = train.place((unet_params, vae_params, clip_params))
-    backbone = train.place(backbone_param_subset(unet_params))
-    f = vae.config.downsample_factor
-    heads, head_params = train.build_heads(config, unet, backbone, clip.config.projection_dim,
-                                           (config.data.height // f, config.data.width // f), jax.random.fold_in(key, 2))
-    gen_tx, disc_tx = train.make_optimizers(config)
-    steps = train_steps.JittedSteps(train_steps.Models(unet, heads), train.step_config(config), gen_tx, disc_tx)
-    state = train_steps.init_state(unet_params, head_params, gen_tx, disc_tx, jax.random.fold_in(key, 3))
-    encoder = ClipEncoder(vae, vae_params, clip, clip_params, seed=config.seed)
+    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
+    steps = lay.steps(config)
+    state = train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
+    encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
     batch = train.make_batch(config, encoder, 0)
-    return {"config": config, "steps": steps, "state": _np(state), "backbone": backbone, "batch": batch}
+    return {"state_shardings": lay.state_shardings, "config": config, "steps": steps, "state": _np(state), "backbone": backbone, "batch": batch}
 
 
 def test_gradient_routing(setup):
     """G step: only the UNet (and its EMA, optimizer) moves; D step: only the heads; backbone frozen."""
     steps, state0, batch = setup["steps"], setup["state"], setup["batch"]
     backbone0 = _np(setup["backbone"])
-    s1, gm = steps.generator_step(_dev(state0), batch, setup["backbone"])
+    s1, gm = steps.generator_step(_dev(setup, state0), batch, setup["backbone"])
     s1 = _np(s1)
     assert float(gm["g_finite"]) == 1 and np.isfinite(float(gm["g_loss"])) and float(gm["g_grad_norm"]) > 0
     assert _changed_fraction(s1.generator, state0.generator) > 0.9
@@ -80,7 +76,7 @@ def test_gradient_routing(setup):
     assert _equal(s1.heads, state0.heads) and _equal(s1.disc_opt, state0.disc_opt)
     assert int(s1.step) == 0 and int(s1.skipped) == 0
 
-    s2, dm = steps.discriminator_step(_dev(s1), batch, setup["backbone"])
+    s2, dm = steps.discriminator_step(_dev(setup, s1), batch, setup["backbone"])
     s2 = _np(s2)
     assert float(dm["d_finite"]) == 1 and np.isfinite(float(dm["d_loss"])) and float(dm["d_grad_norm"]) > 0
     assert _changed_fraction(s2.heads, s1.heads) > 0.9
@@ -107,7 +103,7 @@ def _tree_rel(a, b) -> tuple[float, float]:
 def test_accumulation_equals_concatenated_batch(setup):
     """k = 2 micro-batches of 1 give the gradients and metrics of one micro-batch of 2 (<= 1e-5)."""
     steps, batch, backbone = setup["steps"], setup["batch"], setup["backbone"]
-    state = _dev(setup["state"])
+    state = _dev(setup, setup["state"])
     k, m = batch["index"].shape
     assert (k, m) == (2, 1)
     concat = {name: v.reshape(1, k * m, *v.shape[2:]) for name, v in batch.items()}
@@ -126,7 +122,7 @@ def test_nonfinite_batch_is_skipped(setup):
     bad = dict(setup["batch"])
     bad["latents"] = bad["latents"].copy()
     bad["latents"][1, 0, 0, 0, 0, 0] = np.nan
-    s1, gm = steps.generator_step(_dev(state0), bad, setup["backbone"])
+    s1, gm = steps.generator_step(_dev(setup, state0), bad, setup["backbone"])
     s2, dm = steps.discriminator_step(s1, bad, setup["backbone"])
     s2 = _np(s2)
     assert float(gm["g_finite"]) == 0 and float(dm["d_finite"]) == 0
@@ -173,8 +169,8 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkey
     of the step before (both updates skipped); resuming would continue after the bad batch."""
     make_batch = train.make_batch
 
-    def poisoned(config, encoder, position):
-        batch = make_batch(config, encoder, position)
+    def poisoned(config, encoder, position, *args):
+        batch = make_batch(config, encoder, position, *args)
         if position == 2 * 2:  # the third step's samples
             batch["latents"] = np.full_like(batch["latents"], np.nan)
         return batch
@@ -186,7 +182,7 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkey
         train.train(config, tmp_path)
     mngr = train.checkpoint_manager(tmp_path)
     assert mngr.all_steps() == [1, 2, 3]
-    like = _dev(setup["state"])
+    like = _dev(setup, setup["state"])
     at2, _ = train.restore(mngr, like, 2)
     at3, meta = train.restore(mngr, like, 3)
     assert _all_finite(at3) and int(at3.skipped) == 2 and meta["data_position"] == 3 * 2
@@ -233,7 +229,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert summary["step"] == 3 and summary["skipped_updates"] == 0 and np.isfinite(summary["metrics"]["g_loss"])
 
     # export: the EMA generator becomes a pipeline folder that load_pipeline (and so the sample CLI) reads
-    trained, _ = train.restore(mngr, _dev(setup["state"]), 3)
+    trained, _ = train.restore(mngr, _dev(setup, setup["state"]), 3)
     out = export.export_run(workdir, tmp_path / "exported")
     pipe = pretrained.load_pipeline(out, progress=False)
     assert _equal(pipe.unet_params, trained.ema) and not _equal(pipe.unet_params, trained.generator)
@@ -260,7 +256,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert "stopped at step" in text
     stopped = train.checkpoint_manager(workdir).latest_step()
     assert stopped >= 4
-    state, meta = train.restore(train.checkpoint_manager(workdir), _dev(setup["state"]))
+    state, meta = train.restore(train.checkpoint_manager(workdir), _dev(setup, setup["state"]))
     assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and _all_finite(state)
 
 

@@ -143,9 +143,14 @@ def discriminator_logits(unet: nn.Module, backbone_params: Any, heads: Discrimin
     return heads.apply({"params": head_params}, feats, cond["image_embeds"], sigma)
 
 
-def backbone_param_subset(unet_params: Any) -> dict:
-    """A copy of the parameters ``UNetSpatioTemporal.encode`` reads (embeddings, conv_in, down blocks):
-    the frozen backbone. It is a copy, not a view: the generator's own buffers are updated (and donated)
-    by every step, the backbone's never change."""
+def backbone_subset(unet_tree: Any) -> dict:
+    """The entries of a UNet parameter tree (or a tree of its shardings, shapes ...) that
+    ``UNetSpatioTemporal.encode`` reads: embeddings, conv_in, down blocks (a view, nothing copied)."""
     keep = ("conv_in", "time_embedding", "add_embedding")
-    return jax.tree.map(jnp.copy, {k: v for k, v in unet_params.items() if k in keep or k.startswith("down_blocks_")})
+    return {k: v for k, v in unet_tree.items() if k in keep or k.startswith("down_blocks_")}
+
+
+def backbone_param_subset(unet_params: Any) -> dict:
+    """A copy of :func:`backbone_subset` of the parameters: the frozen backbone. It is a copy, not a view:
+    the generator's own buffers are updated (and donated) by every step, the backbone's never change."""
+    return jax.tree.map(jnp.copy, backbone_subset(unet_params))
