@@ -185,27 +185,7 @@ class Plan:
     # ------------------------------------------------------------------ parameters
     def spec(self, logical: Sequence[str | None] | None, shape: Sequence[int]) -> P:
         """The mesh ``PartitionSpec`` of one leaf with logical axis names ``logical`` and ``shape``."""
-        if math.prod(shape) < self.min_shard_size:
-            return P()
-        logical = tuple(logical or ()) + (None,) * (len(shape) - len(tuple(logical or ())))
-        used: set[str] = set()
-        out: list[Any] = []
-        for name, dim in zip(logical, shape):
-            axes = self._rule.get(name) if name is not None else None
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            axes = tuple(a for a in axes if a not in used and self.mesh.shape[a] > 1)
-            if axes and dim % math.prod(self.mesh.shape[a] for a in axes) == 0:
-                used.update(axes)
-                out.append(axes[0] if len(axes) == 1 else axes)
-            else:
-                out.append(None)
-        n = self.mesh.shape.get("fsdp", 1)
-        if self.fsdp_fallback and n > 1 and "fsdp" not in used:
-            for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-                if out[i] is None and shape[i] % n == 0:
-                    out[i] = "fsdp"
-                    break
-        return P(*out)
+        return leaf_spec(logical, shape, self._rule, dict(self.mesh.shape), self.min_shard_size, self.fsdp_fallback)
 
     def param_shardings(self, boxed: Any) -> Any:
         """Shardings of a parameter tree whose leaves carry logical names (``nn.LogicallyPartitioned``
@@ -267,6 +247,38 @@ class Plan:
             shape = v.shape[:batch_dim] + (global_rows,) + v.shape[batch_dim + 1:]
             out[k] = jax.make_array_from_process_local_data(self.batch_sharding(batch_dim), v, shape)
         return out
+
+
+def leaf_spec(logical: Sequence[str | None] | None, shape: Sequence[int], rules: Mapping[str, Any],
+              mesh_shape: Mapping[str, int], min_shard_size: int = 2 ** 14, fsdp_fallback: bool = True) -> P:
+    """The mesh ``PartitionSpec`` of a leaf (pure; :meth:`Plan.spec` binds the plan's settings).
+
+    Each dimension takes the mesh axes its logical name maps to (``rules``: name -> axis, axes or None),
+    unless an axis is already used by an earlier dimension, has size 1, or the axes do not divide the
+    dimension. Leaves under ``min_shard_size`` elements are replicated. ``fsdp_fallback``: a leaf left
+    without an ``fsdp`` split gets its largest ``fsdp``-divisible free dimension split over ``fsdp``."""
+    if math.prod(shape) < min_shard_size:
+        return P()
+    names = tuple(logical or ())
+    names = names + (None,) * (len(shape) - len(names))
+    used: set[str] = set()
+    out: list[Any] = []
+    for name, dim in zip(names, shape):
+        axes = rules.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh_shape.get(a, 1) > 1)
+        if axes and dim % math.prod(mesh_shape[a] for a in axes) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    n = mesh_shape.get("fsdp", 1)
+    if fsdp_fallback and n > 1 and "fsdp" not in used:
+        for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if out[i] is None and shape[i] % n == 0:
+                out[i] = "fsdp"
+                break
+    return P(*out)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:

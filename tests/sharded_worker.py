@@ -1,0 +1,119 @@
+"""Runs the tiny SF-V steps on several meshes of virtual CPU devices (tests/test_sharding.py starts it in a
+subprocess: the device count is fixed when JAX starts).
+
+    python tests/sharded_worker.py OUT MESH [MESH ...]       e.g. OUT data=8 data=2,fsdp=4
+
+For a single device and then each MESH it runs one generator step and one discriminator step from the
+same initial state on the same global batch (8 samples) and writes OUT/<mesh>.npz: the generator and
+discriminator gradients, the metrics and the final state, as host arrays keyed by tree path. OUT/report.json
+holds, per mesh, the per-device bytes of every state leaf above the sharding threshold and, for the
+checkpoint check, whether a checkpoint saved on the first mesh restores onto each other mesh with the
+same values and the target shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from sfv_jax import sharding, train  # noqa: E402
+from sfv_jax.data.latents import ClipEncoder  # noqa: E402
+
+GLOBAL = 8          # samples per step
+MIN_SHARD = 1024    # elements: lower than the default so that most tiny leaves are sharded
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def config_for(plan: sharding.Plan):
+    c = tiny.get_config()
+    c.data.accum_steps = 1
+    c.data.micro_batch = GLOBAL // plan.batch_shards
+    c.sharding.min_shard_size = MIN_SHARD
+    return c
+
+
+def plan_for(spec: str | None) -> sharding.Plan:
+    if spec is None:
+        return sharding.Plan(sharding.make_mesh({}, jax.devices()[:1]), min_shard_size=MIN_SHARD)
+    return sharding.Plan(sharding.make_mesh(sharding.parse_mesh(spec)), min_shard_size=MIN_SHARD)
+
+
+def run(plan: sharding.Plan, host_state, host_backbone, encoder) -> tuple[dict, object, object]:
+    config = config_for(plan)
+    lay = train.make_layout(config, plan, *train.build_modules(config))
+    steps = lay.steps(config)
+    state = sharding.put(host_state, lay.state_shardings)
+    backbone = sharding.put(host_backbone, lay.backbone_shardings)
+    batch = plan.global_batch(train.make_batch(config, encoder, 0, GLOBAL, plan.local_rows(GLOBAL)), GLOBAL)
+    with plan.context():
+        g_grads, g_metrics = steps.g_grads(state, batch, backbone)
+        state, _ = steps.g_update(state, g_grads, g_metrics)
+        d_grads, d_metrics = steps.d_grads(state, batch, backbone)
+        state, _ = steps.d_update(state, d_grads, d_metrics)
+    out = {**{"g_grads" + k: v for k, v in flat(g_grads).items()}, **{"d_grads" + k: v for k, v in flat(d_grads).items()},
+           **{"metrics" + k: v for k, v in flat({**g_metrics, **d_metrics}).items()},
+           **{"state" + k: v for k, v in flat(state).items()}}
+    return out, state, lay
+
+
+def main(out: Path, specs: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    single = plan_for(None)
+    config = config_for(single)
+    key = jax.random.PRNGKey(config.seed)
+    lay = train.make_layout(config, single, *train.build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
+    state0 = jax.tree.map(np.asarray, train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
+    backbone0 = jax.tree.map(np.asarray, backbone)
+    encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
+
+    report: dict = {"meshes": {}}
+    results, layouts = {}, {}
+    for spec in [None, *specs]:
+        plan = single if spec is None else plan_for(spec)
+        arrays, state, lay_m = run(plan, state0, backbone0, encoder)
+        name = spec or "single"
+        np.savez(out / f"{name}.npz", **arrays)
+        leaves = []
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+            if x.size >= MIN_SHARD:
+                per_device = max(s.data.size for s in x.addressable_shards) * x.dtype.itemsize
+                leaves.append([jax.tree_util.keystr(path), int(x.size * x.dtype.itemsize), int(per_device)])
+        report["meshes"][name] = {"shape": plan.shape, "large_leaves": leaves}
+        results[name], layouts[name] = state, lay_m
+        print(f"{name}: done", flush=True)
+
+    # a checkpoint saved on the first mesh, restored onto every other
+    import orbax.checkpoint as ocp
+    first = specs[0]
+    mngr = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(results[first]), meta=ocp.args.JsonSave({})))
+    mngr.wait_until_finished()
+    saved = flat(results[first])
+    report["restore"] = {}
+    for spec in specs[1:]:
+        target = layouts[spec]
+        restored, _ = train.restore(mngr, target.abstract_state, 1)
+        same_values = all(np.array_equal(saved[k], v) for k, v in flat(restored).items())
+        same_sharding = all(a.sharding == s for a, s in zip(jax.tree.leaves(restored),
+                                                            jax.tree.leaves(target.state_shardings), strict=True))
+        report["restore"][f"{first}->{spec}"] = {"values_equal": bool(same_values), "shardings_match": bool(same_sharding)}
+    mngr.close()
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,160 @@
+"""Sharded training (issue #5) on 8 virtual CPU devices: sharded steps equal single-device steps, large
+leaves really are split, checkpoints move between meshes, two processes joined by jax.distributed train
+like one. The device count is fixed when JAX starts, so the multi-device work runs in subprocesses
+(tests/sharded_worker.py, and the training CLI); this process compares their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sfv_jax import sharding
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = ("data=8", "data=2,fsdp=4")
+TOL = 1e-5
+
+
+def _env(devices: int | None = None, **extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **extra}
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    if devices:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
+    return env
+
+
+def _tree_rel(got: dict, want: dict, prefix: str) -> float:
+    """max |got - want| / max |want| over the float leaves whose keys start with ``prefix``."""
+    keys = [k for k in want if k.startswith(prefix) and want[k].dtype.kind == "f"]
+    assert keys, prefix
+    num = max(np.abs(got[k].astype(np.float64) - want[k]).max() for k in keys)
+    return float(num / max(np.abs(want[k].astype(np.float64)).max() for k in keys))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_worker.py"), str(out), *MESHES],
+                          env=_env(), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    arrays = {name: dict(np.load(out / f"{name}.npz")) for name in ("single", *MESHES)}
+    return arrays, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_steps_equal_single_device(worker, mesh):
+    """One generator + one discriminator step (8 samples): losses, gradients, updated parameters and EMA
+    equal the single-device step to <= 1e-5 (tree-relative, fp32)."""
+    arrays, _ = worker
+    want, got = arrays["single"], arrays[mesh]
+    for prefix in ("metrics", "g_grads", "d_grads", "state.generator", "state.ema", "state.heads"):
+        err = _tree_rel(got, want, prefix)
+        assert err <= TOL, (mesh, prefix, err)
+    # SM3's squared-gradient accumulators; its momentum holds *normalised* updates g / sqrt(acc), where
+    # leaves whose gradient is round-off (1e-8 of the largest) become O(1) noise in any two runs, so
+    # the momentum is compared on the leaves with a gradient above round-off.
+    for opt, grads in (("state.gen_opt[0].mu", "g_grads"), ("state.disc_opt[0].mu", "d_grads")):
+        assert _tree_rel(got, want, opt) <= TOL, (mesh, opt)
+        gmax = max(np.abs(v).max() for k, v in want.items() if k.startswith(grads))
+        nu = opt.replace(".mu", ".nu")
+        keys = [k for k in want if k.startswith(nu)
+                and np.abs(want[grads + k[len(nu):]]).max() > 1e-3 * gmax]
+        assert len(keys) > 0.5 * sum(k.startswith(nu) for k in want), (mesh, nu, len(keys))
+        assert _tree_rel({k: got[k] for k in keys}, {k: want[k] for k in keys}, nu) <= TOL, (mesh, nu)
+    assert int(got["state.step"]) == int(want["state.step"]) == 1
+
+
+def test_large_leaves_are_sharded(worker):
+    """Every state leaf above the threshold: replicated with data=8, 1/4 of its bytes per device with fsdp=4."""
+    _, report = worker
+    for mesh, fsdp in (("data=8", 1), ("data=2,fsdp=4", 4)):
+        leaves = report["meshes"][mesh]["large_leaves"]
+        assert len(leaves) > 400, (mesh, len(leaves))
+        bad = [(name, total, dev) for name, total, dev in leaves if dev * fsdp != total]
+        assert not bad, (mesh, bad[:5])
+
+
+def test_checkpoint_restores_onto_another_mesh(worker):
+    _, report = worker
+    assert report["restore"] == {"data=8->data=2,fsdp=4": {"values_equal": True, "shardings_match": True}}
+
+
+def test_mesh_config_errors():
+    assert sharding.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sharding.resolve_mesh_shape({"data": 1, "fsdp": -1}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(sharding.ShardingError, match="needs 6 devices, 8 are present"):
+        sharding.resolve_mesh_shape({"data": 2, "fsdp": 3}, 8)
+    with pytest.raises(sharding.ShardingError, match="at most one axis -1"):
+        sharding.resolve_mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(sharding.ShardingError, match="AXIS=SIZE"):
+        sharding.parse_mesh("pipeline=2")
+
+
+def test_param_specs_follow_rules_and_divisibility():
+    P, rules, mesh = jax.sharding.PartitionSpec, dict(sharding.DEFAULT_RULES), {"data": 1, "fsdp": 8, "tensor": 1}
+
+    def spec(names, shape, **kw):
+        return sharding.leaf_spec(names, shape, rules, mesh, min_shard_size=16, **kw)
+
+    assert spec(("embed", "mlp"), (320, 1280)) == P("fsdp", None)
+    assert spec(("kernel_h", "kernel_w", "conv_in", "conv_out"), (3, 3, 320, 4)) == P(None, None, "fsdp", None)
+    assert spec(("kernel_h", "kernel_w", "conv_in", "conv_out"), (3, 3, 320, 4), fsdp_fallback=False) == P(
+        None, None, None, None)                                   # conv_out 4 does not split 8 ways
+    assert spec(("norm",), (8,)) == P()                          # below min_shard_size
+    assert spec(("embed", "embed_out"), (64, 64)) == P("fsdp", None)  # a mesh axis is used once
+    assert sharding.leaf_spec(("embed", "mlp"), (64, 128), rules, {"data": 8}, 16) == P(None, None)  # no fsdp axis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """2 processes x 4 devices (jax.distributed, local coordinator) run two training steps of the CLI on
+    mesh data=2 x fsdp=4 and end with the state of one process with 8 devices (<= 1e-5)."""
+    flags = ["--config", "configs/tiny.py", "--config.total_steps=2", "--config.sample_every_steps=0",
+             "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sharding.min_shard_size=1024"]
+    cmd = [sys.executable, "-m", "sfv_jax.main", *flags]
+    port = _free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([*cmd, "--workdir", str(tmp_path / "multi")], cwd=REPO, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT,
+                              env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)))
+             for i, log in enumerate(logs)]
+    for p in procs:
+        p.wait(timeout=1200)
+    logs = [log.read_text() for log in logs]
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, (i, log[-3000:])
+    single = subprocess.run([*cmd, "--workdir", str(tmp_path / "single")], cwd=REPO, env=_env(8),
+                            capture_output=True, text=True, timeout=1200)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "process 1 of 2" in logs[1] and "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in logs[0]
+    # only process 0 writes the summary and TensorBoard events; both runs saved step 2
+    summary = json.loads((tmp_path / "multi" / "train_summary.json").read_text())
+    assert summary["step"] == 2 and summary["skipped_updates"] == 0
+    from configs import tiny
+    from sfv_jax import train
+    config = tiny.get_config()
+    one = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
+    like = train.make_layout(config, one, *train.build_modules(config)).abstract_state
+    states = {}
+    for run in ("multi", "single"):
+        state, meta = train.restore(train.checkpoint_manager(tmp_path / run), like)
+        assert meta["step"] == 2 and meta["data_position"] == 2 * 8 * 2, meta  # 2 steps x 8 devices x accum 2
+        states[run] = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    for field in ("generator", "ema", "heads"):
+        err = _tree_rel(states["multi"], states["single"], f".{field}")
+        assert err <= TOL, (field, err)
