@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = None  # random init from the model configs below
     c.model.dtype = "float32"
     c.model.remat_policy = "none"  # nothing to save at this size; compiles faster
+    c.model.attention_impl = None  # chunked on a CPU
 
     c.model.unet = {
         "_class_name": "UNetSpatioTemporalConditionModel", "in_channels": 8, "out_channels": 4,

@@ -43,6 +43,7 @@ import optax
 from sfv_jax import convert, losses, pretrained, sharding, train_steps, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.synthetic import motion_bucket, synthetic_clip
+from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.clip import CLIPVisionConfig
 from sfv_jax.models.discriminator import HEAD_KINDS, DiscriminatorHeads, backbone_param_subset, backbone_subset
 from sfv_jax.models.unet import UNetConfig, init_inputs
@@ -69,6 +70,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         need(config_get(config, flag) >= 1, flag, "must be >= 1")
     need(config.sample_every_steps >= 0, "sample_every_steps", "must be >= 0 (0: no samples)")
     need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {tuple(DTYPES)}")
+    need(config.model.get("attention_impl") in ATTENTION_IMPLS, "model.attention_impl",
+         f"must be one of {ATTENTION_IMPLS}")
+    need(config.model.get("attention_impl") != "cudnn" or jax.default_backend() == "gpu", "model.attention_impl",
+         f"cuDNN attention needs an NVIDIA GPU (backend here: {jax.default_backend()}); use chunked or None")
     need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS} (real video datasets: data issue)")
     need(config.disc.heads in HEAD_KINDS, "disc.heads", f"must be one of {HEAD_KINDS}")
     need(config.loss.r1_type in losses.R1_TYPES, "loss.r1_type", f"must be one of {losses.R1_TYPES}")
@@ -137,7 +142,8 @@ def build_modules(config: ml_collections.ConfigDict, *, svd_defaults: bool = Fal
         missing = [n for n in ("unet", "vae", "image_encoder") if config.model[n] is None]
         raise ConfigError(f"--config.init_from is not set and config.model.{missing[0]} is None: give an SVD folder "
                           f"(diffusers or converted) or model config dicts for a random init")
-    return (pretrained.unet_from_config(cfg("unet"), dtype=dtype, remat_policy=remat),
+    attn = config.model.get("attention_impl")  # the UNet's (the VAE encodes in fp32: JAX's choice there)
+    return (pretrained.unet_from_config(cfg("unet"), dtype=dtype, remat_policy=remat, attention_impl=attn),
             pretrained.vae_from_config(cfg("vae"), dtype=dtype),
             pretrained.image_encoder_from_config(cfg("image_encoder"), dtype=dtype))
 

@@ -5,7 +5,8 @@ subprocess: the device count is fixed when JAX starts).
 
 For a single device and then each MESH it runs one generator step and one discriminator step from the
 same initial state on the same global batch (8 samples) and writes OUT/<mesh>.npz: the generator and
-discriminator gradients, the metrics and the final state, as host arrays keyed by tree path. OUT/report.json
+discriminator gradients, the metrics and the final state, as host arrays keyed by tree path; and
+OUT/<mesh>_replay.npz: the state of the single-device updates applied to that mesh's gradients. OUT/report.json
 holds, per mesh, the per-device bytes of every state leaf above the sharding threshold and, for the
 checkpoint check, whether a checkpoint saved on the first mesh restores onto each other mesh with the
 same values and the target shardings.
@@ -51,6 +52,20 @@ def plan_for(spec: str | None) -> sharding.Plan:
     return sharding.Plan(sharding.make_mesh(sharding.parse_mesh(spec)), min_shard_size=MIN_SHARD)
 
 
+def replay(single_steps, host_state, arrays: dict, like) -> dict:
+    """The single-device updates applied to a mesh run's own gradients (isolates the sharded update from
+    the gradients' round-off, which SM3's normalisation amplifies)."""
+    def tree(prefix, example):
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(example)[0]]
+        return jax.tree.unflatten(jax.tree.structure(example), [arrays[prefix + p] for p in paths])
+
+    state = sharding.put(host_state, like)
+    metrics = {k[len("metrics['"):-2]: v for k, v in arrays.items() if k.startswith("metrics")}
+    state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), metrics)
+    state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics)
+    return {"state" + k: v for k, v in flat(state).items()}
+
+
 def run(plan: sharding.Plan, host_state, host_backbone, encoder) -> tuple[dict, object, object]:
     config = config_for(plan)
     lay = train.make_layout(config, plan, *train.build_modules(config))
@@ -80,6 +95,7 @@ def main(out: Path, specs: list[str]) -> None:
     backbone0 = jax.tree.map(np.asarray, backbone)
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
 
+    single_steps = lay.steps(config)
     report: dict = {"meshes": {}}
     results, layouts = {}, {}
     for spec in [None, *specs]:
@@ -87,6 +103,9 @@ def main(out: Path, specs: list[str]) -> None:
         arrays, state, lay_m = run(plan, state0, backbone0, encoder)
         name = spec or "single"
         np.savez(out / f"{name}.npz", **arrays)
+        if spec is not None:
+            with single.context():
+                np.savez(out / f"{name}_replay.npz", **replay(single_steps, state0, arrays, lay.state_shardings))
         leaves = []
         for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
             if x.size >= MIN_SHARD:

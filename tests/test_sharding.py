@@ -46,30 +46,31 @@ def worker(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_worker.py"), str(out), *MESHES],
                           env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    arrays = {name: dict(np.load(out / f"{name}.npz")) for name in ("single", *MESHES)}
+    names = ("single", *MESHES, *(f"{m}_replay" for m in MESHES))
+    arrays = {name: dict(np.load(out / f"{name}.npz")) for name in names}
     return arrays, json.loads((out / "report.json").read_text())
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_steps_equal_single_device(worker, mesh):
-    """One generator + one discriminator step (8 samples): losses, gradients, updated parameters and EMA
-    equal the single-device step to <= 1e-5 (tree-relative, fp32)."""
+    """One generator + one discriminator step (8 samples): losses, gradients, updated parameters, EMA and
+    optimizer accumulators equal the single-device step to <= 1e-5 (tree-relative, fp32)."""
     arrays, _ = worker
     want, got = arrays["single"], arrays[mesh]
     for prefix in ("metrics", "g_grads", "d_grads", "state.generator", "state.ema", "state.heads"):
         err = _tree_rel(got, want, prefix)
         assert err <= TOL, (mesh, prefix, err)
-    # SM3's squared-gradient accumulators; its momentum holds *normalised* updates g / sqrt(acc), where
-    # leaves whose gradient is round-off (1e-8 of the largest) become O(1) noise in any two runs, so
-    # the momentum is compared on the leaves with a gradient above round-off.
-    for opt, grads in (("state.gen_opt[0].mu", "g_grads"), ("state.disc_opt[0].mu", "d_grads")):
+    for opt in ("state.gen_opt[0].mu", "state.disc_opt[0].mu"):  # SM3's squared-gradient accumulators
         assert _tree_rel(got, want, opt) <= TOL, (mesh, opt)
-        gmax = max(np.abs(v).max() for k, v in want.items() if k.startswith(grads))
-        nu = opt.replace(".mu", ".nu")
-        keys = [k for k in want if k.startswith(nu)
-                and np.abs(want[grads + k[len(nu):]]).max() > 1e-3 * gmax]
-        assert len(keys) > 0.5 * sum(k.startswith(nu) for k in want), (mesh, nu, len(keys))
-        assert _tree_rel({k: got[k] for k in keys}, {k: want[k] for k in keys}, nu) <= TOL, (mesh, nu)
+    # SM3's momentum holds *normalised* updates g / sqrt(acc): per row / column it divides the
+    # gradients' round-off (1e-6 of the largest gradient above) by that row's own scale, so it is not
+    # comparable across two runs at 1e-5. The sharded update itself (its per-dimension maxima reduce
+    # across shards) is checked exactly: the whole sharded state equals the single-device update
+    # applied to the sharded run's own gradients.
+    replayed = arrays[f"{mesh}_replay"]
+    for prefix in ("state.generator", "state.ema", "state.heads", "state.gen_opt", "state.disc_opt"):
+        err = _tree_rel(got, replayed, prefix)
+        assert err <= TOL, (mesh, "replay", prefix, err)
     assert int(got["state.step"]) == int(want["state.step"]) == 1
 
 
@@ -158,3 +159,22 @@ def test_two_processes_train_like_one(tmp_path):
     for field in ("generator", "ema", "heads"):
         err = _tree_rel(states["multi"], states["single"], f".{field}")
         assert err <= TOL, (field, err)
+
+
+def test_memory_planner_cli():
+    """The planner compiles the tiny steps for data=2 x fsdp=4 on simulated devices and ends with the peak."""
+    proc = subprocess.run([sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py",
+                           "--mesh", "data=2,fsdp=4"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("peak_bytes_per_device=")
+    peak = int(lines[-1].split("=")[1])
+    assert "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in proc.stdout + proc.stderr
+    table = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in lines if ln.split()[0] in
+             ("g_grads", "g_update", "d_grads", "d_update")}
+    assert len(table) == 4 and all(row[-1] > 0 for row in table.values())
+    assert abs(max(row[-1] for row in table.values()) * 1e9 - peak) < 1e6  # the table's GB, rounded
+    bad = subprocess.run([sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py",
+                          "--mesh", "pipeline=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "AXIS=SIZE" in bad.stderr, bad.stderr[-2000:]

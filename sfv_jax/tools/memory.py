@@ -14,8 +14,10 @@ largest. The last line is
 ``peak_bytes_per_device=<int>``.
 
 Devices: the accelerators present if there are enough of them; otherwise the mesh is simulated with
-that many CPU devices (XLA's buffer assignment is shared by its backends, but GPU kernels may choose
-other layouts and workspace sizes: treat a CPU figure as an estimate and leave headroom). A config
+that many CPU devices, compiled with XLA:CPU's memory-minimising scheduler (XLA's buffer assignment is
+shared by its backends, but GPU kernels choose other fusions and workspaces: treat a CPU figure as an
+estimate and leave headroom); cuDNN attention, which a CPU cannot compile, is planned as the chunked
+attention (both keep O(tokens) memory, forward and backward). A config
 without ``init_from`` or model configs is planned with SVD's own architecture. The frozen VAE and image
 encoder used for on-the-fly encoding are listed separately (they live on each process's first device).
 Compiling the full-size steps on a CPU takes minutes; progress is printed.
@@ -79,6 +81,12 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
     if len(devices) < n:
         raise sharding.ShardingError(f"--mesh needs {n} devices; {len(devices)} present (set XLA_FLAGS="
                                      f"--xla_force_host_platform_device_count={n} before JAX starts)")
+    notes = []
+    if devices[0].platform == "cpu":
+        notes.append("XLA:CPU compile with its memory-minimising scheduler (estimates of a GPU compile)")
+        if config.model.get("attention_impl") == "cudnn":  # not compilable here: the same O(tokens) memory
+            config.model.attention_impl = "chunked"
+            notes.append("cuDNN flash attention planned as 'chunked' (both keep O(tokens) memory)")
     plan = sharding.Plan.from_config(config, devices[:n])
     unet, vae, clip = train.build_modules(config, svd_defaults=True)
     lay = train.make_layout(config, plan, unet, vae, clip)
@@ -93,7 +101,9 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
         "generator": _shard_bytes(state.generator), "ema": _shard_bytes(state.ema),
         "generator_opt": _shard_bytes(state.gen_opt), "heads": _shard_bytes(state.heads),
         "heads_opt": _shard_bytes(state.disc_opt), "backbone": _shard_bytes(backbone), "batch": _shard_bytes(batch)}
-    out = {"mesh": plan.shape, "platform": devices[0].platform, "resident": resident, "steps": {}}
+    out = {"mesh": plan.shape, "platform": devices[0].platform, "resident": resident, "steps": {}, "notes": notes}
+    for note in notes:
+        log(f"note: {note}")
     g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
     d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
     calls = {"g_grads": (steps.g_grads, (state, batch, backbone)),
@@ -157,7 +167,9 @@ def main(argv: list[str]) -> int:
 def run() -> None:
     n = _devices_needed(sys.argv)
     if n and "jax" not in sys.modules:  # simulate the mesh on CPU devices when no accelerator has enough
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+                                   # XLA:CPU's default scheduler trades memory for concurrency; a GPU's does not
+                                   " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     sys.path.insert(0, ".")  # configs/ is importable from the repository root
     app.run(main)
 
