@@ -261,11 +261,11 @@ def bench_train(args) -> dict:
     step_s = statistics.median(times)
 
     # FLOPs: the steps as compiled (hardware: with recomputation) and without remat (model FLOPs)
+    model_cfg = config.copy_and_resolve_references()
+    model_cfg.model.remat_policy = "none"
+    plain = train.make_layout(model_cfg, plan, *train.build_modules(model_cfg)).steps(model_cfg)
     with plan.context():
         hw = sum(_flops(f.lower(state, batch, backbone).compile()) for f in (steps.g_grads, steps.d_grads))
-        model_cfg = config.copy_and_resolve_references()
-        model_cfg.model.remat_policy = "none"
-        plain = train.make_layout(model_cfg, plan, *train.build_modules(model_cfg)).steps(model_cfg)
         model_flops = sum(_flops(f.lower(state, batch, backbone)) for f in (plain.g_grads, plain.d_grads))
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(

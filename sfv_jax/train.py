@@ -389,8 +389,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
     def write_sample(state) -> None:
-        # every process runs the sampler (SPMD); across processes the EMA is gathered first
-        sampler.unet_params = state.ema if jax.process_count() == 1 else gather(state.ema)
+        # one process: the sampler runs on the (sharded) EMA across its devices. Several: every process
+        # gathers the EMA and samples on its first device alone (same result everywhere; process 0 writes)
+        sampler.unet_params = state.ema if jax.process_count() == 1 else jax.device_put(
+            jax.tree.map(lambda x: x.addressable_data(0), gather(state.ema)), jax.local_devices()[0])
         frames = sampler(sample_frame, height=config.sample.height, width=config.sample.width,
                          num_frames=d.num_frames, num_inference_steps=config.sample.steps, fps=d.fps,
                          motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127, noise_aug_strength=d.noise_aug_strength,
