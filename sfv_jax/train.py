@@ -389,9 +389,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
     def write_sample(state) -> None:
-        # one process: the sampler runs on the (sharded) EMA across its devices. Several: every process
-        # gathers the EMA and samples on its first device alone (same result everywhere; process 0 writes)
-        sampler.unet_params = state.ema if jax.process_count() == 1 else jax.device_put(
+        # one device: the EMA as it is. A mesh: the EMA is gathered and every process samples on its first
+        # device alone, like the pipeline's other inputs (same result everywhere; process 0 writes)
+        sampler.unet_params = state.ema if plan.mesh.devices.size == 1 else jax.device_put(
             jax.tree.map(lambda x: x.addressable_data(0), gather(state.ema)), jax.local_devices()[0])
         frames = sampler(sample_frame, height=config.sample.height, width=config.sample.width,
                          num_frames=d.num_frames, num_inference_steps=config.sample.steps, fps=d.fps,
