@@ -291,10 +291,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) ->
 def put(tree: Any, shardings: Any) -> Any:
     """Host (numpy) or device arrays -> arrays with ``shardings`` (a tree or one sharding for all).
     Works across processes when every process passes the same values."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) or
-                                                    not x.is_fully_addressable else x, s), tree, shardings)
+    return jax.device_put(tree, shardings)
 
 
 def bytes_per_device(tree: Any) -> dict[str, int]:
