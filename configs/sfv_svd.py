@@ -8,7 +8,13 @@ Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stab
 Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
 Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first:
   python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8
-Until the data issue lands this trains on the embedded synthetic videos.
+Data: the embedded synthetic videos by default. Real videos:
+  python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips --fps 7 --height 448 --width 768
+  ... --config.data.kind=folder --config.data.path=data/clips
+  python -m sfv_jax.tools.encode_dataset --config configs/sfv_svd.py --config.init_from=checkpoints/svd \
+      --config.data.kind=folder --config.data.path=data/clips --out data/clips_latents
+  ... --config.data.kind=latents --config.data.path=data/clips_latents
+  ... --config.data.kind=ucf101 --config.data.tfds_data_dir=DIR   (TFDS ucf101 prepared as array_record)
 """
 
 from __future__ import annotations
@@ -43,7 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "cudnn"
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "synthetic"
+    c.data.kind = "synthetic"           # "synthetic" | "folder" | "latents" | "ucf101" (sfv_jax.data.sources)
+    c.data.path = ml_collections.FieldReference(None, field_type=str)  # folder / latents dataset folder
+    c.data.split = "train"
+    c.data.tfds_name = "ucf101"         # kind=ucf101: any TFDS video dataset with a "video" feature works
+    c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.source_fps = 25.0            # kind=ucf101: the frame rate of the TFDS videos (UCF-101: 25)
+    c.data.workers = 8                  # loader threads (decode + resize + encode), per process
+    c.data.prefetch = 2                 # steps loaded ahead
     c.data.height, c.data.width, c.data.num_frames = 448, 768, 14
     c.data.fps = 7
     c.data.motion_bucket_id = 127       # or -1: from the clip's motion score

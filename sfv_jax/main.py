@@ -39,11 +39,12 @@ def main(argv: list[str]) -> int:
     for handler in root.handlers:
         handler.addFilter(_QuietLibraries())
     from sfv_jax import sharding, train
+    from sfv_jax.data.sources import DataConfigError
     from sfv_jax.safetensors_io import CheckpointError
     try:
         sharding.initialize_distributed()  # multi-process runs: before JAX touches a device
         train.train(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, sharding.ShardingError, CheckpointError, FloatingPointError) as e:
+    except (train.ConfigError, DataConfigError, sharding.ShardingError, CheckpointError, FloatingPointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,12 @@ finite state and raises ``FloatingPointError`` (``"halt"``; a resumed run contin
 Sharding: ``config.mesh`` (data x fsdp x tensor) and ``config.sharding`` (logical-axis rules), see
 ``sfv_jax.sharding``. Parameters, EMA and optimizer states are created in their shardings; every process
 loads its own rows of each global batch; only process 0 writes logs, samples and the summary; every
-process writes its checkpoint shards. Real video datasets belong to the data issue.
+process writes its checkpoint shards.
+
+Data: ``config.data.kind`` -- synthetic videos, a folder dataset, UCF-101 (TFDS) or pre-encoded latents
+(:mod:`sfv_jax.data.sources`); each process loads its own rows of every step, prefetched by threads
+(:mod:`sfv_jax.data.loader`); the data iterator's state (the next sample position) is in every
+checkpoint's ``meta``, so a resumed run reads the same next batch.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ import optax
 
 from sfv_jax import convert, losses, pretrained, sharding, train_steps, video_io
 from sfv_jax.data.latents import ClipEncoder
-from sfv_jax.data.synthetic import motion_bucket, synthetic_clip
+from sfv_jax.data.loader import Loader
+from sfv_jax.data.sources import KINDS as DATA_KINDS
+from sfv_jax.data.sources import ClipSource
 from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.clip import CLIPVisionConfig
 from sfv_jax.models.discriminator import HEAD_KINDS, DiscriminatorHeads, backbone_param_subset, backbone_subset
@@ -51,8 +58,6 @@ from sfv_jax.models.vae import VAEConfig
 from sfv_jax.pipeline import SVDPipeline
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DATA_KINDS = ("synthetic",)
-_SAMPLE_SEED = 10_000_019  # synthetic dataset seed offset of the fixed sample-conditioning clip
 
 
 class ConfigError(ValueError):
@@ -74,7 +79,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          f"must be one of {ATTENTION_IMPLS}")
     need(config.model.get("attention_impl") != "cudnn" or jax.default_backend() == "gpu", "model.attention_impl",
          f"cuDNN attention needs an NVIDIA GPU (backend here: {jax.default_backend()}); use chunked or None")
-    need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS} (real video datasets: data issue)")
+    need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}")
     need(config.disc.heads in HEAD_KINDS, "disc.heads", f"must be one of {HEAD_KINDS}")
     need(config.loss.r1_type in losses.R1_TYPES, "loss.r1_type", f"must be one of {losses.R1_TYPES}")
     need(config.opt.nonfinite in train_steps.NONFINITE_POLICIES, "opt.nonfinite",
@@ -224,26 +229,39 @@ def _init_heads(heads: DiscriminatorHeads, unet: nn.Module, backbone: Any, key: 
                       jnp.ones((batch,)))["params"]
 
 
+def _random_init(model: nn.Module, key: jax.Array, out: Any) -> Any:
+    return jax.jit(lambda k: nn.meta.unbox(model.init(k, *pretrained.init_args(model))["params"]),
+                   out_shardings=out)(key)
+
+
+def frozen_encoders(config: ml_collections.ConfigDict, vae: nn.Module, clip: nn.Module, key: jax.Array):
+    """(vae_params, image_encoder_params) on this process's first device: ``init_from``'s weights, else
+    the random init of :func:`init_params` (the same keys, so the trainer and the latent encoder agree)."""
+    local = jax.local_devices()[0]
+    if config.init_from:
+        dtype = DTYPES[config.model.dtype]
+        vae_params = pretrained.load_vae(config.init_from, dtype)[1]
+        clip_params = pretrained.load_image_encoder(config.init_from, dtype)[1]
+        return jax.device_put((vae_params, clip_params), local)
+    _, k_vae, k_clip = jax.random.split(jax.random.fold_in(key, 1), 3)
+    one = jax.sharding.SingleDeviceSharding(local)
+    return _random_init(vae, k_vae, one), _random_init(clip, k_clip, one)
+
+
 def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
     """(unet_params, vae_params, clip_params, head_params, backbone): the UNet, heads and backbone
     created directly in their shardings (jitted init with ``out_shardings``; no full host copy for a
     random init), the frozen VAE and image encoder on this process's first device (they encode the
     process's own samples). ``init_from``: weights from the SVD folder, placed leaf by leaf."""
-    local = jax.local_devices()[0]
-    k_unet, k_vae, k_clip = jax.random.split(jax.random.fold_in(key, 1), 3)
+    k_unet = jax.random.split(jax.random.fold_in(key, 1), 3)[0]
     if config.init_from:
-        dtype = DTYPES[config.model.dtype]
-        pipe = pretrained.load_pipeline(config.init_from, dtype)
-        unet_params = sharding.put(jax.tree.map(np.asarray, pipe.unet_params), lay.unet_shardings)
-        vae_params, clip_params = jax.device_put((pipe.vae_params, pipe.image_encoder_params), local)
-        del pipe
+        convert.check_pipeline_folder(Path(config.init_from))
+        _, params = pretrained.load_unet(config.init_from, DTYPES[config.model.dtype])
+        unet_params = sharding.put(jax.tree.map(np.asarray, params), lay.unet_shardings)
+        del params
     else:
-        def init(model, k, out):
-            return jax.jit(lambda k: nn.meta.unbox(model.init(k, *pretrained.init_args(model))["params"]),
-                           out_shardings=out)(k)
-        unet_params = init(lay.unet, k_unet, lay.unet_shardings)
-        vae_params = init(lay.vae, k_vae, jax.sharding.SingleDeviceSharding(local))
-        clip_params = init(lay.clip, k_clip, jax.sharding.SingleDeviceSharding(local))
+        unet_params = _random_init(lay.unet, k_unet, lay.unet_shardings)
+    vae_params, clip_params = frozen_encoders(config, lay.vae, lay.clip, key)
     d, f = config.data, lay.vae.config.downsample_factor
     head_params = jax.jit(lambda k: nn.meta.unbox(_init_heads(
         lay.heads, lay.unet, backbone_subset(unet_params), k, embed_dim=lay.clip.config.projection_dim,
@@ -275,18 +293,11 @@ def step_config(config: ml_collections.ConfigDict) -> train_steps.StepConfig:
 
 def make_batch(config: ml_collections.ConfigDict, encoder: ClipEncoder, position: int, global_micro: int | None = None,
                rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """This process's part of the step's batch: the step holds samples ``position .. position + k * m``
-    of the synthetic dataset (k = ``accum_steps``, m = ``global_micro``, default ``micro_batch``) in
-    train_steps' ``[k, m, ...]`` layout, sample ``position + i * m + r`` at ``[i, r]``; ``rows``
-    (default all) are the r this process loads (``Plan.local_rows``). Encoded here, returned as numpy."""
-    d = config.data
-    m = d.micro_batch if global_micro is None else global_micro
-    rows = np.arange(m) if rows is None else np.asarray(rows)
-    index = (position + np.arange(d.accum_steps)[:, None] * m + rows[None, :]).reshape(-1)
-    frames = np.stack([synthetic_clip(config.seed, int(i), d.num_frames, d.height, d.width) for i in index])
-    buckets = [float(d.motion_bucket_id if d.motion_bucket_id >= 0 else motion_bucket(f)) for f in frames]
-    batch = encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength)
-    return {k: v.reshape(d.accum_steps, len(rows), *v.shape[1:]) for k, v in batch.items()}
+    """This process's part of the step's batch (no prefetching; see :class:`sfv_jax.data.loader.Loader`):
+    the step holds samples ``position .. position + k * m`` (k = ``accum_steps``, m = ``global_micro``,
+    default ``micro_batch``) in train_steps' ``[k, m, ...]`` layout, sample ``position + i * m + r`` at
+    ``[i, r]``; ``rows`` (default all) are the r this process loads (``Plan.local_rows``). Numpy."""
+    return Loader(config, encoder, global_micro=global_micro, rows=rows).batch(position)
 
 
 def default_sharding() -> jax.sharding.Sharding:
@@ -344,6 +355,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     d = config.data
 
+    # ------------------------------------------------------------------ dataset (opened first: a bad path fails fast)
+    source = ClipSource(config)
+    logging.info("data: %s%s", d.kind, f", {len(source)} records" if len(source) else "")
+
     # ------------------------------------------------------------------ mesh
     plan = sharding.Plan.from_config(config)
     logging.info("mesh %s, process %d of %d", plan.describe(), jax.process_index(), jax.process_count())
@@ -361,6 +376,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     # ------------------------------------------------------------------ data
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
     rows = plan.local_rows(lay.global_micro)  # the samples of each accumulation step this process loads
+    loader = Loader(config, encoder, global_micro=lay.global_micro, rows=rows, source=source)
 
     # ------------------------------------------------------------------ steps and state
     steps = lay.steps(config)
@@ -369,22 +385,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
 
     # ------------------------------------------------------------------ restore
     mngr = checkpoint_manager(workdir, config)
-    position = 0
+    position, data_state = 0, None
     if mngr.latest_step() is not None:
         state, meta = restore(mngr, state)  # into the shardings of the fresh state (any mesh saved it)
-        position = int(meta["data_position"])
+        position, data_state = int(meta["data_position"]), meta.get("data_iterator")
         logging.info("resumed from %s at step %d (data position %d)", mngr.directory, int(state.step), position)
+    todo = max(0, config.total_steps - int(state.step))
+    batches = loader.iterator_from_state(data_state, todo) if data_state else loader.iterator(position, todo)
 
     def save(state, wait: bool = False) -> None:
         step = int(state.step)
         if mngr.latest_step() != step:
-            meta = {"step": step, "data_position": position, "samples_per_step": per_step}
+            meta = {"step": step, "data_position": position, "samples_per_step": per_step,
+                    "data_iterator": batches.get_state()}
             mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         if wait:
             mngr.wait_until_finished()
 
     # ------------------------------------------------------------------ samples
-    sample_frame = synthetic_clip(config.seed + _SAMPLE_SEED, 0, d.num_frames, d.height, d.width)[0]
+    sample_frame = source.sample_frame()
     sampler = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
     gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
@@ -410,10 +429,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
     t_loop = t_first = time.time()
     with StopRequested() as stop:
         for _ in range(first, config.total_steps):
-            batch = plan.global_batch(make_batch(config, encoder, position, lay.global_micro, rows), lay.global_micro)
+            batch = plan.global_batch(next(batches), lay.global_micro)
             state, g_metrics = steps.generator_step(state, batch, backbone)
             state, d_metrics = steps.discriminator_step(state, batch, backbone)
-            position += per_step
+            position = batches.position
             metrics = {k: float(v) for k, v in {**g_metrics, **d_metrics}.items()}
             done = int(state.step)
             if done == first + 1:
@@ -428,7 +447,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> train_steps
                         f"step {done}: non-finite loss or gradient with --config.opt.nonfinite=halt; the last "
                         f"finite parameters are checkpointed at step {done} in {mngr.directory}")
             if done % config.log_every_steps == 0 or done == config.total_steps:
-                writer.write_scalars(done, {**metrics, "skipped_updates": float(state.skipped)})
+                writer.write_scalars(done, {**metrics, "skipped_updates": float(state.skipped),
+                                            "data_short_records_replaced": float(source.too_short)})
             if done % config.checkpoint_every_steps == 0 or done == config.total_steps or stop.requested:
                 save(state)
             if config.sample_every_steps and (done % config.sample_every_steps == 0 or done == config.total_steps):

@@ -6,6 +6,7 @@ Frames are channels-last numpy arrays: ``[F, H, W, 3]`` RGB, either uint8 or flo
 * :func:`write_video` -- ``.mp4`` (H.264, yuv420p), ``.gif`` or ``.png`` (a horizontal frame strip), atomically.
 * :func:`read_video` -- decode any video PyAV's bundled ffmpeg reads (mp4, webm, avi, mov, gif, ...).
 * :func:`video_info` -- frame count, fps, size, duration and codec without decoding the frames.
+* :func:`iter_frames` -- stream (seconds, frame) pairs without holding the video in memory.
 
 Every problem with the caller's frames or files is a :class:`VideoError` that names the shape or the file.
 """
@@ -18,7 +19,7 @@ import os
 import uuid
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import av
 import numpy as np
@@ -245,3 +246,39 @@ def video_info(path: str | os.PathLike) -> dict[str, Any]:
             "duration": _duration(container, stream),
             "codec": ctx.name,
         }
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[tuple[float, float, np.ndarray]]:
+    """Stream a video's frames: yields ``(seconds, frame_duration, uint8 [H, W, 3])`` in presentation order.
+
+    ``seconds`` is the frame's presentation time relative to the first frame (from its pts; frames
+    without a pts are spaced by ``frame_duration``); ``frame_duration`` is ``1 / fps`` of the stream's
+    average rate (used for the last frame's end). Only one frame is in memory at a time. Errors as
+    :func:`read_video`; a decode error after some frames raises VideoError naming how many were read.
+    """
+    path, container = _open(path)
+    with container:
+        stream = _video_stream(path, container)
+        stream.thread_type = "AUTO"
+        fps = _fps(container, stream)
+        step = 1.0 / fps if fps > 0 else 1.0 / 25
+        count, t0, last, size = 0, None, None, {}
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base else None
+                if t is None:
+                    t = (last + step) if last is not None else 0.0
+                elif t0 is None:
+                    t0 = t
+                t = t - (t0 or 0.0) if frame.pts is not None else t
+                if last is not None and t <= last:  # a repeated or out-of-order pts: keep the order we got
+                    t = last + 1e-6
+                last = t
+                rgb = frame.to_ndarray(format="rgb24", interpolation=_DECODE_INTERPOLATION, **size)
+                size = size or {"width": rgb.shape[1], "height": rgb.shape[0]}
+                count += 1
+                yield t, step, rgb
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: cannot decode the video after {count} frames ({e})") from e
+        if not count:
+            raise VideoError(f"{path}: the video stream has no decodable frames")

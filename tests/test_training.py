@@ -167,15 +167,16 @@ def test_resume_is_bitwise(tmp_path):
 def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkeypatch):
     """opt.nonfinite=halt: FloatingPointError, and the checkpoint of the failed step holds the finite state
     of the step before (both updates skipped); resuming would continue after the bad batch."""
-    make_batch = train.make_batch
+    from sfv_jax.data.loader import Loader
+    make_batch = Loader.batch
 
-    def poisoned(config, encoder, position, *args):
-        batch = make_batch(config, encoder, position, *args)
+    def poisoned(self, position):
+        batch = make_batch(self, position)
         if position == 2 * 2:  # the third step's samples
             batch["latents"] = np.full_like(batch["latents"], np.nan)
         return batch
 
-    monkeypatch.setattr(train, "make_batch", poisoned)
+    monkeypatch.setattr(Loader, "batch", poisoned)
     config = _config(total_steps=5, keep_checkpoints=5)
     config.opt.nonfinite = "halt"
     with pytest.raises(FloatingPointError, match="step 3: non-finite"):

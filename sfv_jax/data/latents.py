@@ -27,6 +27,8 @@ class ClipEncoder:
     * ``image_embeds`` [B, D]: CLIP embedding of frame 0 (CLIP preprocessing of the reference pipeline)
     * ``added_time_ids`` [B, 3]: [fps - 1, motion_bucket_id, noise_aug_strength]
     The augmentation noise of sample ``index`` comes from ``fold_in(key, index)`` (reproducible per sample).
+    ``devices``: split each batch over these devices (data parallel, parameters replicated; a batch is
+    padded to a multiple of their count); default: wherever the parameters are.
     """
 
     vae: Any
@@ -36,8 +38,16 @@ class ClipEncoder:
     clip_mean: Sequence[float] = conditioning.CLIP_MEAN
     clip_std: Sequence[float] = conditioning.CLIP_STD
     seed: int = 0
+    devices: Sequence[Any] | None = None
 
     def __post_init__(self):
+        self._shard = None
+        if self.devices is not None and len(self.devices) > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+            mesh = Mesh(np.asarray(self.devices), ("batch",))
+            self._shard = NamedSharding(mesh, PartitionSpec("batch"))
+            self.vae_params, self.image_encoder_params = jax.device_put(
+                (self.vae_params, self.image_encoder_params), NamedSharding(mesh, PartitionSpec()))
         vae, clip = self.vae.clone(dtype=jnp.float32), self.image_encoder
         scale = vae.config.scaling_factor
 
@@ -60,8 +70,12 @@ class ClipEncoder:
                                                      self.clip_std) for f in frames])
         b = frames.shape[0]
         aug = np.full((b,), noise_aug_strength, np.float32)
-        lat, cond, embeds = self._encode(self.vae_params, self.image_encoder_params, jnp.asarray(frames),
-                                         jnp.asarray(clip_px), jnp.asarray(index, jnp.int32), jnp.asarray(aug))
+        inputs = (np.asarray(frames), clip_px, np.asarray(index, np.int32), aug)
+        if self._shard is not None:
+            pad = -b % len(self.devices)
+            inputs = jax.device_put(tuple(np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in inputs), self._shard)
+        lat, cond, embeds = (np.asarray(x)[:b] for x in self._encode(self.vae_params, self.image_encoder_params,
+                                                                      *inputs))
         ids = np.stack([np.full(b, fps - 1.0), np.asarray(motion_bucket_ids, np.float32), aug], axis=1)
-        return {"latents": np.asarray(lat), "image_latents": np.asarray(cond), "image_embeds": np.asarray(embeds),
+        return {"latents": lat, "image_latents": cond, "image_embeds": embeds,
                 "added_time_ids": ids.astype(np.float32), "index": np.asarray(index, np.int32)}

@@ -66,15 +66,3 @@ def synthetic_clip(seed: int, index: int, num_frames: int, height: int, width: i
             img[mask] = 0.25 + 0.75 * tex[mask]
         frames[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return frames
-
-
-def motion_score(frames: np.ndarray) -> float:
-    """Mean absolute difference of consecutive frames, in [0, 255] units (0 for a still clip)."""
-    f = frames.astype(np.float32)
-    return float(np.abs(f[1:] - f[:-1]).mean()) if len(f) > 1 else 0.0
-
-
-def motion_bucket(frames: np.ndarray, scale: float = 12.0) -> int:
-    """A motion_bucket_id in [0, 255] from :func:`motion_score` (``scale`` maps a mean change of 1 grey level
-    per frame to 12 buckets); use the config's fixed value instead to match SVD's default 127."""
-    return int(np.clip(round(motion_score(frames) * scale), 0, 255))
