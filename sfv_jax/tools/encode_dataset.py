@@ -37,7 +37,6 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     """Encode ``config.data``'s dataset into ``out``; returns the written info (``examples``, timings)."""
     import grain
     import jax
-    import numpy as np
     from PIL import Image
 
     from sfv_jax import train
