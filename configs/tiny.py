@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.height, c.data.width, c.data.num_frames = 16, 16, 4
     c.data.micro_batch = 1
     c.data.accum_steps = 2
+    c.data.workers = 2  # loader threads: a small CPU
 
     c.disc.channels = 32
     c.disc.proj_dim = 16

@@ -85,3 +85,17 @@ def jax_pipeline(tiny_pipeline_dirs):
     """The JAX pipeline loaded from the converted tiny folder (shared: its compiled stages are reused)."""
     from sfv_jax import pretrained
     return pretrained.load_pipeline(tiny_pipeline_dirs[2], progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder_dataset(tmp_path_factory):
+    """A folder dataset built from 5 synthetic mp4s (10 fps, 24x32, 2-4 s) at the tiny config's 16x16, 7 fps."""
+    from sfv_jax import video_io
+    from sfv_jax.data import folder
+    from sfv_jax.data.synthetic import synthetic_clip
+
+    root = tmp_path_factory.mktemp("tiny_videos")
+    for i in range(5):
+        video_io.write_video(root / "videos" / f"v{i}.mp4", synthetic_clip(i, 0, 20 + 4 * i, 24, 32), fps=10)
+    folder.build_folder_dataset(root / "videos", root / "clips", fps=7, height=16, width=16, min_frames=4)
+    return root / "clips"

@@ -1,7 +1,7 @@
 """Real video data (issue #6): the folder builder (fps resampling, resize + crop, skips), the CLI, clip
 sampling and its determinism, per-process shards, UCF-101 through TFDS mock data, latent pre-encoding
-(sharded CLI == on-the-fly encoding), the loader's iterator state, and a tiny training run on a built
-folder dataset and on its latents.
+(sharded CLI == on-the-fly encoding) and the loader's iterator state. Training on a built folder dataset:
+tests/test_training.py::test_resume_is_bitwise (one process) and tests/test_sharding.py (two processes).
 
 Every video is made here: each source frame ``i`` is a flat grey of level ``8 * i``, so the frames a
 build keeps name the source frames it picked.
@@ -136,6 +136,11 @@ def test_cli_last_line_determinism_and_errors(videos, built, tmp_path):
     by_path = {b[i]["path"]: list(b[i]["frames"]) for i in range(len(b))}
     for i in range(len(a)):  # two builds (1 and 2 workers) store the same examples, byte for byte
         assert list(a[i]["frames"]) == by_path[a[i]["path"]]
+    # reading needs no TensorFlow (TFDS data source + our JPEG decoding)
+    probe = ("import sys; from sfv_jax.data import folder, clips; src, _ = folder.open_folder_dataset(sys.argv[1]); "
+             "clips.decode_jpeg(src[0]['frames'][0]); assert 'tensorflow' not in sys.modules, 'TensorFlow imported'")
+    run = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
     # a folder without a usable video: exit 2, a clear message, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -180,7 +185,7 @@ def test_config_mismatch_and_missing_dataset(built, tmp_path):
         ClipSource(_config(kind="ucf101", tfds_data_dir=str(tmp_path)))
 
 
-def test_ucf101_through_tfds_mock_data():
+def test_ucf101_through_tfds_mock_data(encoders):
     import tensorflow_datasets as tfds
 
     config = _config(kind="ucf101", num_frames=4)
@@ -196,6 +201,8 @@ def test_ucf101_through_tfds_mock_data():
         s = clips.window_start(len(idx), 4, np.random.default_rng([config.seed, 5]))
         want = np.stack([clips.resize_crop(video[i], H, W) for i in idx[s:s + 4]])
         np.testing.assert_array_equal(clip["frames"], want)
+        batch = Loader(config, encoders, source=source).batch(0)  # what the trainer gets from data.kind=ucf101
+        assert batch["latents"].shape == (2, 1, 4, 8, 8, 4) and np.isfinite(batch["latents"]).all()
 
 
 @pytest.fixture(scope="module")
@@ -249,18 +256,3 @@ def test_pre_encoded_latents_equal_on_the_fly(built, encoders, tmp_path):
     rec = store[lat.examples[int(pos[0])]["record"]]
     np.testing.assert_array_equal(batch["latents"][0, 0], rec["latents"])
     assert batch["image_embeds"].shape == (2, 1, 32)
-
-
-def test_tiny_training_run_on_a_built_folder_dataset(built, tmp_path):
-    config = _config(kind="folder", path=str(built))
-    config.total_steps, config.checkpoint_every_steps, config.sample_every_steps = 2, 1, 2
-    train.train(config, tmp_path / "run")
-    config.total_steps = 3
-    state = train.train(config, tmp_path / "run")  # resumes: the data iterator continues at position 4
-    assert int(state.step) == 3
-    mngr = train.checkpoint_manager(tmp_path / "run")
-    _, meta = train.restore(mngr, state)
-    assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
-    assert (tmp_path / "run" / "samples" / "step_0000002.mp4").is_file()
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert all(np.isfinite(v) for v in summary["metrics"].values())

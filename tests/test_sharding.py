@@ -121,20 +121,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     """2 processes x 4 devices (jax.distributed, local coordinator) run two training steps of the CLI on
     mesh data=2 x fsdp=4 from a built folder dataset, each process reading only its rows of every global
     batch, and end with the state of one process with 8 devices (<= 1e-5), which also writes a sample
     from its sharded EMA."""
-    from sfv_jax import video_io
-    from sfv_jax.data import folder
-    from sfv_jax.data.synthetic import synthetic_clip
-    for i in range(5):
-        video_io.write_video(tmp_path / "videos" / f"v{i}.mp4", synthetic_clip(i, 0, 20 + 4 * i, 24, 32), fps=10)
-    folder.build_folder_dataset(tmp_path / "videos", tmp_path / "clips", fps=7, height=16, width=16, min_frames=4)
     flags = ["--config", "configs/tiny.py", "--config.total_steps=2", "--config.sample_every_steps=0",
              "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sharding.min_shard_size=1024",
-             "--config.data.kind=folder", f"--config.data.path={tmp_path / 'clips'}"]
+             "--config.data.kind=folder", f"--config.data.path={tiny_folder_dataset}"]
     cmd = [sys.executable, "-m", "sfv_jax.main", *flags]
     port = _free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]

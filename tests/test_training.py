@@ -147,11 +147,13 @@ def _config(**overrides):
     return config
 
 
-def test_resume_is_bitwise(tmp_path):
-    """3 steps straight == 2 steps, stop, resume (new process state, restored checkpoint) to 3."""
-    straight = train.train(_config(total_steps=3, keep_checkpoints=2), tmp_path / "a")
-    train.train(_config(total_steps=2, keep_checkpoints=2), tmp_path / "b")
-    resumed = train.train(_config(total_steps=3, keep_checkpoints=2), tmp_path / "b")
+def test_resume_is_bitwise(tmp_path, tiny_folder_dataset):
+    """3 steps straight == 2 steps, stop, resume (new process state, restored checkpoint and data iterator)
+    to 3, training on a folder dataset built from mp4s (issue #6: a tiny run from a built dataset)."""
+    data = {"data.kind": "folder", "data.path": str(tiny_folder_dataset)}
+    straight = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "a")
+    train.train(_config(total_steps=2, keep_checkpoints=2, **data), tmp_path / "b")
+    resumed = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
     assert int(straight.step) == int(resumed.step) == 3
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):
         assert _equal(getattr(straight, field), getattr(resumed, field)), field
@@ -160,6 +162,8 @@ def test_resume_is_bitwise(tmp_path):
     restored, meta = train.restore(mngr, straight)
     assert _equal(restored, straight)
     assert meta["data_position"] == 3 * 2 and meta["step"] == 3
+    assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
+    assert meta["data_iterator"]["records"] == 5
     summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
     assert summary["step"] == 3 and summary["steps_this_run"] == 1
 
