@@ -85,6 +85,12 @@ def motion_bucket(score: float, scale: float = MOTION_BUCKET_SCALE) -> int:
     return int(np.clip(round(score * scale), 0, 255))
 
 
+def motion_bucket_ids(fixed: int, scores) -> list[float]:
+    """The motion_bucket_id conditioning of clips: ``fixed`` (config ``data.motion_bucket_id``) when >= 0,
+    else each clip's :func:`motion_bucket` of its motion score."""
+    return [float(fixed if fixed >= 0 else motion_bucket(s)) for s in scores]
+
+
 def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="JPEG", quality=quality)

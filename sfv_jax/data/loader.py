@@ -57,8 +57,7 @@ class Loader:
             batch["index"] = index.astype(np.int32)
         else:
             frames = np.stack([e["frames"] for e in examples])
-            buckets = [float(d.motion_bucket_id if d.motion_bucket_id >= 0 else clips.motion_bucket(e["motion_score"]))
-                       for e in examples]
+            buckets = clips.motion_bucket_ids(d.motion_bucket_id, [e["motion_score"] for e in examples])
             batch = self.encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets,
                                  noise_aug_strength=d.noise_aug_strength)
         return {k: v.reshape(self.k, len(self.rows), *v.shape[1:]) for k, v in batch.items()}

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sfv_jax.data import clips
+from sfv_jax.data.latent_store import FIELDS
 from sfv_jax.data.synthetic import synthetic_clip
 
 KINDS = ("synthetic", "folder", "ucf101", "latents")
@@ -130,8 +131,7 @@ class ClipSource:
         for attempt in range(n):
             rec = self.records[r]
             if self.kind == "latents":
-                return {**{k: np.asarray(rec[k]) for k in ("latents", "image_latents", "image_embeds",
-                                                            "added_time_ids")}, "record": r}
+                return {**{k: np.asarray(rec[k]) for k in FIELDS}, "record": r}
             frames = self._window(rec, np.random.default_rng([self.seed, position]))
             if frames is not None:
                 return {"frames": frames, "motion_score": clips.motion_score(frames), "record": r}

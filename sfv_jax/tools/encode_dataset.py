@@ -73,8 +73,7 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
 
     def records():
         for b in it:
-            buckets = [float(d.motion_bucket_id if d.motion_bucket_id >= 0 else clips.motion_bucket(s))
-                       for s in b["motion_score"]]
+            buckets = clips.motion_bucket_ids(d.motion_bucket_id, b["motion_score"])
             enc = encoder(b["frames"], b["record"], fps=d.fps, motion_bucket_ids=buckets,
                           noise_aug_strength=d.noise_aug_strength)
             for i in range(len(b["record"])):
