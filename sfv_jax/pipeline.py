@@ -21,18 +21,25 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sfv_jax import conditioning, edm, samplers
 from sfv_jax.models.vae import decode_latents
 
 SAMPLERS = ("svd", "sfv")
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
+
+
+def _mesh_spec(a: Any) -> str:
+    """How an argument is split over a mesh (after :meth:`SVDPipeline.shard`); "" for one device / numpy."""
+    sharding = getattr(a, "sharding", None)
+    return str(sharding) if isinstance(sharding, NamedSharding) else ""
 
 
 @dataclasses.dataclass
@@ -49,6 +56,7 @@ class SVDPipeline:
     clip_std: tuple[float, ...] = conditioning.CLIP_STD
     last_timings: dict[str, float] = dataclasses.field(default_factory=dict)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _mesh: Mesh | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_components(cls, unet: tuple[nn.Module, Any], vae: tuple[nn.Module, Any],
@@ -74,6 +82,26 @@ class SVDPipeline:
         if problems:
             raise ValueError("the pipeline's components do not fit together: " + "; ".join(problems))
 
+    def shard(self, devices: Sequence[Any] | None = None) -> "SVDPipeline":
+        """Split every batch of :meth:`generate` over ``devices`` (default: this process's local devices;
+        batches are padded to a multiple of their number); the parameters are replicated on each."""
+        devices = list(devices) if devices is not None else jax.local_devices()
+        self._mesh = Mesh(np.asarray(devices), ("batch",))
+        replicated = NamedSharding(self._mesh, P())
+        self.unet_params, self.vae_params, self.image_encoder_params = jax.device_put(
+            (self.unet_params, self.vae_params, self.image_encoder_params), replicated)
+        return self
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self._mesh is None else self._mesh.size
+
+    def _put(self, x: Any, axis: int = 0) -> jax.Array:
+        """``x`` split over the devices along its batch ``axis`` (unchanged without :meth:`shard`)."""
+        if self._mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, NamedSharding(self._mesh, P(*([None] * axis), "batch")))
+
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsample_factor
@@ -89,7 +117,7 @@ class SVDPipeline:
         """Run ``fn(*args)`` jitted, compiling once per (stage, static options, argument shapes); the
         compile and run times are added to ``last_timings``."""
         key = (stage, static, tuple((tuple(np.shape(a)), str(np.asarray(a).dtype) if not isinstance(a, jax.Array)
-                                     else str(a.dtype)) for a in jax.tree.leaves(args)))
+                                     else str(a.dtype), _mesh_spec(a)) for a in jax.tree.leaves(args)))
         if key not in self._compiled:
             t0 = time.perf_counter()
             self._compiled[key] = jax.jit(fn).lower(*args).compile()
@@ -176,8 +204,26 @@ class SVDPipeline:
         ``seed``). ``seed`` drives every random draw (noise augmentation, initial noise). Returns
         float32 frames (F, height, width, 3) in [0, 1]; per-stage seconds in ``last_timings``.
         """
+        return self.generate([image], [seed], height=height, width=width, num_frames=num_frames,
+                             num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
+                             max_guidance_scale=max_guidance_scale, fps=fps, motion_bucket_id=motion_bucket_id,
+                             noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                             latents=latents, sampler=sampler)[0]
+
+    def generate(self, images: Sequence[Any], seeds: Sequence[int], *, height: int = 576, width: int = 1024,
+                 num_frames: int | None = None, num_inference_steps: int | None = None,
+                 min_guidance_scale: float = 1.0, max_guidance_scale: float = 3.0, fps: int = 7,
+                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+                 decode_chunk_size: int | None = None, latents: Any = None, sampler: str = "svd") -> np.ndarray:
+        """A batch of videos: video ``i`` from ``images[i]`` with ``seeds[i]``, equal to
+        ``pipe(images[i], seed=seeds[i], ...)`` (each video draws its noise from its own seed, so it does not
+        depend on the batch it is in nor on the devices). Arguments as :meth:`__call__`; ``latents``
+        [B, F, h, w, 4]. After :meth:`shard` the batch is split over the devices. -> float32
+        [B, F, height, width, 3] in [0, 1]; ``last_timings`` holds the seconds of each stage for the batch."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        if len(images) != len(seeds) or not len(images):
+            raise ValueError(f"generate needs one seed per image; got {len(images)} images and {len(seeds)} seeds")
         self.last_timings = {}
         factor = self.vae_scale_factor
         conditioning.check_size(height, width, math.lcm(8, factor))
@@ -190,34 +236,46 @@ class SVDPipeline:
         steps = num_inference_steps if num_inference_steps is not None else (25 if sampler == "svd" else 1)
         sigmas = edm.euler_sigmas(steps) if sampler == "svd" else edm.sfv_sigmas(steps)
         h, w, ch = height // factor, width // factor, self.vae.config.latent_channels
-        shape = (1, num_frames, h, w, ch)
+        b = len(images)
+        shape = (b, num_frames, h, w, ch)
         if latents is not None and tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (1, num_frames, height/{factor}, width/{factor}, "
+            raise ValueError(f"latents must have shape {shape} (batch, num_frames, height/{factor}, width/{factor}, "
                              f"{ch}) for num_frames={num_frames}, height={height}, width={width}; "
                              f"got {tuple(np.shape(latents))}")
+        pad = -b % self.num_devices  # a sharded batch: repeat the last video, dropped at the end
+        images = [conditioning.load_image(im) for im in images] + [conditioning.load_image(images[-1])] * pad
+        seeds = list(seeds) + [seeds[-1]] * pad
+        if latents is not None and pad:
+            latents = np.concatenate([np.asarray(latents), np.repeat(np.asarray(latents)[-1:], pad, axis=0)])
+        shape = (b + pad, *shape[1:])
+        keys = [jax.random.split(jax.random.PRNGKey(s), 3) for s in seeds]  # aug, noise, renoise per video
 
-        image = conditioning.load_image(image)
-        key_aug, key_noise, key_renoise = jax.random.split(jax.random.PRNGKey(seed), 3)
-        # 1. CLIP image embedding of the raw image -> [1, 1, D]
-        clip_px = conditioning.clip_pixels(image, self.image_encoder.config.image_size, self.clip_mean, self.clip_std)
-        embeds = self.encode_image(clip_px[None])[:, None, :]
+        def draw(which: int, sample_shape: tuple, axis: int = 0) -> jax.Array:
+            return jnp.concatenate([jax.random.normal(k[which], sample_shape) for k in keys], axis=axis)
+
+        # 1. CLIP image embedding of the raw image -> [B, 1, D]
+        size = self.image_encoder.config.image_size
+        clip_px = np.stack([conditioning.clip_pixels(im, size, self.clip_mean, self.clip_std) for im in images])
+        embeds = self.encode_image(self._put(clip_px))[:, None, :]
         # 2. VAE conditioning latent: resized image + noise augmentation -> posterior mean (unscaled)
-        pixels = jnp.asarray(conditioning.vae_pixels(image, height, width, factor)[None])
-        pixels = pixels + noise_aug_strength * jax.random.normal(key_aug, pixels.shape, jnp.float32)
-        image_latents = self.encode_vae(pixels)
-        image_latents = jnp.broadcast_to(image_latents[:, None], shape)
-        ids = jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32)
+        pixels = jnp.asarray(np.stack([conditioning.vae_pixels(im, height, width, factor) for im in images]))
+        pixels = pixels + noise_aug_strength * draw(0, (1, height, width, 3))
+        image_latents = self.encode_vae(self._put(pixels))
+        image_latents = self._put(jnp.broadcast_to(image_latents[:, None], shape))
+        ids = self._put(jnp.tile(jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32),
+                                 (shape[0], 1)))
         # 3. sampling
-        noise = jnp.asarray(latents, jnp.float32) if latents is not None else jax.random.normal(key_noise, shape)
+        noise = jnp.asarray(latents, jnp.float32) if latents is not None else draw(1, (1, *shape[1:]))
         if sampler == "svd":
             guided = max(min_guidance_scale, max_guidance_scale) > 1
             scales = samplers.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames) if guided else None
-            out = self.sample_latents(noise, image_latents, embeds, ids, sigmas, sampler="svd", scales=scales)
+            out = self.sample_latents(self._put(noise), image_latents, embeds, ids, sigmas, sampler="svd",
+                                      scales=scales)
         else:
-            renoise = jax.random.normal(key_renoise, (len(sigmas) - 1, *shape))
-            out = self.sample_latents(jnp.concatenate([noise[None], renoise]), image_latents, embeds, ids, sigmas,
-                                      sampler="sfv")
+            renoise = draw(2, (len(sigmas) - 1, 1, *shape[1:]), axis=1)
+            out = self.sample_latents(self._put(jnp.concatenate([noise[None], renoise]), axis=1), image_latents,
+                                      embeds, ids, sigmas, sampler="sfv")
         # 4. decode
         frames = self.decode(out, decode_chunk_size)
         self.last_timings["unet_steps"] = float(steps)
-        return np.asarray(frames[0], np.float32)
+        return np.asarray(frames, np.float32)[:b]
