@@ -86,6 +86,9 @@ class SVDPipeline:
         """Split every batch of :meth:`generate` over ``devices`` (default: this process's local devices;
         batches are padded to a multiple of their number); the parameters are replicated on each."""
         devices = list(devices) if devices is not None else jax.local_devices()
+        if len(devices) == 1 and devices[0] == jax.devices()[0]:
+            self._mesh = None  # one (the default) device: nothing to split; the executables stay the same
+            return self
         self._mesh = Mesh(np.asarray(devices), ("batch",))
         replicated = NamedSharding(self._mesh, P())
         self.unet_params, self.vae_params, self.image_encoder_params = jax.device_put(

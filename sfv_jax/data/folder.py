@@ -171,5 +171,8 @@ def open_folder_dataset(path: str | os.PathLike, split: str = "train"):
     if not (Path(path) / "dataset_info.json").is_file():
         raise DatasetError(f"{path}: no dataset_info.json (an incomplete copy of a built dataset?)")
     builder = tfds.builder_from_directory(str(path))
+    if split not in builder.info.splits:
+        raise DatasetError(f"{path}: has no split {split!r} (it has {sorted(builder.info.splits)}; "
+                           "--config.data.split)")
     source = builder.as_data_source(split, decoders={"frames": _KeepEncoded()})
     return source, info

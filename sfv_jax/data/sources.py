@@ -141,19 +141,28 @@ class ClipSource:
         raise DataConfigError(f"--config.data.num_frames={self.num_frames}: no record of the {self.kind} dataset "
                               f"has that many frames at {self.fps:g} fps")
 
-    def _window(self, rec: dict[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+    def first_clip(self, record: int) -> np.ndarray | None:
+        """uint8 [F, H, W, 3]: the first ``data.num_frames`` frames of ``record`` (at ``data.fps``, resized),
+        or None if it is shorter (folder and ucf101 kinds; the FVD protocol's real clips)."""
+        if self.records is None or self.kind == "latents":
+            raise DataConfigError(f"--config.data.kind={self.kind}: clips from the start of a video need a folder "
+                                  "or ucf101 dataset")
+        return self._window(self.records[int(record)], None)
+
+    def _window(self, rec: dict[str, Any], rng: np.random.Generator | None) -> np.ndarray | None:
+        """The clip at a random window (``rng``) or the first one (``rng=None``); None if too short."""
         f = self.num_frames
         if self.kind == "folder":
             jpegs = rec["frames"]
             if len(jpegs) < f:
                 return None
-            s = clips.window_start(len(jpegs), f, rng)
+            s = clips.window_start(len(jpegs), f, rng) if rng is not None else 0
             return np.stack([clips.decode_jpeg(j) for j in jpegs[s:s + f]])
         video = rec["video"]  # ucf101: [T, h, w, 3] at data.source_fps
         idx = clips.resample_indices(len(video), float(self.config.data.source_fps), self.fps)
         if len(idx) < f:
             return None
-        s = clips.window_start(len(idx), f, rng)
+        s = clips.window_start(len(idx), f, rng) if rng is not None else 0
         return np.stack([clips.resize_crop(np.asarray(video[i]), self.height, self.width) for i in idx[s:s + f]])
 
     def sample_frame(self) -> np.ndarray:
