@@ -201,6 +201,9 @@ def test_ucf101_through_tfds_mock_data(encoders):
         s = clips.window_start(len(idx), 4, np.random.default_rng([config.seed, 5]))
         want = np.stack([clips.resize_crop(video[i], H, W) for i in idx[s:s + 4]])
         np.testing.assert_array_equal(clip["frames"], want)
+        # the FVD protocol's real clip: the video's first frames at 7 fps (its first frame conditions)
+        first = np.stack([clips.resize_crop(video[i], H, W) for i in idx[:4]])
+        np.testing.assert_array_equal(source.first_clip(clip["record"]), first)
         batch = Loader(config, encoders, source=source).batch(0)  # what the trainer gets from data.kind=ucf101
         assert batch["latents"].shape == (2, 1, 4, 8, 8, 4) and np.isfinite(batch["latents"]).all()
 
