@@ -165,6 +165,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
     if e.dtype not in dtypes:
         raise EvalConfigError(f"--config.eval.dtype={e.dtype!r}: one of {sorted(dtypes)}")
     main = jax.process_index() == 0
+    progress = progress and main  # one progress bar per row, from process 0 (its share of the chunks)
     n, chunk_size = int(e.num_videos), int(e.chunk_size)
     features = I3DFeatures(batch_size=int(e.i3d_batch_size))
 

@@ -29,7 +29,7 @@ def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     args = [sys.executable, "-m", "sfv_jax.evaluate", "--config", "configs/eval_tiny.py", "--workdir", str(workdir),
             f"--config.data.path={dataset}", f"--config.eval.sfv_model={converted}",
-            f"--config.eval.teacher_model={converted}", "--config.eval.num_videos=4", "--config.eval.chunk_size=2",
+            f"--config.eval.teacher_model={converted}", "--config.eval.num_videos=3", "--config.eval.chunk_size=2",
             "--config.eval.batch_size=1", "--config.eval.i3d_batch_size=1", "--config.eval.sfv_steps=(1,)",
             "--config.eval.teacher_steps=(2,)"]
     with open(log, "w") as out:
@@ -44,7 +44,7 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
     rows = table["rows"]
     assert [(r["model"], r["sampler"], r["steps"]) for r in rows] == [("SF-V", "sfv", 1), ("SVD", "svd", 2)]
     for r in rows:
-        assert np.isfinite(r["fvd"]) and r["fvd"] > 0 and r["num_videos"] == 4
+        assert np.isfinite(r["fvd"]) and r["fvd"] > 0 and r["num_videos"] == 3
         assert 0 < r["unet_latency_s"] <= r["e2e_latency_s"]
         assert all(r["seconds_per_video"][s] > 0 for s in ("unet", "vae_decode", "i3d"))
     md = (workdir / "fvd_table.md").read_text()
@@ -52,26 +52,30 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
 
     # the cache: the generated videos at the FVD size, features per chunk; the real statistics
     sfv_folder = next((workdir / "rows").glob("SF-V-*"))
-    chunk = protocol.read_chunk(sfv_folder / "chunk_00001.npz")
+    chunk = protocol.read_chunk(sfv_folder / "chunk_00000.npz")
     assert chunk["videos"].shape == (2, 9, 16, 16, 3) and chunk["videos"].dtype == np.uint8
-    assert chunk["features"].shape == (2, 400) and chunk["indices"].tolist() == [2, 3]
+    assert chunk["features"].shape == (2, 400) and chunk["indices"].tolist() == [0, 1]
+    assert protocol.read_chunk(sfv_folder / "chunk_00001.npz")["indices"].tolist() == [2]  # the short last chunk
     assert (next((workdir / "reference").iterdir()) / "real_stats.npz").is_file()
 
-    # a lost chunk (killed run): a rerun on 2 devices generates only it (same seeds -> same videos, the
-    # batch now split over the devices) and recomputes the SF-V row; the teacher's files are reused untouched
+    # a lost chunk (killed run): a rerun on 2 devices generates only it and recomputes the SF-V row; the
+    # teacher's files are reused untouched. Its videos were made one per call on one device and are now one
+    # batch split over 2 devices: each video depends only on its image and seed (pipeline.generate)
     svd_folder = next((workdir / "rows").glob("SVD-*"))
     svd_mtimes = {p.name: p.stat().st_mtime_ns for p in svd_folder.iterdir()}
-    (sfv_folder / "chunk_00001.npz").unlink()
+    (sfv_folder / "chunk_00000.npz").unlink()
     (sfv_folder / "result.json").unlink()
     proc = _evaluate(workdir, converted, tiny_folder_dataset, log, devices=2)
     assert proc.returncode == 0, log.read_text()[-4000:]
     assert json.loads((workdir / "fvd_table.json").read_text())["devices"]["count"] == 2
-    again = protocol.read_chunk(sfv_folder / "chunk_00001.npz")
-    np.testing.assert_allclose(again["videos"], chunk["videos"], atol=1)  # rounding to uint8 may flip by 1
-    np.testing.assert_allclose(again["features"], chunk["features"], rtol=1e-3, atol=1e-3)
+    again = protocol.read_chunk(sfv_folder / "chunk_00000.npz")
+    diff = np.abs(again["videos"].astype(int) - chunk["videos"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())  # uint8 rounding
+    # the few pixels one grey level apart move the I3D logits by well under 1% of their range
+    assert np.abs(again["features"] - chunk["features"]).max() <= 1e-2 * np.abs(chunk["features"]).max()
     assert {p.name: p.stat().st_mtime_ns for p in svd_folder.iterdir()} == svd_mtimes
     rerun = json.loads((workdir / "fvd_table.json").read_text())["rows"]
-    assert rerun[1] == rows[1] and abs(rerun[0]["fvd"] - rows[0]["fvd"]) <= 1e-3 * rows[0]["fvd"]
+    assert rerun[1] == rows[1] and abs(rerun[0]["fvd"] - rows[0]["fvd"]) <= 1e-2 * rows[0]["fvd"]
     assert "real videos" not in log.read_text()  # the reference set was not rebuilt
 
 
