@@ -61,7 +61,7 @@ class Row:
                     "data": protocol.data_identity(config), "dtype": e.dtype, "height": e.height, "width": e.width,
                     "motion_bucket_id": e.motion_bucket_id, "noise_aug_strength": e.noise_aug_strength,
                     "guidance": (e.min_guidance, e.max_guidance), "chunk_size": e.chunk_size}
-        return f"{self.name}-{self.sampler}-{self.steps}steps-{protocol._digest(settings)}"
+        return f"{self.name}-{self.sampler}-{self.steps}steps-{protocol.digest(settings)}"
 
 
 def rows(config: ml_collections.ConfigDict) -> list[Row]:
@@ -215,12 +215,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
                         bar.update(stop - start)
             del pipe
         for r in model_rows:
-            _barrier(f"sfv_eval_{r.key(config)}")
+            _barrier(f"sfv_eval_{folders[r].name}")
             result_path = folders[r] / "result.json"
             if main and not result_path.is_file():
                 res = finish_row(config, r, folders[r], reference)
                 protocol.write_atomic(result_path, lambda p: p.write_text(json.dumps(res, indent=1)))
-            _barrier(f"sfv_eval_{r.key(config)}_result")
+            _barrier(f"sfv_eval_{folders[r].name}_result")
             results.append(json.loads(result_path.read_text()))
     if main:
         write_tables(workdir, results, config, reference)

