@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the pinned dependencies into it.
-#   bash launch/setup.sh          runtime dependencies (requirements.txt)
-#   bash launch/setup.sh --dev    + the PyTorch reference and pytest (requirements-test.txt)
+# Creates .venv (if missing) and installs sfv_jax into it (editable, with its pinned dependencies from
+# pyproject.toml); the console scripts (sfv-train, sfv-sample, ...) land in .venv/bin.
+#   bash launch/setup.sh          runtime dependencies
+#   bash launch/setup.sh --dev    + the dev extras: the PyTorch reference (torch 2.13.0 CPU, diffusers,
+#                                 transformers), pytest, pytest-xdist, ruff, scipy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,8 +11,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-reqs=(-r requirements.txt)
-if [ "${1:-}" = "--dev" ]; then reqs+=(-r requirements-test.txt); fi
-echo "[setup] installing ${reqs[*]}"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "${reqs[@]}"
+target="."
+if [ "${1:-}" = "--dev" ]; then target=".[dev]"; fi
+echo "[setup] installing -e $target"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
 echo "[setup] done: $(.venv/bin/python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')"

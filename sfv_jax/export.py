@@ -1,102 +1,24 @@
-"""A trained SF-V run -> an SVD pipeline folder that ``sample``, ``load_pipeline`` and ``convert
---to-diffusers`` use like any converted SVD checkpoint.
+"""A training run -> a pipeline folder: ``sfv-export --workdir RUN --out DIR`` (``python -m sfv_jax.export``).
 
-    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv                 # EMA, latest step
-    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
-    python -m sfv_jax.sample --model checkpoints/sfv --image cat.png --out cat.mp4        # one step
+  sfv-export --workdir runs/sfv_svd --out checkpoints/sfv                          # EMA, latest step
+  sfv-export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
+  sfv-sample --model checkpoints/sfv --image cat.png --out cat.mp4                 # one step
 
-The UNet is the run's EMA generator (``--weights ema``, the paper's) or its raw generator weights; the
-VAE and image encoder are those the run was trained with: copied from ``init_from`` (converted first if
-it is a diffusers folder), or, for a randomly initialised run, re-created from its config and seed. The
-output is staged and renamed into place: an interrupted export leaves nothing at ``--out``.
+What is written: :mod:`sfv_jax.training.export`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-from pathlib import Path
 
-import jax
-import ml_collections
-
-from sfv_jax import convert, sharding, train
-from sfv_jax.safetensors_io import CheckpointError
-
-WEIGHTS = ("ema", "generator")
-
-
-def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.main?)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def _component_config(config: ml_collections.ConfigDict, name: str) -> dict:
-    if config.init_from:
-        comp = convert.COMPONENTS[name]()
-        return convert.read_config(convert.component_folder(Path(config.init_from), comp))
-    return config.model[name].to_dict()
-
-
-def trained_unet(workdir: str | Path, *, weights: str = "ema", step: int | None = None,
-                 config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict, int]:
-    """(UNet config dict, trained UNet params, step) of a training workdir's checkpoint (``config``:
-    the run's config, read from the workdir when not given)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: must be one of {WEIGHTS}")
-    config = run_config(workdir) if config is None else config
-    unet_cfg = _component_config(config, "unet")
-    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))  # any mesh restores onto one device
-    like = train.make_layout(config, plan, *train.build_modules(config)).abstract_state
-    mngr = train.checkpoint_manager(workdir)
-    state, meta = train.restore(mngr, like, step)
-    return unet_cfg, getattr(state, weights), int(meta["step"])
-
-
-def export_run(workdir: str | Path, out: str | Path, *, weights: str = "ema", step: int | None = None,
-               overwrite: bool = False) -> Path:
-    """Write the pipeline folder; returns its path."""
-    workdir = Path(workdir)
-    config = run_config(workdir)
-    unet_cfg, params, step = trained_unet(workdir, weights=weights, step=step, config=config)
-    meta = {"format": convert.FORMAT, "version": convert.FORMAT_VERSION, "component": "pipeline",
-            "source": str(workdir.absolute()), "trained_step": step, "weights": weights}
-    src = Path(config.init_from) if config.init_from else None
-
-    def write(comp: convert.Component, dest: Path) -> None:
-        if comp.name == "unet":
-            convert.save_converted(dest, params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step} {weights}")
-        elif convert.is_converted(src / comp.subfolder):
-            shutil.copytree(src / comp.subfolder, dest)
-        else:
-            convert.convert_folder(src / comp.subfolder, dest, component=comp.name)
-
-    if src is not None:
-        return convert.write_pipeline(src, Path(out), overwrite, write, meta)
-    # random-init run: the VAE and image encoder are re-created from the run's config and seed
-    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
-    _, vae_params, clip_params, _, _ = train.init_params(
-        config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed))
-    with convert.staged_folder(Path(out), overwrite) as tmp:
-        convert.save_converted(tmp / "unet", params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step}")
-        convert.save_converted(tmp / "vae", vae_params, config.model.vae.to_dict(), "vae", source="random init")
-        convert.save_converted(tmp / "image_encoder", clip_params, config.model.image_encoder.to_dict(),
-                               "image_encoder", source="random init")
-        index = {"_class_name": "StableVideoDiffusionPipeline",
-                 "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
-                 "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
-                 "image_encoder": ["transformers", "CLIPVisionModelWithProjection"]}
-        (tmp / convert.PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / convert.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out).absolute()
+from sfv_jax import console
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.training.export import WEIGHTS, export_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sfv_jax.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sfv-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the training workdir (config.json + checkpoints/)")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw generator weights")
@@ -106,11 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_run(args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite)
     except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return console.fail(e)
     print(f"exported {args.weights} weights of {args.workdir} to {out}")
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,15 +1,16 @@
-"""Image -> video from the command line: ``python -m sfv_jax.sample --model PATH --image IMG --out out.mp4``.
+"""Image -> video from the command line: ``sfv-sample --model PATH --image IMG --out out.mp4``
+(``python -m sfv_jax.sample``).
 
 ``--model`` is an SVD folder in diffusers format (``model_index.json``, ``unet/``, ``vae/``,
-``image_encoder/``, ``feature_extractor/``) or its converted copy (``python -m sfv_jax.convert``);
+``image_encoder/``, ``feature_extractor/``) or its converted copy (``sfv-convert``);
 converting once makes every later start faster. ``--sampler sfv`` runs the SF-V generator (one step by
 default; ``--steps`` 2-4 on its 4-point grid); ``--sampler svd`` the SVD teacher (25 Euler steps with
 per-frame guidance by default). The output format follows the extension of ``--out`` (.mp4, .gif,
 .png frame strip); ``--gif`` / ``--strip`` write those as well. Per-stage timings are printed at the end.
 
 Examples:
-  python -m sfv_jax.sample --model checkpoints/svd --image cat.png --out cat.mp4 --sampler svd --steps 25
-  python -m sfv_jax.sample --model runs/sfv/export --image cat.png --out cat.mp4 --sampler sfv --dtype bfloat16
+  sfv-sample --model checkpoints/svd --image cat.png --out cat.mp4 --sampler svd --steps 25
+  sfv-sample --model runs/sfv/export --image cat.png --out cat.mp4 --sampler sfv --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
-
-from sfv_jax import video_io
-from sfv_jax.conditioning import ImageError
-from sfv_jax.pipeline import SAMPLERS, STAGES
-from sfv_jax.safetensors_io import CheckpointError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from sfv_jax import console
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.data import video_io
+from sfv_jax.diffusion.conditioning import ImageError
+from sfv_jax.diffusion.pipeline import SAMPLERS, STAGES
+from sfv_jax.models.build import COMPUTE_DTYPES, DTYPES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sfv_jax.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sfv-sample", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", required=True, help="SVD / SF-V folder (diffusers format or converted)")
     p.add_argument("--image", required=True, help="conditioning image (any size; resized as diffusers does)")
     p.add_argument("--out", required=True, help="output video: .mp4, .gif or .png (frame strip)")
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--frames", type=int, default=None, help="default: the UNet config's num_frames")
     p.add_argument("--decode-chunk", type=int, default=None, help="frames per VAE decode call (default: all)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="compute dtype of UNet / CLIP / decoder")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="compute dtype of UNet / CLIP / decoder")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to --out")
     p.add_argument("--strip", action="store_true", help="also write a .png frame strip next to --out")
     return p.parse_args(argv)
@@ -55,36 +56,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from sfv_jax import pretrained
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
-        print(f"error: --out {out}: unsupported extension (use .mp4, .gif or .png)", file=sys.stderr)
-        return 2
+        return console.fail(f"--out {out}: unsupported extension (use .mp4, .gif or .png)")
     t0 = time.perf_counter()
     try:
-        pipe = pretrained.load_pipeline(args.model, _DTYPES[args.dtype])
+        pipe = pretrained.load_pipeline(args.model, DTYPES[args.dtype])
         load_s = time.perf_counter() - t0
         print(f"[sample] loaded {args.model} in {load_s:.1f}s; sampling with {args.sampler}...", flush=True)
-        frames = pipe(args.image, height=args.height, width=args.width, num_frames=args.frames,
-                      num_inference_steps=args.steps, min_guidance_scale=args.min_guidance,
-                      max_guidance_scale=args.max_guidance, fps=args.fps, motion_bucket_id=args.motion_bucket,
-                      noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk, seed=args.seed,
-                      sampler=args.sampler)
+        frames = pipe(
+            args.image,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            num_inference_steps=args.steps,
+            min_guidance_scale=args.min_guidance,
+            max_guidance_scale=args.max_guidance,
+            fps=args.fps,
+            motion_bucket_id=args.motion_bucket,
+            noise_aug_strength=args.noise_aug,
+            decode_chunk_size=args.decode_chunk,
+            seed=args.seed,
+            sampler=args.sampler,
+        )
     except (CheckpointError, ImageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return console.fail(e)
     written = [video_io.write_video(out, frames, fps=args.fps)]
     for flag, suffix in ((args.gif, ".gif"), (args.strip, ".png")):
         if flag and out.suffix.lower() != suffix:
             written.append(video_io.write_video(out.with_suffix(suffix), frames, fps=args.fps))
     t = pipe.last_timings
     steps = int(t.get("unet_steps", 0))
-    print(f"[sample] wrote {', '.join(map(str, written))}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}")
-    print("[sample] stage timings (s): " + "  ".join(f"{s}={t.get(s, 0.0):.3f}" for s in STAGES)
-          + f"  (unet: {steps} step(s)); compile={t.get('compile', 0.0):.1f}; load={load_s:.1f}")
+    print(
+        f"[sample] wrote {', '.join(map(str, written))}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}"
+    )
+    print(
+        "[sample] stage timings (s): "
+        + "  ".join(f"{s}={t.get(s, 0.0):.3f}" for s in STAGES)
+        + f"  (unet: {steps} step(s)); compile={t.get('compile', 0.0):.1f}; load={load_s:.1f}"
+    )
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -23,13 +23,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from sfv_jax import convert  # noqa: E402
-from sfv_jax import torch_reference as ref  # noqa: E402
+from sfv_jax.checkpoint import convert  # noqa: E402
+from sfv_jax.models import presets
+from sfv_jax.testing import torch_reference as ref  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 PARITY_TOL = 1e-4  # max|jax - torch| / max|torch|, fp32 (issue #2)
-BF16_TOL = 3e-2    # bf16 compute against the fp32 reference
+BF16_TOL = 3e-2  # bf16 compute against the fp32 reference
 
 
 def rel_err(got, want) -> float:
@@ -60,7 +61,10 @@ def video_from_torch(t: torch.Tensor, batch: int) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_unets():
     """name -> randomised diffusers UNet (built once per session)."""
-    return {name: ref.build_unet(cfg, seed=i) for i, (name, cfg) in enumerate(ref.TINY_CONFIGS.items())}
+    return {
+        name: ref.build_unet(cfg, seed=i)
+        for i, (name, cfg) in enumerate((n, presets.UNETS[n]) for n in presets.UNET_TEST_SHAPES)
+    }
 
 
 @pytest.fixture(scope="session")
@@ -83,15 +87,15 @@ def tiny_pipeline_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def jax_pipeline(tiny_pipeline_dirs):
     """The JAX pipeline loaded from the converted tiny folder (shared: its compiled stages are reused)."""
-    from sfv_jax import pretrained
+    from sfv_jax.checkpoint import pretrained
+
     return pretrained.load_pipeline(tiny_pipeline_dirs[2], progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_folder_dataset(tmp_path_factory):
     """A folder dataset built from 5 synthetic mp4s (10 fps, 24x32, 2-4 s) at the tiny config's 16x16, 7 fps."""
-    from sfv_jax import video_io
-    from sfv_jax.data import folder
+    from sfv_jax.data import folder, video_io
     from sfv_jax.data.synthetic import synthetic_clip
 
     root = tmp_path_factory.mktemp("tiny_videos")

@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import tiny  # noqa: E402
-from sfv_jax import sharding, train  # noqa: E402
+from sfv_jax.configs import tiny  # noqa: E402
 from sfv_jax.data.latents import ClipEncoder  # noqa: E402
+from sfv_jax.parallel import sharding  # noqa: E402
+from sfv_jax.training import trainer as train  # noqa: E402
 
-GLOBAL = 8          # samples per step
-MIN_SHARD = 1024    # elements: lower than the default so that most tiny leaves are sharded
+GLOBAL = 8  # samples per step
+MIN_SHARD = 1024  # elements: lower than the default so that most tiny leaves are sharded
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -55,12 +56,13 @@ def plan_for(spec: str | None) -> sharding.Plan:
 def replay(single_steps, host_state, arrays: dict, like) -> dict:
     """The single-device updates applied to a mesh run's own gradients (isolates the sharded update from
     the gradients' round-off, which SM3's normalisation amplifies)."""
+
     def tree(prefix, example):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(example)[0]]
         return jax.tree.unflatten(jax.tree.structure(example), [arrays[prefix + p] for p in paths])
 
-    state = sharding.put(host_state, like)
-    metrics = {k[len("metrics['"):-2]: v for k, v in arrays.items() if k.startswith("metrics")}
+    state = jax.device_put(host_state, like)
+    metrics = {k[len("metrics['") : -2]: v for k, v in arrays.items() if k.startswith("metrics")}
     state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), metrics)
     state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics)
     return {"state" + k: v for k, v in flat(state).items()}
@@ -70,17 +72,20 @@ def run(plan: sharding.Plan, host_state, host_backbone, encoder) -> tuple[dict, 
     config = config_for(plan)
     lay = train.make_layout(config, plan, *train.build_modules(config))
     steps = lay.steps(config)
-    state = sharding.put(host_state, lay.state_shardings)
-    backbone = sharding.put(host_backbone, lay.backbone_shardings)
+    state = jax.device_put(host_state, lay.state_shardings)
+    backbone = jax.device_put(host_backbone, lay.backbone_shardings)
     batch = plan.global_batch(train.make_batch(config, encoder, 0, GLOBAL, plan.local_rows(GLOBAL)), GLOBAL)
     with plan.context():
         g_grads, g_metrics = steps.g_grads(state, batch, backbone)
         state, _ = steps.g_update(state, g_grads, g_metrics)
         d_grads, d_metrics = steps.d_grads(state, batch, backbone)
         state, _ = steps.d_update(state, d_grads, d_metrics)
-    out = {**{"g_grads" + k: v for k, v in flat(g_grads).items()}, **{"d_grads" + k: v for k, v in flat(d_grads).items()},
-           **{"metrics" + k: v for k, v in flat({**g_metrics, **d_metrics}).items()},
-           **{"state" + k: v for k, v in flat(state).items()}}
+    out = {
+        **{"g_grads" + k: v for k, v in flat(g_grads).items()},
+        **{"d_grads" + k: v for k, v in flat(d_grads).items()},
+        **{"metrics" + k: v for k, v in flat({**g_metrics, **d_metrics}).items()},
+        **{"state" + k: v for k, v in flat(state).items()},
+    }
     return out, state, lay
 
 
@@ -117,6 +122,7 @@ def main(out: Path, specs: list[str]) -> None:
 
     # a checkpoint saved on the first mesh, restored onto every other
     import orbax.checkpoint as ocp
+
     first = specs[0]
     mngr = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(create=True))
     mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(results[first]), meta=ocp.args.JsonSave({})))
@@ -127,9 +133,14 @@ def main(out: Path, specs: list[str]) -> None:
         target = layouts[spec]
         restored, _ = train.restore(mngr, target.abstract_state, 1)
         same_values = all(np.array_equal(saved[k], v) for k, v in flat(restored).items())
-        same_sharding = all(a.sharding == s for a, s in zip(jax.tree.leaves(restored),
-                                                            jax.tree.leaves(target.state_shardings), strict=True))
-        report["restore"][f"{first}->{spec}"] = {"values_equal": bool(same_values), "shardings_match": bool(same_sharding)}
+        same_sharding = all(
+            a.sharding == s
+            for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(target.state_shardings), strict=True)
+        )
+        report["restore"][f"{first}->{spec}"] = {
+            "values_equal": bool(same_values),
+            "shardings_match": bool(same_sharding),
+        }
     mngr.close()
     (out / "report.json").write_text(json.dumps(report, indent=1))
 

@@ -10,11 +10,11 @@ import torch
 from conftest import PARITY_TOL, flax_params_from_torch, rel_err, video_from_torch, video_to_torch
 from diffusers.models.embeddings import get_timestep_embedding
 
+from sfv_jax.models import presets
 from sfv_jax.models import unet as U
 from sfv_jax.models.attention import BasicTransformerBlock, TransformerSpatioTemporal
 from sfv_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from sfv_jax.models.resnet import Downsample2D, SpatioTemporalResBlock, Upsample2D
-from sfv_jax import torch_reference as ref
 
 B, F, H, W = 2, 3, 6, 5
 rng = np.random.default_rng(0)
@@ -31,7 +31,7 @@ def tm(tiny_unets):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return U.UNetConfig.from_diffusers(ref.TINY_B)
+    return U.UNetConfig.from_diffusers(presets.UNETS["tiny_b"])
 
 
 def run_flax(module, torch_module, *inputs):
@@ -55,8 +55,16 @@ def test_timestep_embedding_mlp(tm):
     assert rel_err(got, want) <= PARITY_TOL
 
 
-@pytest.mark.parametrize("where", ["down_blocks.0.resnets.0", "down_blocks.1.resnets.0",
-                                   "down_blocks.2.resnets.1", "mid_block.resnets.0", "up_blocks.1.resnets.2"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "down_blocks.0.resnets.0",
+        "down_blocks.1.resnets.0",
+        "down_blocks.2.resnets.1",
+        "mid_block.resnets.0",
+        "up_blocks.1.resnets.2",
+    ],
+)
 def test_spatio_temporal_res_block(tm, where):
     block = tm.get_submodule(where)
     cin, cout = block.spatial_res_block.in_channels, block.spatial_res_block.out_channels
@@ -68,14 +76,17 @@ def test_spatio_temporal_res_block(tm, where):
     assert rel_err(got, video_from_torch(want, B)) <= PARITY_TOL
 
 
-@pytest.mark.parametrize("where", ["down_blocks.0.attentions.0", "down_blocks.1.attentions.1", "mid_block.attentions.0"])
+@pytest.mark.parametrize(
+    "where", ["down_blocks.0.attentions.0", "down_blocks.1.attentions.1", "mid_block.attentions.0"]
+)
 def test_transformer_spatio_temporal(tm, where):
     block = tm.get_submodule(where)
     c, heads, layers = block.in_channels, block.num_attention_heads, len(block.transformer_blocks)
     x, ctx = rand(B, F, H, W, c), rand(B, 1, 48)
     with torch.no_grad():
-        want = block(video_to_torch(x), torch.from_numpy(ctx).repeat_interleave(F, 0), torch.zeros(B, F),
-                     return_dict=False)[0]
+        want = block(
+            video_to_torch(x), torch.from_numpy(ctx).repeat_interleave(F, 0), torch.zeros(B, F), return_dict=False
+        )[0]
     got = run_flax(TransformerSpatioTemporal(heads, layers), block, x, ctx)
     assert rel_err(got, video_from_torch(want, B)) <= PARITY_TOL
 
@@ -150,8 +161,12 @@ def test_down_blocks(tm, cfg, index):
 def test_mid_block(tm, cfg):
     x, temb, ctx = rand(B, F, H, W, 96), rand(B, 128), rand(B, 1, 48)
     with torch.no_grad():
-        want = tm.mid_block(video_to_torch(x), torch.from_numpy(temb).repeat_interleave(F, 0),
-                            torch.from_numpy(ctx).repeat_interleave(F, 0), torch.zeros(B, F))
+        want = tm.mid_block(
+            video_to_torch(x),
+            torch.from_numpy(temb).repeat_interleave(F, 0),
+            torch.from_numpy(ctx).repeat_interleave(F, 0),
+            torch.zeros(B, F),
+        )
     got = run_flax(U.MidBlock(cfg, 2), tm.mid_block, x, temb, ctx)
     assert rel_err(got, video_from_torch(want, B)) <= PARITY_TOL
 
@@ -160,14 +175,18 @@ def test_mid_block(tm, cfg):
 def test_up_blocks(tm, cfg, index):
     block = tm.up_blocks[index]
     # (hidden channels, skip channels pushed by the mirrored down path, upsample target)
-    hidden, skip_ch, size = {0: (96, (64, 96, 96), (5, 4)), 1: (96, (32, 64, 64), (6, 5)),
-                             2: (64, (32, 32, 32), None)}[index]
+    hidden, skip_ch, size = {0: (96, (64, 96, 96), (5, 4)), 1: (96, (32, 64, 64), (6, 5)), 2: (64, (32, 32, 32), None)}[
+        index
+    ]
     hw = (3, 2) if index == 0 else ((5, 4) if index == 1 else (6, 5))
     x, temb, ctx = rand(B, F, *hw, hidden), rand(B, 128), rand(B, 1, 48)
     skips = [rand(B, F, *hw, c) for c in skip_ch]
     with torch.no_grad():
-        kwargs = dict(temb=torch.from_numpy(temb).repeat_interleave(F, 0), image_only_indicator=torch.zeros(B, F),
-                      upsample_size=size)
+        kwargs = dict(
+            temb=torch.from_numpy(temb).repeat_interleave(F, 0),
+            image_only_indicator=torch.zeros(B, F),
+            upsample_size=size,
+        )
         if index > 0:
             kwargs["encoder_hidden_states"] = torch.from_numpy(ctx).repeat_interleave(F, 0)
         want = block(video_to_torch(x), tuple(video_to_torch(s) for s in skips), **kwargs)
@@ -182,10 +201,13 @@ def test_chunked_attention_matches_torch_sdpa(tokens):
     from sfv_jax.models.attention import dot_product_attention
 
     q, k, v = (rand(2, tokens, 3, 16) for _ in range(3))
-    want = torch.nn.functional.scaled_dot_product_attention(
-        *(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))).transpose(1, 2).numpy()
+    want = (
+        torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v)))
+        .transpose(1, 2)
+        .numpy()
+    )
     for impl in ("chunked", "xla"):
-        got = jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 16 ** -0.5, impl))(q, k, v)
+        got = jax.jit(lambda a, b, c: dot_product_attention(a, b, c, 16**-0.5, impl))(q, k, v)  # noqa: B023
         assert rel_err(got, want) <= PARITY_TOL, impl
 
 
@@ -194,7 +216,8 @@ def test_transformer_at_chunked_size(tm):
     block = tm.get_submodule("down_blocks.0.attentions.0")
     x, ctx = rand(1, 2, 20, 20, 32), rand(1, 1, 48)
     with torch.no_grad():
-        want = block(video_to_torch(x), torch.from_numpy(ctx).repeat_interleave(2, 0), torch.zeros(1, 2),
-                     return_dict=False)[0]
+        want = block(
+            video_to_torch(x), torch.from_numpy(ctx).repeat_interleave(2, 0), torch.zeros(1, 2), return_dict=False
+        )[0]
     got = run_flax(TransformerSpatioTemporal(block.num_attention_heads, 1, "chunked"), block, x, ctx)
     assert rel_err(got, video_from_torch(want, 1)) <= PARITY_TOL

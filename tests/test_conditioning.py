@@ -1,4 +1,4 @@
-"""sfv_jax.conditioning against the real diffusers / transformers preprocessing (CPU, fp32)."""
+"""sfv_jax.diffusion.conditioning against the real diffusers / transformers preprocessing (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 )
 from diffusers.video_processor import VideoProcessor
 
-from sfv_jax import conditioning as cond
+from sfv_jax.diffusion import conditioning as cond
 
 RESIZE_TOL = 1e-5
 VAE_TOL = 1e-6
@@ -32,13 +32,13 @@ def _random_pil(h: int, w: int, seed: int) -> PIL.Image.Image:
 @pytest.mark.parametrize(
     "in_hw, size",
     [
-        ((576, 1024), (224, 224)),   # SVD default -> CLIP
-        ((300, 417), (224, 224)),    # mild, odd downscale
-        ((333, 97), (61, 45)),       # odd sizes, factor 5.5 / 2.2
-        ((100, 150), (224, 224)),    # upscale: sigma 0.001
-        ((224, 224), (224, 224)),    # same size
-        ((2, 7), (1, 3)),            # tiny: reflect padding at its limit, single-row output
-        ((40, 30), (40, 9)),         # identity rows, heavy column blur
+        ((576, 1024), (224, 224)),  # SVD default -> CLIP
+        ((300, 417), (224, 224)),  # mild, odd downscale
+        ((333, 97), (61, 45)),  # odd sizes, factor 5.5 / 2.2
+        ((100, 150), (224, 224)),  # upscale: sigma 0.001
+        ((224, 224), (224, 224)),  # same size
+        ((2, 7), (1, 3)),  # tiny: reflect padding at its limit, single-row output
+        ((40, 30), (40, 9)),  # identity rows, heavy column blur
     ],
 )
 def test_resize_matches_diffusers(in_hw, size):
@@ -71,8 +71,9 @@ def _diffusers_clip_chain(image: PIL.Image.Image) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fe = CLIPImageProcessor(image_mean=list(cond.CLIP_MEAN), image_std=list(cond.CLIP_STD))
-    px = fe(images=x, do_normalize=True, do_center_crop=False, do_resize=False, do_rescale=False,
-            return_tensors="pt").pixel_values
+    px = fe(
+        images=x, do_normalize=True, do_center_crop=False, do_resize=False, do_rescale=False, return_tensors="pt"
+    ).pixel_values
     return px[0].numpy().transpose(1, 2, 0)
 
 

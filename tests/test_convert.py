@@ -15,16 +15,21 @@ import safetensors.numpy
 import torch
 from conftest import PARITY_TOL, rel_err
 
-from sfv_jax import convert, pretrained
-from sfv_jax import torch_reference as ref
-from sfv_jax.safetensors_io import SafetensorsFile, open_weights, save_file
+from sfv_jax.checkpoint import components, convert, pretrained
+from sfv_jax.checkpoint.safetensors_io import SafetensorsFile, open_weights, save_file
+from sfv_jax.models import presets
+from sfv_jax.testing import torch_reference as ref
 
 
 def test_torch_key_names():
-    assert convert.torch_key(("down_blocks_0", "resnets_1", "conv1", "kernel")) == "down_blocks.0.resnets.1.conv1.weight"
+    assert (
+        convert.torch_key(("down_blocks_0", "resnets_1", "conv1", "kernel")) == "down_blocks.0.resnets.1.conv1.weight"
+    )
     assert convert.torch_key(("time_embedding", "linear_1", "kernel")) == "time_embedding.linear_1.weight"
-    assert (convert.torch_key(("x", "transformer_blocks_0", "ff", "net_0", "proj", "bias"))
-            == "x.transformer_blocks.0.ff.net.0.proj.bias")
+    assert (
+        convert.torch_key(("x", "transformer_blocks_0", "ff", "net_0", "proj", "bias"))
+        == "x.transformer_blocks.0.ff.net.0.proj.bias"
+    )
     assert convert.torch_key(("attn1", "to_out_0", "kernel")) == "attn1.to_out.0.weight"
     assert convert.torch_key(("norm", "scale")) == "norm.weight"
     assert convert.torch_key(("time_mixer", "mix_factor")) == "time_mixer.mix_factor"
@@ -50,15 +55,16 @@ def test_round_trip_is_bit_exact_and_diffusers_loads_it(tiny_unet_dirs, tiny_une
     assert json.loads((exported / "config.json").read_text())["_class_name"] == "UNetSpatioTemporalConditionModel"
 
     from diffusers import UNetSpatioTemporalConditionModel
+
     reloaded = UNetSpatioTemporalConditionModel.from_pretrained(str(exported)).eval()
-    inputs = ref.unet_inputs(ref.TINY_B, *ref.TINY_SHAPES["tiny_b"], seed=5)
+    inputs = ref.unet_inputs(presets.UNETS["tiny_b"], *presets.UNET_TEST_SHAPES["tiny_b"], seed=5)
     np.testing.assert_array_equal(ref.unet_forward(reloaded, *inputs), ref.unet_forward(tiny_unets["tiny_b"], *inputs))
 
 
 def test_converted_checkpoint_loads_same_params(tiny_unet_dirs, tmp_path):
     src = tiny_unet_dirs["tiny_a"]
     out = convert.convert_folder(src, tmp_path / "flax", progress=False)
-    meta = json.loads((out / convert.META_FILE).read_text())
+    meta = json.loads((out / components.META_FILE).read_text())
     assert meta["component"] == "unet" and meta["num_tensors"] > 0
     assert not list(tmp_path.glob(".flax.tmp-*"))  # staging folder renamed away
     _, direct = pretrained.load_unet(src, progress=False)
@@ -83,7 +89,7 @@ def test_fp16_variant_and_bf16_params(tiny_unets, tiny_unet_dirs, tmp_path):
     _, bf16 = pretrained.load_unet(folder, param_dtype=jnp.bfloat16, progress=False)
     assert {p.dtype for p in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
     # bf16 tensors survive export (safetensors BF16) and re-reading
-    out = convert.export_diffusers(bf16, ref.TINY_A, tmp_path / "bf16_export")
+    out = convert.export_diffusers(bf16, presets.UNETS["tiny_a"], tmp_path / "bf16_export")
     reread = SafetensorsFile(out / "diffusion_pytorch_model.safetensors")
     assert {str(reread.dtype(k)) for k in reread.shapes} == {"bfloat16"}
 
@@ -100,7 +106,9 @@ def test_sharded_checkpoint(tiny_unet_dirs, tiny_unets, tmp_path):
 
 def test_cli_convert_export_and_parity(tiny_unet_dirs, tiny_unets, tmp_path):
     src = tiny_unet_dirs["tiny_a"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sfv_jax.convert", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "sfv_jax.checkpoint.convert", *a], capture_output=True, text=True
+    )
     res = run("--src", str(src), "--out", str(tmp_path / "c"))
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout
@@ -111,7 +119,7 @@ def test_cli_convert_export_and_parity(tiny_unet_dirs, tiny_unets, tmp_path):
     res = run("--to-diffusers", "--src", str(tmp_path / "c"), "--out", str(tmp_path / "d"))
     assert res.returncode == 0, res.stderr
     model, params = pretrained.load_unet(tmp_path / "c")
-    inputs = ref.unet_inputs(ref.TINY_A, *ref.TINY_SHAPES["tiny_a"], seed=6)
+    inputs = ref.unet_inputs(presets.UNETS["tiny_a"], *presets.UNET_TEST_SHAPES["tiny_a"], seed=6)
     got = jax.jit(model.apply)({"params": params}, *map(jnp.asarray, inputs))
     assert rel_err(got, ref.unet_forward(tiny_unets["tiny_a"], *inputs)) <= PARITY_TOL
 
@@ -119,7 +127,7 @@ def test_cli_convert_export_and_parity(tiny_unet_dirs, tiny_unets, tmp_path):
 def test_writer_is_atomic(tmp_path):
     path = tmp_path / "w.safetensors"
 
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (safetensors' own error type)
         save_file(path, {"a": np.ones(3, np.float32), "b": np.ones(2, np.complex64)})
     assert not path.exists() and not list(tmp_path.iterdir())
     save_file(path, {"a": np.arange(3, dtype=np.float32)})

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from sfv_jax import convert, pretrained
-from sfv_jax import torch_reference as ref
-from sfv_jax.safetensors_io import CheckpointError, open_weights, save_file
+from sfv_jax.checkpoint import convert, pretrained
+from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
+from sfv_jax.models import presets
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -32,7 +32,9 @@ def _rewrite(folder, edit):
 
 def test_missing_key(folder):
     _rewrite(folder, lambda t: t.pop("down_blocks.0.resnets.0.spatial_res_block.conv1.weight"))
-    with pytest.raises(CheckpointError, match=r"1 missing.*\n.*missing: down_blocks\.0\.resnets\.0\.spatial_res_block\.conv1\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"1 missing.*\n.*missing: down_blocks\.0\.resnets\.0\.spatial_res_block\.conv1\.weight"
+    ):
         pretrained.load_unet(folder, progress=False)
 
 
@@ -45,7 +47,10 @@ def test_unexpected_key(folder):
 def test_wrong_shape(folder):
     key = "conv_in.weight"
     _rewrite(folder, lambda t: t.update({key: np.zeros((32, 8, 5, 5), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"wrong shape: conv_in\.weight: checkpoint \[32, 8, 5, 5\], model expects \[32, 8, 3, 3\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shape: conv_in\.weight: checkpoint \[32, 8, 5, 5\], model expects \[32, 8, 3, 3\]",
+    ):
         pretrained.load_unet(folder, progress=False)
 
 
@@ -54,6 +59,7 @@ def test_all_problems_reported_together(folder):
         t.pop("conv_out.bias")
         t["bogus"] = np.zeros(1, np.float32)
         t["conv_in.bias"] = np.zeros(7, np.float32)
+
     _rewrite(folder, edit)
     with pytest.raises(CheckpointError) as err:
         pretrained.load_unet(folder, progress=False)
@@ -129,8 +135,9 @@ def test_non_svd_config_rejected(folder):
 
 
 def test_config_dict_ignores_unused_keys():
-    model = pretrained.unet_from_config({**ref.TINY_A, "_diffusers_version": "0.42.1", "sample_size": 8,
-                                         "some_future_key": 1})
+    model = pretrained.unet_from_config(
+        {**presets.UNETS["tiny_a"], "_diffusers_version": "0.42.1", "sample_size": 8, "some_future_key": 1}
+    )
     assert model.config.block_out_channels == (32, 64)
     with pytest.raises(ValueError, match="num_attention_heads"):
-        pretrained.unet_from_config({**ref.TINY_A, "num_attention_heads": [1, 2, 3]})
+        pretrained.unet_from_config({**presets.UNETS["tiny_a"], "num_attention_heads": [1, 2, 3]})

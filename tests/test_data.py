@@ -20,16 +20,16 @@ import av
 import numpy as np
 import pytest
 
-from configs import tiny
-from sfv_jax import train, video_io
-from sfv_jax.data import clips, folder, latent_store
+from sfv_jax.configs import tiny
+from sfv_jax.data import clips, folder, latent_store, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource, DataConfigError
+from sfv_jax.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 H = W = 16  # the tiny config's frame size
-GREY = 8    # grey level step per source frame
+GREY = 8  # grey level step per source frame
 
 
 def _ramp(n: int, h: int = 36, w: int = 48) -> np.ndarray:
@@ -45,7 +45,7 @@ def _write(path: Path, frames: np.ndarray, fps: float, codec: str) -> None:
             s.options = {"lossless": "1"}
         else:
             s.options = {"qscale": "1"} if codec == "mpeg4" else {}
-        for i, f in enumerate(frames):
+        for f in frames:
             vf = av.VideoFrame.from_ndarray(f, format="rgb24")
             vf.pts = None
             c.mux(s.encode(vf))
@@ -57,16 +57,16 @@ def videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     (root / "sub" / "deeper").mkdir(parents=True)
     (root / ".cache").mkdir()
-    video_io.write_video(root / "a30.mp4", _ramp(60), fps=30, crf=0)            # 2 s at 30 fps -> 14 at 7 fps
-    _write(root / "sub" / "b10.avi", _ramp(20), 10, "mpeg4")                    # 2 s at 10 fps -> 14
-    _write(root / "sub" / "deeper" / "c25.webm", _ramp(25), 25, "libvpx-vp9")   # 1 s at 25 fps -> 7
-    _write(root / "d15.mov", _ramp(45), 15, "libx264")                           # 3 s at 15 fps -> 21
-    video_io.write_video(root / "short.mp4", _ramp(3), fps=10, crf=0)           # 0.3 s -> 3 frames < 4
+    video_io.write_video(root / "a30.mp4", _ramp(60), fps=30, crf=0)  # 2 s at 30 fps -> 14 at 7 fps
+    _write(root / "sub" / "b10.avi", _ramp(20), 10, "mpeg4")  # 2 s at 10 fps -> 14
+    _write(root / "sub" / "deeper" / "c25.webm", _ramp(25), 25, "libvpx-vp9")  # 1 s at 25 fps -> 7
+    _write(root / "d15.mov", _ramp(45), 15, "libx264")  # 3 s at 15 fps -> 21
+    video_io.write_video(root / "short.mp4", _ramp(3), fps=10, crf=0)  # 0.3 s -> 3 frames < 4
     (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     whole = (root / "a30.mp4").read_bytes()
     (root / "truncated.mov").write_bytes(whole[: len(whole) // 3])
     (root / "notes.txt").write_text("not a video")
-    video_io.write_video(root / ".cache" / "hidden.mp4", _ramp(30), fps=10)     # hidden folders are skipped
+    video_io.write_video(root / ".cache" / "hidden.mp4", _ramp(30), fps=10)  # hidden folders are skipped
     return root
 
 
@@ -126,8 +126,25 @@ def test_build_counts_sizes_fps_and_skips(built):
 def test_cli_last_line_determinism_and_errors(videos, built, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "again"
-    cmd = [sys.executable, "-m", "sfv_jax.tools.build_dataset", "--videos", str(videos), "--out", str(out),
-           "--fps", "7", "--height", str(H), "--width", str(W), "--min-frames", "4", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfv_jax.tools.build_dataset",
+        "--videos",
+        str(videos),
+        "--out",
+        str(out),
+        "--fps",
+        "7",
+        "--height",
+        str(H),
+        "--width",
+        str(W),
+        "--min-frames",
+        "4",
+        "--workers",
+        "2",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "examples=4 skipped=3"
@@ -137,16 +154,23 @@ def test_cli_last_line_determinism_and_errors(videos, built, tmp_path):
     for i in range(len(a)):  # two builds (1 and 2 workers) store the same examples, byte for byte
         assert list(a[i]["frames"]) == by_path[a[i]["path"]]
     # reading needs no TensorFlow (TFDS data source + our JPEG decoding)
-    probe = ("import sys; from sfv_jax.data import folder, clips; src, _ = folder.open_folder_dataset(sys.argv[1]); "
-             "clips.decode_jpeg(src[0]['frames'][0]); assert 'tensorflow' not in sys.modules, 'TensorFlow imported'")
+    probe = (
+        "import sys; from sfv_jax.data import folder, clips; src, _ = folder.open_folder_dataset(sys.argv[1]); "
+        "clips.decode_jpeg(src[0]['frames'][0]); assert 'tensorflow' not in sys.modules, 'TensorFlow imported'"
+    )
     run = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     # a folder without a usable video: exit 2, a clear message, nothing written
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.mp4").write_bytes(b"\x00" * 100)
-    run = subprocess.run([*cmd[:4], str(bad), "--out", str(tmp_path / "none"), *cmd[7:]], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*cmd[:4], str(bad), "--out", str(tmp_path / "none"), *cmd[7:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2 and "no usable video" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none*"))
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # --out exists
@@ -199,7 +223,7 @@ def test_ucf101_through_tfds_mock_data(encoders):
         video = source.records[clip["record"]]["video"]  # [T, 256, 256, 3] at 25 fps
         idx = clips.resample_indices(len(video), 25, 7)
         s = clips.window_start(len(idx), 4, np.random.default_rng([config.seed, 5]))
-        want = np.stack([clips.resize_crop(video[i], H, W) for i in idx[s:s + 4]])
+        want = np.stack([clips.resize_crop(video[i], H, W) for i in idx[s : s + 4]])
         np.testing.assert_array_equal(clip["frames"], want)
         # the FVD protocol's real clip: the video's first frames at 7 fps (its first frame conditions)
         first = np.stack([clips.resize_crop(video[i], H, W) for i in idx[:4]])
@@ -236,9 +260,19 @@ def test_pre_encoded_latents_equal_on_the_fly(built, encoders, tmp_path):
     """The encode CLI on 2 (virtual CPU) devices == ClipEncoder in this process, record by record."""
     out = tmp_path / "latents"
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    cmd = [sys.executable, "-m", "sfv_jax.tools.encode_dataset", "--config", "configs/tiny.py", "--out", str(out),
-           "--config.data.kind=folder", f"--config.data.path={built}", "--config.data.motion_bucket_id=-1",
-           "--batch_size=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfv_jax.tools.encode_dataset",
+        "--config",
+        "configs/tiny.py",
+        "--out",
+        str(out),
+        "--config.data.kind=folder",
+        f"--config.data.path={built}",
+        "--config.data.motion_bucket_id=-1",
+        "--batch_size=3",
+    ]
     run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.strip().splitlines()[-1].startswith("examples=4 clips_per_s=")
@@ -247,8 +281,13 @@ def test_pre_encoded_latents_equal_on_the_fly(built, encoders, tmp_path):
     source = ClipSource(config)
     for r in range(len(store)):
         rec, ex = store[r], source.example(r, r)
-        want = encoders(ex["frames"][None], np.array([r]), fps=7, noise_aug_strength=0.02,
-                        motion_bucket_ids=[clips.motion_bucket(ex["motion_score"])])
+        want = encoders(
+            ex["frames"][None],
+            np.array([r]),
+            fps=7,
+            noise_aug_strength=0.02,
+            motion_bucket_ids=[clips.motion_bucket(ex["motion_score"])],
+        )
         assert int(rec["record"]) == r
         for k in latent_store.FIELDS:
             err = np.abs(rec[k] - want[k][0]).max()

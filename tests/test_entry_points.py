@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sfv_jax import bench, demo, video_io
+import pytest
+
+from sfv_jax import demo, testing
+from sfv_jax.bench import __main__ as bench
+from sfv_jax.data import video_io
 
 
 def test_demo_main_job(tmp_path, capsys):
@@ -15,16 +19,49 @@ def test_demo_main_job(tmp_path, capsys):
 
 
 def test_bench_unet_runs(capsys):
-    assert bench.main(["unet", "--config", "tiny_a", "--height", "64", "--width", "64", "--repeats", "1",
-                       "--warmup", "0"]) == 0
+    assert (
+        bench.main(["unet", "--config", "tiny_a", "--height", "64", "--width", "64", "--repeats", "1", "--warmup", "0"])
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("unet_flax_s=") and "ratio_flax_over_torch=" in last
 
 
 def test_bench_pipeline_runs(capsys):
-    assert bench.main(["pipeline", "--config", "tiny", "--height", "48", "--width", "40", "--steps", "1",
-                       "--repeats", "1", "--warmup", "0"]) == 0
+    assert (
+        bench.main(
+            [
+                "pipeline",
+                "--config",
+                "tiny",
+                "--height",
+                "48",
+                "--width",
+                "40",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("pipeline_flax_s=") and "ratio_flax_over_torch=" in lines[-1]
     for stage in ("image_encoder", "vae_encode", "unet", "vae_decode"):
         assert any(line.startswith(f"[bench] {stage} ") for line in lines), stage
+
+
+def test_commands_name_the_dev_extras_when_torch_is_missing(monkeypatch, capsys):
+    real = testing.importlib.util.find_spec
+    monkeypatch.setattr(
+        testing.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    for run in (lambda: bench.main(["unet", "--config", "tiny_a"]), lambda: demo.main(["--workdir", "unused"])):
+        with pytest.raises(SystemExit) as exc:
+            run()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "torch not installed" in err and ".[dev]" in err

@@ -1,4 +1,5 @@
-"""The FVD evaluation (issue #7): the smoke evaluation of the tiny checkpoint on a tiny folder dataset writes the table, on 2 devices, and resumes after a lost chunk on 1."""
+"""The FVD evaluation (issue #7): the smoke evaluation of the tiny checkpoint on a tiny folder dataset writes
+the table, on 2 devices, and resumes after a lost chunk on 1."""
 
 from __future__ import annotations
 
@@ -27,11 +28,24 @@ def test_chunks_cover_every_video_once_across_processes():
 
 def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    args = [sys.executable, "-m", "sfv_jax.evaluate", "--config", "configs/eval_tiny.py", "--workdir", str(workdir),
-            f"--config.data.path={dataset}", f"--config.eval.sfv_model={converted}",
-            f"--config.eval.teacher_model={converted}", "--config.eval.num_videos=3", "--config.eval.chunk_size=2",
-            "--config.eval.batch_size=1", "--config.eval.i3d_batch_size=1", "--config.eval.sfv_steps=(1,)",
-            "--config.eval.teacher_steps=(2,)"]
+    args = [
+        sys.executable,
+        "-m",
+        "sfv_jax.evaluation.runner",
+        "--config",
+        "configs/eval_tiny.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.path={dataset}",
+        f"--config.eval.sfv_model={converted}",
+        f"--config.eval.teacher_model={converted}",
+        "--config.eval.num_videos=3",
+        "--config.eval.chunk_size=2",
+        "--config.eval.batch_size=1",
+        "--config.eval.i3d_batch_size=1",
+        "--config.eval.sfv_steps=(1,)",
+        "--config.eval.teacher_steps=(2,)",
+    ]
     with open(log, "w") as out:
         return subprocess.run(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
 
@@ -80,9 +94,9 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
 
 
 def test_bad_configs_fail_cleanly(tiny_pipeline_dirs, tiny_folder_dataset, tmp_path):
-    from configs import eval_tiny
-    from sfv_jax import evaluate
+    from sfv_jax.configs import eval_tiny
     from sfv_jax.data.sources import DataConfigError
+    from sfv_jax.evaluation import runner as evaluate
 
     config = eval_tiny.get_config()
     with pytest.raises(evaluate.EvalConfigError, match="nothing to evaluate"):

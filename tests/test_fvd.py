@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.data.synthetic import synthetic_clip
 from sfv_jax.evaluation import fvd, i3d
-from sfv_jax.safetensors_io import CheckpointError
 
 
 def _scipy_frechet(mu1, s1, mu2, s2) -> float:
@@ -64,6 +64,7 @@ def test_i3d_refuses_short_or_unsized_videos_and_foreign_checkpoints(variables, 
         i3d.load_variables(evil)
     with pytest.raises(pickle.UnpicklingError, match="only numpy arrays"):
         import io
+
         i3d._ArraysOnly(io.BytesIO(pickle.dumps(print))).load()
 
 
@@ -95,7 +96,7 @@ def test_streaming_statistics_equal_one_pass(tmp_path):
     f = rng.normal(size=(301, 400)).astype(np.float32) * 5 + 100  # offset: where naive sums lose precision
     stats = fvd.FeatureStats.empty()
     for i in range(0, len(f), 37):
-        stats.update(f[i:i + 37])
+        stats.update(f[i : i + 37])
     half = fvd.FeatureStats.of(f[:150]).merge(fvd.FeatureStats.of(f[150:]))  # e.g. two processes
     want_mean, want_cov = f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False)
     for s in (stats, half, fvd.FeatureStats.load(stats.save(tmp_path / "stats.npz"))):

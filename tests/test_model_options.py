@@ -6,18 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from sfv_jax import pretrained
-from sfv_jax import torch_reference as ref
 from flax import linen as nn
 
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.models import presets
 from sfv_jax.models.unet import DownBlock, UNetConfig, init_inputs
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_same_values_and_gradients(policy):
     """A rematerialised block computes the same values and gradients, and really is rematerialised."""
-    cfg = UNetConfig.from_diffusers(ref.TINY_A)
+    cfg = UNetConfig.from_diffusers(presets.UNETS["tiny_a"])
     base, remat = DownBlock(cfg, 0), DownBlock(cfg, 0, remat_policy=policy)
     rng = np.random.default_rng(0)
     x, temb, ctx = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(1, 3, 4, 4, 32), (1, 128), (1, 1, 32)])
@@ -41,8 +40,8 @@ def test_remat_same_values_and_gradients(policy):
 
 def test_remat_unet_wraps_every_block():
     """The UNet built with a remat policy has the same parameters and checkpoints each res / attention block."""
-    base = pretrained.unet_from_config(ref.TINY_A)
-    remat = pretrained.unet_from_config(ref.TINY_A, remat_policy="full")
+    base = pretrained.unet_from_config(presets.UNETS["tiny_a"])
+    remat = pretrained.unet_from_config(presets.UNETS["tiny_a"], remat_policy="full")
     params = pretrained.abstract_params(base)
     assert jax.tree.structure(pretrained.abstract_params(remat)) == jax.tree.structure(params)
     inputs = init_inputs(base.config, 1, 3, 8, 8)
@@ -52,21 +51,21 @@ def test_remat_unet_wraps_every_block():
 
 
 def test_unknown_remat_policy_is_an_error():
-    model = pretrained.unet_from_config(ref.TINY_A, remat_policy="sometimes")
+    model = pretrained.unet_from_config(presets.UNETS["tiny_a"], remat_policy="sometimes")
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
         model.init(jax.random.PRNGKey(0), *init_inputs(model.config, 1, 3, 8, 8))
 
 
 def test_config_round_trip():
-    cfg = UNetConfig.from_diffusers(ref.SVD_UNET_CONFIG)
+    cfg = UNetConfig.from_diffusers(presets.UNETS["svd"])
     assert cfg == UNetConfig()  # the defaults are SVD's
     assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
-    cfg_b = UNetConfig.from_diffusers(ref.TINY_B)
+    cfg_b = UNetConfig.from_diffusers(presets.UNETS["tiny_b"])
     assert cfg_b.transformer_layers_per_block == (1, 2, 1) and cfg_b.layers_per_block == (2, 2, 2)
 
 
 def test_bad_input_shapes_are_clear_errors():
-    model = pretrained.unet_from_config(ref.TINY_A)
+    model = pretrained.unet_from_config(presets.UNETS["tiny_a"])
     sample, t, ctx, ids = init_inputs(model.config, 1, 3, 8, 8)
     params = pretrained.abstract_params(model)
     with pytest.raises(ValueError, match=r"sample must be \[B, F, H, W, 8\]"):

@@ -14,13 +14,15 @@ import pytest
 import torch
 from conftest import rel_err
 
-from sfv_jax import edm, pretrained, samplers
-from sfv_jax.conditioning import ImageError
-from sfv_jax.safetensors_io import CheckpointError
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.diffusion import edm, samplers
+from sfv_jax.diffusion.conditioning import ImageError
+from sfv_jax.models import presets
 
-H, W, F = 48, 40, 5          # TINY_VAE downsamples by 4: latents 12 x 10, TINY_B's test size
+H, W, F = 48, 40, 5  # TINY_VAE downsamples by 4: latents 12 x 10, TINY_B's test size
 LATENT = (1, F, H // 4, W // 4, 4)
-E2E_TOL = 1e-3               # max |jax - diffusers| of frames in [0, 1] (issue #3)
+E2E_TOL = 1e-3  # max |jax - diffusers| of frames in [0, 1] (issue #3)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +78,28 @@ class LogCompiles(logging.Handler):
 def test_end_to_end_matches_diffusers(tiny_pipeline_dirs, jax_pipeline, image, latents, steps):
     """Same components, image and initial latents, noise_aug_strength 0, guidance 1 -> 3."""
     tpipe = tiny_pipeline_dirs[0]
-    got = jax_pipeline(image, height=H, width=W, num_inference_steps=steps, noise_aug_strength=0.0, latents=latents,
-                       min_guidance_scale=1.0, max_guidance_scale=3.0)
-    want = tpipe(image, height=H, width=W, num_frames=F, num_inference_steps=steps, noise_aug_strength=0.0,
-                 min_guidance_scale=1.0, max_guidance_scale=3.0, output_type="np",
-                 latents=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy())).frames[0]
+    got = jax_pipeline(
+        image,
+        height=H,
+        width=W,
+        num_inference_steps=steps,
+        noise_aug_strength=0.0,
+        latents=latents,
+        min_guidance_scale=1.0,
+        max_guidance_scale=3.0,
+    )
+    want = tpipe(
+        image,
+        height=H,
+        width=W,
+        num_frames=F,
+        num_inference_steps=steps,
+        noise_aug_strength=0.0,
+        min_guidance_scale=1.0,
+        max_guidance_scale=3.0,
+        output_type="np",
+        latents=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
+    ).frames[0]
     assert got.shape == want.shape == (F, H, W, 3) and got.dtype == np.float32
     assert float(np.abs(got - want).max()) <= E2E_TOL
     assert float(want.std()) > 0.01  # frames are not a constant (the comparison means something)
@@ -88,17 +107,27 @@ def test_end_to_end_matches_diffusers(tiny_pipeline_dirs, jax_pipeline, image, l
 
 def test_guidance_off_and_chunked_decode_match_diffusers(tiny_pipeline_dirs, jax_pipeline, image, latents):
     tpipe = tiny_pipeline_dirs[0]
-    kw = dict(height=H, width=W, num_inference_steps=2, noise_aug_strength=0.0, max_guidance_scale=1.0,
-              decode_chunk_size=2, fps=5, motion_bucket_id=40)
+    kw = dict(
+        height=H,
+        width=W,
+        num_inference_steps=2,
+        noise_aug_strength=0.0,
+        max_guidance_scale=1.0,
+        decode_chunk_size=2,
+        fps=5,
+        motion_bucket_id=40,
+    )
     got = jax_pipeline(image, latents=latents, **kw)
-    want = tpipe(image, num_frames=F, output_type="np", **kw,
-                 latents=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy())).frames[0]
+    want = tpipe(
+        image, num_frames=F, output_type="np", **kw, latents=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy())
+    ).frames[0]
     assert float(np.abs(got - want).max()) <= E2E_TOL
 
 
 def _conditioning(pipe, image):
     """(image_latents [1, F, h, w, 4], embeds [1, 1, D], ids [1, 3]) as the pipeline builds them."""
-    from sfv_jax import conditioning
+    from sfv_jax.diffusion import conditioning
+
     img = conditioning.load_image(image)
     embeds = pipe.encode_image(conditioning.clip_pixels(img, 224, pipe.clip_mean, pipe.clip_std)[None])[:, None]
     lat = pipe.encode_vae(conditioning.vae_pixels(img, H, W, 4)[None])
@@ -115,10 +144,10 @@ def test_sfv_one_step_is_the_denoiser_at_sigma_max_and_compiles_once(jax_pipelin
 
     # by hand: x_T = eps * sqrt(700^2 + 1); x0 = c_skip x_T + c_out F(c_in x_T; 0.25 ln 700)
     sigma = np.float32(700.0)
-    x_t = np.asarray(noise[0]) * np.sqrt(sigma ** 2 + 1)
-    sample = np.concatenate([x_t / np.sqrt(sigma ** 2 + 1), np.asarray(image_latents)], axis=-1)
+    x_t = np.asarray(noise[0]) * np.sqrt(sigma**2 + 1)
+    sample = np.concatenate([x_t / np.sqrt(sigma**2 + 1), np.asarray(image_latents)], axis=-1)
     v = jax.jit(pipe.unet.apply)({"params": pipe.unet_params}, sample, np.float32(0.25 * np.log(sigma)), embeds, ids)
-    want = x_t / (sigma ** 2 + 1) + np.asarray(v) * (-sigma / np.sqrt(sigma ** 2 + 1))
+    want = x_t / (sigma**2 + 1) + np.asarray(v) * (-sigma / np.sqrt(sigma**2 + 1))
     assert rel_err(got, want) <= 1e-5
 
     # one compilation per shape: new noise values and a new seed compile nothing
@@ -162,20 +191,20 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
 def test_schedule_matches_diffusers_scheduler():
     from diffusers import EulerDiscreteScheduler
 
-    from sfv_jax import torch_reference as ref
-
-    sched = EulerDiscreteScheduler.from_config(ref.SVD_SCHEDULER_CONFIG)
+    sched = EulerDiscreteScheduler.from_config(presets.SVD_SCHEDULER)
     for n in (1, 4, 25):
         sched.set_timesteps(n)
         np.testing.assert_array_equal(edm.euler_sigmas(n), sched.sigmas.numpy())
-        np.testing.assert_allclose(np.asarray(edm.c_noise(jnp.asarray(edm.euler_sigmas(n)[:-1]))),
-                                   sched.timesteps.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(edm.c_noise(jnp.asarray(edm.euler_sigmas(n)[:-1]))), sched.timesteps.numpy(), rtol=1e-6
+        )
     assert float(edm.init_noise_sigma(700.0)) == pytest.approx(float(sched.init_noise_sigma), rel=1e-7)
     g = samplers.guidance_scales(1.0, 3.0, 14)
     np.testing.assert_allclose(np.asarray(g), torch.linspace(1.0, 3.0, 14).numpy(), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad inputs
+
 
 def test_missing_and_corrupt_images(jax_pipeline, tmp_path):
     with pytest.raises(ImageError, match="nope.png"):

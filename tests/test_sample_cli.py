@@ -10,14 +10,21 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from sfv_jax import video_io
+from sfv_jax.data import video_io
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sfv_jax.sample", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "sfv_jax.sample", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        check=False,
+    )
 
 
 def test_cli_writes_a_playable_mp4(tiny_pipeline_dirs, tmp_path):
@@ -25,8 +32,25 @@ def test_cli_writes_a_playable_mp4(tiny_pipeline_dirs, tmp_path):
     img = tmp_path / "cond.png"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "video" / "out.mp4"
-    proc = _run("--model", str(converted), "--image", str(img), "--out", str(out), "--height", "48", "--width", "40",
-                "--frames", "5", "--sampler", "sfv", "--fps", "7", "--strip")
+    proc = _run(
+        "--model",
+        str(converted),
+        "--image",
+        str(img),
+        "--out",
+        str(out),
+        "--height",
+        "48",
+        "--width",
+        "40",
+        "--frames",
+        "5",
+        "--sampler",
+        "sfv",
+        "--fps",
+        "7",
+        "--strip",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     frames, fps = video_io.read_video(out)
     assert frames.shape == (5, 48, 40, 3) and fps == 7.0
@@ -40,8 +64,18 @@ def test_cli_writes_a_playable_mp4(tiny_pipeline_dirs, tmp_path):
 def test_cli_bad_inputs_fail_cleanly(tiny_pipeline_dirs, tmp_path):
     converted = tiny_pipeline_dirs[2]
     out = tmp_path / "out.mp4"
-    proc = _run("--model", str(converted), "--image", str(tmp_path / "missing.png"), "--out", str(out),
-                "--height", "48", "--width", "40")
+    proc = _run(
+        "--model",
+        str(converted),
+        "--image",
+        str(tmp_path / "missing.png"),
+        "--out",
+        str(out),
+        "--height",
+        "48",
+        "--width",
+        "40",
+    )
     assert proc.returncode == 2 and "missing.png" in proc.stderr
     proc = _run("--model", str(tmp_path), "--image", "x.png", "--out", str(out))
     assert proc.returncode == 2 and "not an SVD pipeline folder" in proc.stderr

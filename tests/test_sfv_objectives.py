@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfv_jax import edm, losses, train_steps
-from sfv_jax.models.discriminator import DiscriminatorHeads
+from sfv_jax.diffusion import edm
+from sfv_jax.training import losses
+from sfv_jax.training import steps as train_steps
+from sfv_jax.training.discriminator import DiscriminatorHeads
 
 
 def test_generator_grid_and_levels():
@@ -89,7 +91,9 @@ def test_r1_on_head_inputs_equals_finite_differences(x64):
     """The "features" variant: gradient w.r.t. the backbone features fed to the heads."""
     heads, params, feats, emb, sigma = _heads_setup(np.float64)
     fn = jax.jit(lambda f: heads.apply({"params": params}, f, emb, sigma))
-    got = float(jax.jit(lambda f: losses.r1_penalty(lambda g: heads.apply({"params": params}, g, emb, sigma), f))(feats))
+    got = float(
+        jax.jit(lambda f: losses.r1_penalty(lambda g: heads.apply({"params": params}, g, emb, sigma), f))(feats)
+    )
     small = feats[1]  # finite differences over the smaller map; the larger one enters through its own term
 
     def scalar_small(x):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from sfv_jax import sharding
+from sfv_jax.parallel import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = ("data=8", "data=2,fsdp=4")
@@ -43,8 +43,13 @@ def _tree_rel(got: dict, want: dict, prefix: str) -> float:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_worker.py"), str(out), *MESHES],
-                          env=_env(), capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sharded_worker.py"), str(out), *MESHES],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     names = ("single", *MESHES, *(f"{m}_replay" for m in MESHES))
     arrays = {name: dict(np.load(out / f"{name}.npz")) for name in names}
@@ -109,8 +114,9 @@ def test_param_specs_follow_rules_and_divisibility():
     assert spec(("embed", "mlp"), (320, 1280)) == P("fsdp", None)
     assert spec(("kernel_h", "kernel_w", "conv_in", "conv_out"), (3, 3, 320, 4)) == P(None, None, "fsdp", None)
     assert spec(("kernel_h", "kernel_w", "conv_in", "conv_out"), (3, 3, 320, 4), fsdp_fallback=False) == P(
-        None, None, None, None)                                   # conv_out 4 does not split 8 ways
-    assert spec(("norm",), (8,)) == P()                          # below min_shard_size
+        None, None, None, None
+    )  # conv_out 4 does not split 8 ways
+    assert spec(("norm",), (8,)) == P()  # below min_shard_size
     assert spec(("embed", "embed_out"), (64, 64)) == P("fsdp", None)  # a mesh axis is used once
     assert sharding.leaf_spec(("embed", "mlp"), (64, 128), rules, {"data": 8}, 16) == P(None, None)  # no fsdp axis
 
@@ -126,17 +132,30 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     mesh data=2 x fsdp=4 from a built folder dataset, each process reading only its rows of every global
     batch, and end with the state of one process with 8 devices (<= 1e-5), which also writes a sample
     from its sharded EMA."""
-    flags = ["--config", "configs/tiny.py", "--config.total_steps=2", "--config.sample_every_steps=0",
-             "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sharding.min_shard_size=1024",
-             "--config.data.kind=folder", f"--config.data.path={tiny_folder_dataset}"]
+    flags = [
+        "--config",
+        "configs/tiny.py",
+        "--config.total_steps=2",
+        "--config.sample_every_steps=0",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=4",
+        "--config.sharding.min_shard_size=1024",
+        "--config.data.kind=folder",
+        f"--config.data.path={tiny_folder_dataset}",
+    ]
     cmd = [sys.executable, "-m", "sfv_jax.main", *flags]
     port = _free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    procs = [subprocess.Popen([*cmd, "--workdir", str(tmp_path / "multi")], cwd=REPO, stdout=log.open("w"),
-                              stderr=subprocess.STDOUT,
-                              env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(i)))
-             for i, log in enumerate(logs)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--workdir", str(tmp_path / "multi")],
+            cwd=REPO,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        )
+        for i, log in enumerate(logs)
+    ]
     for p in procs:
         p.wait(timeout=1200)
     logs = [log.read_text() for log in logs]
@@ -144,8 +163,14 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
         assert p.returncode == 0, (i, log[-3000:])
     # the reference also writes a sample (a sharded EMA gathered onto one device; the multi-process
     # path is the same code: launch/cpu_sim.sh --processes 2 --config.sample_every_steps=2)
-    single = subprocess.run([*cmd, "--config.sample_every_steps=2", "--workdir", str(tmp_path / "single")], cwd=REPO,
-                            env=_env(8), capture_output=True, text=True, timeout=1200)
+    single = subprocess.run(
+        [*cmd, "--config.sample_every_steps=2", "--workdir", str(tmp_path / "single")],
+        cwd=REPO,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     assert "process 1 of 2" in logs[1] and "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in logs[0]
     assert all("data: folder, 5 records" in log for log in logs)
@@ -153,8 +178,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     assert (tmp_path / "single" / "samples" / "step_0000002.mp4").is_file()
     summary = json.loads((tmp_path / "multi" / "train_summary.json").read_text())
     assert summary["step"] == 2 and summary["skipped_updates"] == 0
-    from configs import tiny
-    from sfv_jax import train
+    from sfv_jax.configs import tiny
+    from sfv_jax.training import trainer as train
+
     config = tiny.get_config()
     one = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
     like = train.make_layout(config, one, *train.build_modules(config)).abstract_state
@@ -162,7 +188,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     for run in ("multi", "single"):
         state, meta = train.restore(train.checkpoint_manager(tmp_path / run), like)
         assert meta["step"] == 2 and meta["data_position"] == 2 * 8 * 2, meta  # 2 steps x 8 devices x accum 2
-        states[run] = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        states[run] = {
+            jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        }
     for field in ("generator", "ema", "heads"):
         err = _tree_rel(states["multi"], states["single"], f".{field}")
         assert err <= TOL, (field, err)
@@ -170,18 +198,32 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
 
 def test_memory_planner_cli():
     """The planner compiles the tiny steps for data=2 x fsdp=4 on simulated devices and ends with the peak."""
-    proc = subprocess.run([sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py",
-                           "--mesh", "data=2,fsdp=4"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py", "--mesh", "data=2,fsdp=4"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("peak_bytes_per_device=")
     peak = int(lines[-1].split("=")[1])
     assert "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in proc.stdout + proc.stderr
-    table = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in lines if ln.split()[0] in
-             ("g_grads", "g_update", "d_grads", "d_update")}
+    table = {
+        ln.split()[0]: [float(v) for v in ln.split()[1:]]
+        for ln in lines
+        if ln.split()[0] in ("g_grads", "g_update", "d_grads", "d_update")
+    }
     assert len(table) == 4 and all(row[-1] > 0 for row in table.values())
     assert abs(max(row[-1] for row in table.values()) * 1e9 - peak) < 1e6  # the table's GB, rounded
-    bad = subprocess.run([sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py",
-                          "--mesh", "pipeline=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py", "--mesh", "pipeline=2"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "AXIS=SIZE" in bad.stderr, bad.stderr[-2000:]

@@ -20,10 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from sfv_jax import export, pretrained, sharding, train, video_io
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.configs import tiny
+from sfv_jax.data import video_io
 from sfv_jax.data.latents import ClipEncoder
-from sfv_jax.models.discriminator import backbone_param_subset
+from sfv_jax.parallel import sharding
+from sfv_jax.training import export
+from sfv_jax.training import trainer as train
+from sfv_jax.training.discriminator import backbone_param_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +38,7 @@ def _np(tree):
 
 def _dev(setup, state):
     """Host copy of a state -> device arrays in the shardings train() uses (the same executables)."""
-    return sharding.put(state, setup["state_shardings"])
+    return jax.device_put(state, setup["state_shardings"])
 
 
 def _equal(a, b) -> bool:
@@ -61,7 +65,14 @@ def setup():
     state = train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
     batch = train.make_batch(config, encoder, 0)
-    return {"state_shardings": lay.state_shardings, "config": config, "steps": steps, "state": _np(state), "backbone": backbone, "batch": batch}
+    return {
+        "state_shardings": lay.state_shardings,
+        "config": config,
+        "steps": steps,
+        "state": _np(state),
+        "backbone": backbone,
+        "batch": batch,
+    }
 
 
 def test_gradient_routing(setup):
@@ -96,7 +107,7 @@ def _tree_rel(a, b) -> tuple[float, float]:
     la, lb = jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b))
     diff = [np.asarray(x, np.float64) - y for x, y in zip(la, lb, strict=True)]
     max_rel = max(np.abs(d).max() for d in diff) / max(np.abs(y).max() for y in lb)
-    l2_rel = np.sqrt(sum((d ** 2).sum() for d in diff) / sum((np.asarray(y, np.float64) ** 2).sum() for y in lb))
+    l2_rel = np.sqrt(sum((d**2).sum() for d in diff) / sum((np.asarray(y, np.float64) ** 2).sum() for y in lb))
     return float(max_rel), float(l2_rel)
 
 
@@ -172,6 +183,7 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkey
     """opt.nonfinite=halt: FloatingPointError, and the checkpoint of the failed step holds the finite state
     of the step before (both updates skipped); resuming would continue after the bad batch."""
     from sfv_jax.data.loader import Loader
+
     make_batch = Loader.batch
 
     def poisoned(self, position):
@@ -203,6 +215,7 @@ def _main(workdir, *flags):
 
 def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
     import tensorflow as tf
+
     out: dict[str, dict[int, float]] = {}
     for path in workdir.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -216,15 +229,29 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     """``python -m sfv_jax.main``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
     a second run on the workdir resumes, and SIGTERM makes it checkpoint and exit 0."""
     workdir = tmp_path / "run"
-    cmd, env = _main(workdir, "--config.total_steps=3", "--config.checkpoint_every_steps=2",
-                     "--config.sample_every_steps=3", "--config.log_every_steps=1")
+    cmd, env = _main(
+        workdir,
+        "--config.total_steps=3",
+        "--config.checkpoint_every_steps=2",
+        "--config.sample_every_steps=3",
+        "--config.log_every_steps=1",
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     mngr = train.checkpoint_manager(workdir)
     assert mngr.all_steps() == [2, 3]
     scalars = _scalars(workdir)
-    for tag in ("g_loss", "g_adv", "g_recon", "g_grad_norm", "d_loss", "d_hinge", "d_r1", "d_grad_norm",
-                "skipped_updates"):
+    for tag in (
+        "g_loss",
+        "g_adv",
+        "g_recon",
+        "g_grad_norm",
+        "d_loss",
+        "d_hinge",
+        "d_r1",
+        "d_grad_norm",
+        "skipped_updates",
+    ):
         assert sorted(scalars[tag]) == [1, 2, 3], tag
         assert all(np.isfinite(list(scalars[tag].values()))), tag
     assert "steps_per_sec" in scalars
@@ -240,8 +267,13 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert _equal(pipe.unet_params, trained.ema) and not _equal(pipe.unet_params, trained.generator)
     assert json.loads((out / "sfv_jax.json").read_text())["trained_step"] == 3
 
-    cmd, env = _main(workdir, "--config.total_steps=100000", "--config.log_every_steps=1",
-                     "--config.checkpoint_every_steps=100000", "--config.sample_every_steps=0")
+    cmd, env = _main(
+        workdir,
+        "--config.total_steps=100000",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=100000",
+        "--config.sample_every_steps=0",
+    )
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     log, deadline = [], time.time() + 600
     try:
@@ -283,8 +315,10 @@ def test_init_from_a_converted_pipeline_folder_then_export(tmp_path):
     config = _config(total_steps=1, init_from=str(base), seed=5)
     config.model.unet = config.model.vae = config.model.image_encoder = None
     state = train.train(config, tmp_path / "run")
-    delta = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(_np(state.generator)),
-                                                           jax.tree.leaves(_np(source.unet_params)), strict=True))
+    delta = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(_np(state.generator)), jax.tree.leaves(_np(source.unet_params)), strict=True)
+    )
     # one SM3 step from zero accumulators: |update| <= lr (1 - b1) / sqrt(1 - b2) = 1.58e-4 per element
     assert 0 < delta <= 1e-5 * 0.5 / np.sqrt(1 - 0.999) * 1.001
     out = export.export_run(tmp_path / "run", tmp_path / "exported", weights="generator")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import BF16_TOL, PARITY_TOL, rel_err, video_from_torch, video_to_torch
 
-from sfv_jax import pretrained
-from sfv_jax import torch_reference as ref
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.models import presets
+from sfv_jax.testing import torch_reference as ref
 
-NAMES = sorted(ref.TINY_CONFIGS)
+NAMES = sorted(presets.UNET_TEST_SHAPES)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def loaded(tiny_unet_dirs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unet_matches_diffusers_fp32(name, tiny_unets, loaded):
-    cfg = ref.TINY_CONFIGS[name]
-    inputs = ref.unet_inputs(cfg, *ref.TINY_SHAPES[name], seed=1)
+    cfg = presets.UNETS[name]
+    inputs = ref.unet_inputs(cfg, *presets.UNET_TEST_SHAPES[name], seed=1)
     want = ref.unet_forward(tiny_unets[name], *inputs)
     model, params = loaded[name]
     got = jax.jit(model.apply)({"params": params}, *map(jnp.asarray, inputs))
@@ -33,8 +34,8 @@ def test_unet_matches_diffusers_fp32(name, tiny_unets, loaded):
 
 def test_scalar_timestep_broadcasts(tiny_unets, loaded):
     name = "tiny_a"
-    cfg = ref.TINY_CONFIGS[name]
-    sample, _, context, ids = ref.unet_inputs(cfg, *ref.TINY_SHAPES[name], seed=2)
+    cfg = presets.UNETS[name]
+    sample, _, context, ids = ref.unet_inputs(cfg, *presets.UNET_TEST_SHAPES[name], seed=2)
     want = ref.unet_forward(tiny_unets[name], sample, np.float32(1.25), context, ids)
     model, params = loaded[name]
     got = jax.jit(model.apply)({"params": params}, jnp.asarray(sample), 1.25, jnp.asarray(context), jnp.asarray(ids))
@@ -43,8 +44,8 @@ def test_scalar_timestep_broadcasts(tiny_unets, loaded):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unet_bf16_compute_close_to_fp32_reference(name, tiny_unets, tiny_unet_dirs):
-    cfg = ref.TINY_CONFIGS[name]
-    inputs = ref.unet_inputs(cfg, *ref.TINY_SHAPES[name], seed=3)
+    cfg = presets.UNETS[name]
+    inputs = ref.unet_inputs(cfg, *presets.UNET_TEST_SHAPES[name], seed=3)
     want = ref.unet_forward(tiny_unets[name], *inputs)
     model, params = pretrained.load_unet(tiny_unet_dirs[name], dtype=jnp.bfloat16, progress=False)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # fp32 master weights
@@ -76,8 +77,8 @@ def _torch_down_features(tm, sample, timestep, context, ids):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encoder_half_matches_diffusers_down_path(name, tiny_unets, loaded):
-    cfg = ref.TINY_CONFIGS[name]
-    inputs = ref.unet_inputs(cfg, *ref.TINY_SHAPES[name], seed=4)
+    cfg = presets.UNETS[name]
+    inputs = ref.unet_inputs(cfg, *presets.UNET_TEST_SHAPES[name], seed=4)
     want = _torch_down_features(tiny_unets[name], *inputs)
     model, params = loaded[name]
     got = jax.jit(lambda p, *a: model.apply(p, *a, method=model.encode))({"params": params}, *map(jnp.asarray, inputs))
@@ -89,7 +90,7 @@ def test_encoder_half_matches_diffusers_down_path(name, tiny_unets, loaded):
 def test_encoder_uses_only_encoder_parameters(loaded):
     """The discriminator backbone needs only embeddings, conv_in and down blocks."""
     model, params = loaded["tiny_a"]
-    inputs = ref.unet_inputs(ref.TINY_A, *ref.TINY_SHAPES["tiny_a"])
+    inputs = ref.unet_inputs(presets.UNETS["tiny_a"], *presets.UNET_TEST_SHAPES["tiny_a"])
     keep = {"time_embedding", "add_embedding", "conv_in"} | {k for k in params if k.startswith("down_blocks")}
     enc = {k: v for k, v in params.items() if k in keep}
     encode = jax.jit(lambda p, *a: model.apply(p, *a, method=model.encode))

@@ -11,15 +11,16 @@ import pytest
 import torch
 from conftest import PARITY_TOL, flax_params_from_torch, rel_err
 
-from sfv_jax import convert, pretrained
-from sfv_jax import torch_reference as ref
+from sfv_jax.checkpoint import convert, pretrained
+from sfv_jax.models import presets
 from sfv_jax.models.vae import decode_latents
+from sfv_jax.testing import torch_reference as ref
 
 
 @pytest.fixture(scope="module")
 def vae_pair():
     tv = ref.build_vae(seed=3)
-    model = pretrained.vae_from_config(ref.TINY_VAE)
+    model = pretrained.vae_from_config(presets.VAES["tiny"])
     params = flax_params_from_torch(tv, model, *pretrained.init_args(model))
     return tv, model, params
 
@@ -27,7 +28,7 @@ def vae_pair():
 @pytest.fixture(scope="module")
 def clip_pair():
     tc = ref.build_image_encoder(seed=4)
-    model = pretrained.image_encoder_from_config(ref.TINY_CLIP)
+    model = pretrained.image_encoder_from_config(presets.IMAGE_ENCODERS["tiny"])
     params = flax_params_from_torch(tc, model, *pretrained.init_args(model))
     return tc, model, params
 
@@ -49,11 +50,12 @@ def test_vae_chunked_decode_matches_diffusers(vae_pair, chunk):
     b, f = 2, 5
     z = np.random.default_rng(1).standard_normal((b, f, 10, 12, 4)).astype(np.float32)
     got = jax.jit(lambda p, z: decode_latents(model, p, z, chunk))(params, z)
-    rows = torch.from_numpy(z.transpose(0, 1, 4, 2, 3).copy()).flatten(0, 1) / ref.TINY_VAE["scaling_factor"]
+    rows = torch.from_numpy(z.transpose(0, 1, 4, 2, 3).copy()).flatten(0, 1) / presets.VAES["tiny"]["scaling_factor"]
     c = chunk or f
     with torch.no_grad():
-        want = torch.cat([tv.decode(rows[i:i + c], num_frames=rows[i:i + c].shape[0]).sample
-                          for i in range(0, b * f, c)])
+        want = torch.cat(
+            [tv.decode(rows[i : i + c], num_frames=rows[i : i + c].shape[0]).sample for i in range(0, b * f, c)]
+        )
     want = want.numpy().transpose(0, 2, 3, 1).reshape(b, f, 40, 48, 3)
     assert rel_err(got, want) <= PARITY_TOL
 
@@ -72,7 +74,7 @@ def test_clip_image_embeds_match_transformers(clip_pair):
     got = jax.jit(model.apply)({"params": params}, px)
     with torch.no_grad():
         want = tc(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2).copy())).image_embeds.numpy()
-    assert got.shape == (2, ref.TINY_CLIP["projection_dim"])
+    assert got.shape == (2, presets.IMAGE_ENCODERS["tiny"]["projection_dim"])
     assert rel_err(got, want) <= PARITY_TOL
 
 
@@ -82,14 +84,19 @@ def test_whole_folder_round_trip_is_exact(tiny_pipeline_dirs, tmp_path):
     from diffusers import AutoencoderKLTemporalDecoder
     from transformers import CLIPVisionModelWithProjection
 
-    from sfv_jax.safetensors_io import open_weights
+    from sfv_jax.checkpoint.safetensors_io import open_weights
 
     pipe, src, converted = tiny_pipeline_dirs
     assert sorted(p.name for p in converted.iterdir()) == sorted(
-        ["feature_extractor", "image_encoder", "model_index.json", "scheduler", "sfv_jax.json", "unet", "vae"])
+        ["feature_extractor", "image_encoder", "model_index.json", "scheduler", "sfv_jax.json", "unet", "vae"]
+    )
     assert json.loads((converted / "sfv_jax.json").read_text())["component"] == "pipeline"
     exported = convert.export_folder(converted, tmp_path / "exported")
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model")):
+    for sub, stem in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("image_encoder", "model"),
+    ):
         a, b = open_weights(src / sub, stem), open_weights(exported / sub, stem)
         assert sorted(a) == sorted(b)
         for k in a:
@@ -108,6 +115,6 @@ def test_component_conversion_is_detected_from_config(tiny_pipeline_dirs, tmp_pa
     out = convert.convert_folder(src / "image_encoder", tmp_path / "clip", progress=False)
     assert json.loads((out / "sfv_jax.json").read_text())["component"] == "image_encoder"
     model, params = pretrained.load_image_encoder(out)
-    assert model.config.projection_dim == ref.TINY_CLIP["projection_dim"]
+    assert model.config.projection_dim == presets.IMAGE_ENCODERS["tiny"]["projection_dim"]
     vae, _ = pretrained.load_vae(src, progress=False)  # the vae/ subfolder of a diffusers SVD folder
-    assert vae.config.block_out_channels == tuple(ref.TINY_VAE["block_out_channels"])
+    assert vae.config.block_out_channels == tuple(presets.VAES["tiny"]["block_out_channels"])

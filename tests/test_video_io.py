@@ -1,4 +1,4 @@
-"""sfv_jax.video_io: mp4 / gif / png round trips, to_uint8 rounding, errors, and atomic writes."""
+"""sfv_jax.data.video_io: mp4 / gif / png round trips, to_uint8 rounding, errors, and atomic writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sfv_jax import video_io
-from sfv_jax.video_io import VideoError, read_video, to_uint8, video_info, write_video
+from sfv_jax.data import video_io
+from sfv_jax.data.video_io import VideoError, read_video, to_uint8, video_info, write_video
 
 
 def gradient(f: int = 9, h: int = 32, w: int = 48) -> np.ndarray:
@@ -39,8 +39,14 @@ def test_mp4_round_trip(tmp_path, fps):
         ctx = c.streams.video[0].codec_context
         assert (ctx.name, c.streams.video[0].format.name) == ("h264", "yuv420p")
     info = video_info(out)
-    assert info == {"frames": 9, "fps": pytest.approx(float(fps), rel=1e-6), "width": 48, "height": 32,
-                    "duration": pytest.approx(9 / float(fps), rel=0.02), "codec": "h264"}
+    assert info == {
+        "frames": 9,
+        "fps": pytest.approx(float(fps), rel=1e-6),
+        "width": 48,
+        "height": 32,
+        "duration": pytest.approx(9 / float(fps), rel=0.02),
+        "codec": "h264",
+    }
 
 
 def test_mp4_float_frames_and_max_frames(tmp_path):
@@ -75,10 +81,15 @@ def test_gif_round_trip(tmp_path, fps):
     assert video_info(tmp_path / "v.gif")["duration"] == pytest.approx(9 / fps, abs=0.011)
 
 
-@pytest.mark.parametrize("ext, codec, pix_fmt, frames_known, tol", [
-    ("webm", "libvpx-vp9", "yuv420p", False, 4), ("avi", "mpeg4", "yuv420p", True, 8),
-    ("mov", "libx264", "yuv420p", True, 4), ("mkv", "ffv1", "yuv444p", False, 1),
-])
+@pytest.mark.parametrize(
+    "ext, codec, pix_fmt, frames_known, tol",
+    [
+        ("webm", "libvpx-vp9", "yuv420p", False, 4),
+        ("avi", "mpeg4", "yuv420p", True, 8),
+        ("mov", "libx264", "yuv420p", True, 4),
+        ("mkv", "ffv1", "yuv444p", False, 1),
+    ],
+)
 def test_reads_other_containers(tmp_path, ext, codec, pix_fmt, frames_known, tol):
     frames, path = gradient(), tmp_path / f"v.{ext}"
     with av.open(str(path), "w") as c:  # written by PyAV directly, not by write_video
@@ -110,15 +121,24 @@ def test_to_uint8_matches_diffusers_rounding():
     x = rng.uniform(-0.2, 1.2, (3, 5, 7, 3)).astype(np.float32)
     x[0, 0, 0] = [0.5 / 255, 1.5 / 255, 254.5 / 255]  # halfway cases
     np.testing.assert_array_equal(to_uint8(x), (np.clip(x, 0, 1) * 255).round().astype(np.uint8))
-    np.testing.assert_array_equal(to_uint8(x.astype(np.float64)),
-                                  (np.clip(x.astype(np.float64), 0, 1) * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(
+        to_uint8(x.astype(np.float64)), (np.clip(x.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    )
     u = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     assert to_uint8(u) is u
     assert to_uint8(np.full((1, 1, 1, 3), np.nan, np.float32)).tolist() == [[[[0, 0, 0]]]]
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3)), np.zeros((2, 4, 4, 4)), np.zeros((2, 3, 4, 4)),
-                                 np.zeros((0, 4, 4, 3)), np.zeros((2, 4, 4, 3), np.int64)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((4, 4, 3)),
+        np.zeros((2, 4, 4, 4)),
+        np.zeros((2, 3, 4, 4)),
+        np.zeros((0, 4, 4, 3)),
+        np.zeros((2, 4, 4, 3), np.int64),
+    ],
+)
 def test_to_uint8_rejects_bad_frames(bad):
     with pytest.raises(VideoError, match=r"shape|dtype"):
         to_uint8(bad)

@@ -16,21 +16,23 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sfv_jax import video_io
+from sfv_jax.data import video_io
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".mkv", ".m4v")
 JPEG_QUALITY = 95
 MOTION_BUCKET_SCALE = 12.0  # a mean change of 1 grey level per frame -> 12 motion buckets
 
 
-def resample(frames: Iterable[tuple[float, float, Any]], fps: float, max_frames: int | None = None
-             ) -> Iterator[tuple[int, Any]]:
+def resample(
+    frames: Iterable[tuple[float, float, Any]], fps: float, max_frames: int | None = None
+) -> Iterator[tuple[int, Any]]:
     """``(seconds, duration, item)`` in presentation order -> ``(k, item)`` for ``t_k = k / fps``
     (see the module docstring). Streams: holds one item. ``max_frames`` stops after that many outputs."""
     k, prev, end = 0, None, 0.0
@@ -102,8 +104,9 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def decode_video(path: str | os.PathLike, *, fps: float, height: int, width: int,
-                 max_seconds: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_video(
+    path: str | os.PathLike, *, fps: float, height: int, width: int, max_seconds: float | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode, resample to ``fps``, resize and centre-crop: (uint8 ``[T, height, width, 3]``, info).
 
     ``info``: source ``fps``, ``duration`` (s), source ``src_height``/``src_width``, ``motion_score`` of
@@ -124,9 +127,13 @@ def decode_video(path: str | os.PathLike, *, fps: float, height: int, width: int
             cache = (rgb, resize_crop(rgb, height, width))
         out.append(cache[1])
     frames = np.stack(out)
-    return frames, {"fps": float(info["fps"]), "duration": float(info["duration"] or last[0]),
-                    "src_height": int(info["height"]), "src_width": int(info["width"]),
-                    "motion_score": motion_score(frames)}
+    return frames, {
+        "fps": float(info["fps"]),
+        "duration": float(info["duration"] or last[0]),
+        "src_height": int(info["height"]),
+        "src_width": int(info["width"]),
+        "motion_score": motion_score(frames),
+    }
 
 
 def find_videos(root: str | os.PathLike) -> list[Path]:
@@ -135,8 +142,9 @@ def find_videos(root: str | os.PathLike) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS]
+        found += [
+            Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in VIDEO_EXTENSIONS
+        ]
     return sorted(found)
 
 
@@ -150,9 +158,18 @@ def prepare_example(job: tuple[str, str, float, int, int, int, float | None]) ->
     except (video_io.VideoError, OSError, ValueError, MemoryError) as e:
         return {"key": key, "skipped": f"unreadable: {e}"}
     if len(frames) < min_frames:
-        return {"key": key, "skipped": f"too short: {len(frames)} frames at {fps:g} fps < {min_frames} "
-                                       f"({info['duration']:.2f} s)"}
-    return {"key": key, "example": {
-        "frames": [encode_jpeg(f) for f in frames], "path": key, "fps": np.float32(info["fps"]),
-        "duration": np.float32(info["duration"]), "num_frames": np.int32(len(frames)),
-        "motion_score": np.float32(info["motion_score"])}}
+        return {
+            "key": key,
+            "skipped": f"too short: {len(frames)} frames at {fps:g} fps < {min_frames} ({info['duration']:.2f} s)",
+        }
+    return {
+        "key": key,
+        "example": {
+            "frames": [encode_jpeg(f) for f in frames],
+            "path": key,
+            "fps": np.float32(info["fps"]),
+            "duration": np.float32(info["duration"]),
+            "num_frames": np.int32(len(frames)),
+            "motion_score": np.float32(info["motion_score"]),
+        },
+    }

@@ -46,10 +46,22 @@ class DatasetError(ValueError):
 
 
 class VideoFolderConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, videos: str, fps: float, height: int, width: int, min_frames: int,
-                 max_seconds: float | None, workers: int):
-        super().__init__(name=f"fps{fps:g}_{height}x{width}".replace(".", "p"), version="1.0.0",
-                         description=f"{videos} at {fps:g} fps, {height}x{width}")
+    def __init__(
+        self,
+        *,
+        videos: str,
+        fps: float,
+        height: int,
+        width: int,
+        min_frames: int,
+        max_seconds: float | None,
+        workers: int,
+    ):
+        super().__init__(
+            name=f"fps{fps:g}_{height}x{width}".replace(".", "p"),
+            version="1.0.0",
+            description=f"{videos} at {fps:g} fps, {height}x{width}",
+        )
         self.videos, self.fps, self.height, self.width = videos, fps, height, width
         self.min_frames, self.max_seconds, self.workers = min_frames, max_seconds, workers
 
@@ -68,12 +80,20 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "frames": tfds.features.Sequence(tfds.features.Image(shape=(c.height, c.width, 3),
-                                                                     encoding_format="jpeg")),
-                "path": tfds.features.Text(),
-                "fps": np.float32, "duration": np.float32, "num_frames": np.int32, "motion_score": np.float32}),
-            description=c.description)
+            features=tfds.features.FeaturesDict(
+                {
+                    "frames": tfds.features.Sequence(
+                        tfds.features.Image(shape=(c.height, c.width, 3), encoding_format="jpeg")
+                    ),
+                    "path": tfds.features.Text(),
+                    "fps": np.float32,
+                    "duration": np.float32,
+                    "num_frames": np.int32,
+                    "motion_score": np.float32,
+                }
+            ),
+            description=c.description,
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -83,8 +103,10 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         root = Path(c.videos)
         paths = clips.find_videos(root)
         self.num_videos = len(paths)
-        jobs = [(str(p), p.relative_to(root).as_posix(), c.fps, c.height, c.width, c.min_frames, c.max_seconds)
-                for p in paths]
+        jobs = [
+            (str(p), p.relative_to(root).as_posix(), c.fps, c.height, c.width, c.min_frames, c.max_seconds)
+            for p in paths
+        ]
         done, kept, t0 = 0, 0, time.time()
         if c.workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(c.workers)  # no fork of a TF/JAX process
@@ -101,21 +123,37 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                     kept += 1
                     yield res["key"], res["example"]
                 if done % 100 == 0 or done == len(jobs):
-                    logging.info("decoded %d/%d videos (%d kept, %d skipped), %.1f videos/s", done, len(jobs),
-                                 kept, done - kept, done / max(time.time() - t0, 1e-9))
+                    logging.info(
+                        "decoded %d/%d videos (%d kept, %d skipped), %.1f videos/s",
+                        done,
+                        len(jobs),
+                        kept,
+                        done - kept,
+                        done / max(time.time() - t0, 1e-9),
+                    )
         finally:
             if pool is not None:
                 pool.terminate()
         if not kept:
             detail = "; ".join(f"{k}: {r}" for k, r in self.skipped[:5])
-            raise DatasetError(f"{root}: no usable video ({len(paths)} video files with extensions "
-                               f"{', '.join(clips.VIDEO_EXTENSIONS)} found" + (f"; skipped {detail}" if detail else "")
-                               + ")")
+            raise DatasetError(
+                f"{root}: no usable video ({len(paths)} video files with extensions "
+                f"{', '.join(clips.VIDEO_EXTENSIONS)} found" + (f"; skipped {detail}" if detail else "") + ")"
+            )
 
 
-def build_folder_dataset(videos: str | os.PathLike, out: str | os.PathLike, *, fps: float, height: int, width: int,
-                         min_frames: int = 14, max_seconds: float | None = 60.0, workers: int = 1,
-                         overwrite: bool = False) -> dict[str, Any]:
+def build_folder_dataset(
+    videos: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fps: float,
+    height: int,
+    width: int,
+    min_frames: int = 14,
+    max_seconds: float | None = 60.0,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Build the dataset of ``videos`` into ``out`` (see the module docstring); returns the build info
     (``examples``, ``skipped`` count, ``skipped_videos`` [(path, reason)], the build parameters)."""
     videos, out = Path(videos).absolute(), Path(out).absolute()
@@ -130,14 +168,29 @@ def build_folder_dataset(videos: str | os.PathLike, out: str | os.PathLike, *, f
         raise DatasetError(f"--out {out}: must not be inside --videos {videos}")
     tmp = out.with_name(f".{out.name}.building-{uuid.uuid4().hex[:8]}")
     try:
-        config = VideoFolderConfig(videos=str(videos), fps=float(fps), height=int(height), width=int(width),
-                                   min_frames=int(min_frames), max_seconds=max_seconds, workers=int(workers))
+        config = VideoFolderConfig(
+            videos=str(videos),
+            fps=float(fps),
+            height=int(height),
+            width=int(width),
+            min_frames=int(min_frames),
+            max_seconds=max_seconds,
+            workers=int(workers),
+        )
         builder = VideoFolder(config=config, data_dir=str(tmp), file_format="array_record")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
-        info = {"examples": int(builder.info.splits["train"].num_examples), "skipped": len(builder.skipped),
-                "videos": builder.num_videos, "skipped_videos": builder.skipped, "source": str(videos),
-                "fps": float(fps), "height": int(height), "width": int(width), "min_frames": int(min_frames),
-                "max_seconds": max_seconds}
+        info = {
+            "examples": int(builder.info.splits["train"].num_examples),
+            "skipped": len(builder.skipped),
+            "videos": builder.num_videos,
+            "skipped_videos": builder.skipped,
+            "source": str(videos),
+            "fps": float(fps),
+            "height": int(height),
+            "width": int(width),
+            "min_frames": int(min_frames),
+            "max_seconds": max_seconds,
+        }
         built = Path(builder.data_dir)
         (built / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
@@ -172,7 +225,8 @@ def open_folder_dataset(path: str | os.PathLike, split: str = "train"):
         raise DatasetError(f"{path}: no dataset_info.json (an incomplete copy of a built dataset?)")
     builder = tfds.builder_from_directory(str(path))
     if split not in builder.info.splits:
-        raise DatasetError(f"{path}: has no split {split!r} (it has {sorted(builder.info.splits)}; "
-                           "--config.data.split)")
+        raise DatasetError(
+            f"{path}: has no split {split!r} (it has {sorted(builder.info.splits)}; --config.data.split)"
+        )
     source = builder.as_data_source(split, decoders={"frames": _KeepEncoded()})
     return source, info

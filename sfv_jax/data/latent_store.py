@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from flax import serialization
@@ -67,8 +68,10 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise LatentStoreError(f"--config.data.path={folder}: no such folder")
     if not (folder / INFO).is_file():
-        raise LatentStoreError(f"{folder}: no {INFO}: not a latent dataset, or its encode did not finish "
-                               f"(run python -m sfv_jax.tools.encode_dataset again)")
+        raise LatentStoreError(
+            f"{folder}: no {INFO}: not a latent dataset, or its encode did not finish "
+            f"(run python -m sfv_jax.tools.encode_dataset again)"
+        )
     return json.loads((folder / INFO).read_text())
 
 

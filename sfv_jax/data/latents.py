@@ -8,14 +8,15 @@ encoded on the fly with the JAX VAE and CLIP image encoder exactly as the SVD pi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
-from sfv_jax import conditioning
+from sfv_jax.diffusion import conditioning
 
 
 @dataclasses.dataclass
@@ -44,10 +45,12 @@ class ClipEncoder:
         self._shard = None
         if self.devices is not None and len(self.devices) > 1:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
             mesh = Mesh(np.asarray(self.devices), ("batch",))
             self._shard = NamedSharding(mesh, PartitionSpec("batch"))
             self.vae_params, self.image_encoder_params = jax.device_put(
-                (self.vae_params, self.image_encoder_params), NamedSharding(mesh, PartitionSpec()))
+                (self.vae_params, self.image_encoder_params), NamedSharding(mesh, PartitionSpec())
+            )
         vae, clip = self.vae.clone(dtype=jnp.float32), self.image_encoder
         scale = vae.config.scaling_factor
 
@@ -55,27 +58,45 @@ class ClipEncoder:
             b, f = frames.shape[:2]
             x = frames.astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
             lat = vae.apply({"params": vae_params}, x.reshape(b * f, *x.shape[2:]), method=vae.encode)
-            noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(self.seed), i),
-                                                         x.shape[2:]))(index)
+            noise = jax.vmap(
+                lambda i: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(self.seed), i), x.shape[2:])
+            )(index)
             cond = vae.apply({"params": vae_params}, x[:, 0] + aug[:, None, None, None] * noise, method=vae.encode)
             embeds = clip.apply({"params": clip_params}, clip_px)
             return lat.reshape(b, f, *lat.shape[1:]) * scale, cond, embeds
 
         self._encode = jax.jit(encode)
 
-    def __call__(self, frames: np.ndarray, index: np.ndarray, *, fps: float, motion_bucket_ids: Sequence[float],
-                 noise_aug_strength: float) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        frames: np.ndarray,
+        index: np.ndarray,
+        *,
+        fps: float,
+        motion_bucket_ids: Sequence[float],
+        noise_aug_strength: float,
+    ) -> dict[str, np.ndarray]:
         size = self.image_encoder.config.image_size
-        clip_px = np.stack([conditioning.clip_pixels(PIL.Image.fromarray(np.asarray(f[0])), size, self.clip_mean,
-                                                     self.clip_std) for f in frames])
+        clip_px = np.stack(
+            [
+                conditioning.clip_pixels(PIL.Image.fromarray(np.asarray(f[0])), size, self.clip_mean, self.clip_std)
+                for f in frames
+            ]
+        )
         b = frames.shape[0]
         aug = np.full((b,), noise_aug_strength, np.float32)
         inputs = (np.asarray(frames), clip_px, np.asarray(index, np.int32), aug)
         if self._shard is not None:
             pad = -b % len(self.devices)
             inputs = jax.device_put(tuple(np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in inputs), self._shard)
-        lat, cond, embeds = (np.asarray(x)[:b] for x in self._encode(self.vae_params, self.image_encoder_params,
-                                                                      *inputs))
+        lat, cond, embeds = (
+            np.asarray(x)[:b] for x in self._encode(self.vae_params, self.image_encoder_params, *inputs)
+        )
         ids = np.stack([np.full(b, fps - 1.0), np.asarray(motion_bucket_ids, np.float32), aug], axis=1)
-        return {"latents": lat, "image_latents": cond, "image_embeds": embeds,
-                "added_time_ids": ids.astype(np.float32), "index": np.asarray(index, np.int32)}
+        return {
+            "latents": lat,
+            "image_latents": cond,
+            "image_embeds": embeds,
+            "added_time_ids": ids.astype(np.float32),
+            "index": np.asarray(index, np.int32),
+        }

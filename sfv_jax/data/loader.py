@@ -3,7 +3,7 @@
 A training step consumes samples ``position .. position + k * m`` (k = ``data.accum_steps``, m = the
 global micro batch) in train_steps' ``[k, m, ...]`` layout: sample ``position + i * m + r`` sits at
 ``[i, r]``. A process loads only its rows r (``sharding.Plan.local_rows``), so processes read disjoint
-samples that together cover every position, and :meth:`sfv_jax.sharding.Plan.global_batch` assembles
+samples that together cover every position, and :meth:`sfv_jax.parallel.sharding.Plan.global_batch` assembles
 the global, sharded ``jax.Array``s (``jax.make_array_from_process_local_data``).
 
     loader = Loader(config, encoder, global_micro=m, rows=plan.local_rows(m))
@@ -30,8 +30,9 @@ from sfv_jax.data.sources import ClipSource, DataConfigError
 
 
 class Loader:
-    def __init__(self, config, encoder=None, *, global_micro: int | None = None, rows=None,
-                 source: ClipSource | None = None):
+    def __init__(
+        self, config, encoder=None, *, global_micro: int | None = None, rows=None, source: ClipSource | None = None
+    ):
         d = config.data
         self.config, self.encoder = config, encoder
         self.source = source or ClipSource(config)
@@ -58,14 +59,15 @@ class Loader:
         else:
             frames = np.stack([e["frames"] for e in examples])
             buckets = clips.motion_bucket_ids(d.motion_bucket_id, [e["motion_score"] for e in examples])
-            batch = self.encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets,
-                                 noise_aug_strength=d.noise_aug_strength)
+            batch = self.encoder(
+                frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength
+            )
         return {k: v.reshape(self.k, len(self.rows), *v.shape[1:]) for k, v in batch.items()}
 
-    def iterator(self, position: int, num_steps: int) -> "BatchIterator":
+    def iterator(self, position: int, num_steps: int) -> BatchIterator:
         return BatchIterator(self, position, num_steps)
 
-    def iterator_from_state(self, state: dict[str, Any], num_steps: int) -> "BatchIterator":
+    def iterator_from_state(self, state: dict[str, Any], num_steps: int) -> BatchIterator:
         it = BatchIterator(self, int(state["position"]), num_steps)
         it.set_state(state)
         return it
@@ -101,14 +103,26 @@ class BatchIterator:
     def get_state(self) -> dict[str, Any]:
         """JSON: where the next batch starts, and what it reads (checked by :meth:`set_state`)."""
         src = self.loader.source
-        return {"position": self.position, "kind": src.kind, "records": len(src), "seed": src.seed,
-                "samples_per_step": self.loader.per_step}
+        return {
+            "position": self.position,
+            "kind": src.kind,
+            "records": len(src),
+            "seed": src.seed,
+            "samples_per_step": self.loader.per_step,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         src = self.loader.source
         if (state.get("kind"), state.get("records"), state.get("seed")) != (src.kind, len(src), src.seed):
-            logging.warning("the data iterator state was saved for %s data (%s records, seed %s); this run reads "
-                            "%s (%d records, seed %d): the stream continues at position %d but differs",
-                            state.get("kind"), state.get("records"), state.get("seed"), src.kind, len(src),
-                            src.seed, state["position"])
+            logging.warning(
+                "the data iterator state was saved for %s data (%s records, seed %s); this run reads "
+                "%s (%d records, seed %d): the stream continues at position %d but differs",
+                state.get("kind"),
+                state.get("records"),
+                state.get("seed"),
+                src.kind,
+                len(src),
+                src.seed,
+                state["position"],
+            )
         self._start(int(state["position"]), self._done)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from sfv_jax.data import clips
-from sfv_jax.data.latent_store import FIELDS
+from sfv_jax.data.folder import DatasetError, open_folder_dataset
+from sfv_jax.data.latent_store import FIELDS, SAMPLE_FRAME, LatentSource, LatentStoreError
 from sfv_jax.data.synthetic import synthetic_clip
 
 KINDS = ("synthetic", "folder", "ucf101", "latents")
@@ -50,7 +51,8 @@ def _tfds_source(d):
             f"--config.data.tfds_name={d.tfds_name} (split {d.split!r}, data_dir {d.tfds_data_dir}): cannot open it "
             f"as a data source ({type(e).__name__}: {e}). Prepare it once on a machine with internet: "
             f"`tfds build {d.tfds_name} --file_format=array_record --data_dir DIR`, then pass "
-            f"--config.data.tfds_data_dir=DIR") from e
+            f"--config.data.tfds_data_dir=DIR"
+        ) from e
 
 
 class ClipSource:
@@ -68,7 +70,6 @@ class ClipSource:
         if self.kind == "synthetic":
             self.records = None
         elif self.kind == "folder":
-            from sfv_jax.data.folder import DatasetError, open_folder_dataset
             if not d.path:
                 raise DataConfigError("--config.data.path: the folder dataset to read (data.kind=folder)")
             try:
@@ -80,14 +81,18 @@ class ClipSource:
                 raise DataConfigError(
                     f"--config.data.path={d.path} holds {got[1]}x{got[2]} frames at {got[0]:g} fps but the config "
                     f"trains on {d.height}x{d.width} at {d.fps:g} fps (--config.data.height/width/fps); rebuild it "
-                    f"or change the config")
+                    f"or change the config"
+                )
             if self.info["min_frames"] < d.num_frames:
-                logging.warning("%s was built with --min-frames %d < data.num_frames %d: short videos are replaced",
-                                d.path, self.info["min_frames"], d.num_frames)
+                logging.warning(
+                    "%s was built with --min-frames %d < data.num_frames %d: short videos are replaced",
+                    d.path,
+                    self.info["min_frames"],
+                    d.num_frames,
+                )
         elif self.kind == "ucf101":
             self.records = _tfds_source(d)
         else:
-            from sfv_jax.data.latent_store import LatentSource, LatentStoreError
             if not d.path:
                 raise DataConfigError("--config.data.path: the latent dataset to read (data.kind=latents)")
             try:
@@ -98,9 +103,12 @@ class ClipSource:
             want = {"num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": self.fps}
             bad = {k: (self.info[k], v) for k, v in want.items() if self.info[k] != v}
             if bad:
-                raise DataConfigError(f"--config.data.path={d.path} was encoded with " + ", ".join(
-                    f"data.{k}={a}" for k, (a, _) in bad.items()) + " but the config has " + ", ".join(
-                    f"--config.data.{k}={b}" for k, (_, b) in bad.items()))
+                raise DataConfigError(
+                    f"--config.data.path={d.path} was encoded with "
+                    + ", ".join(f"data.{k}={a}" for k, (a, _) in bad.items())
+                    + " but the config has "
+                    + ", ".join(f"--config.data.{k}={b}" for k, (_, b) in bad.items())
+                )
         if self.records is not None and len(self.records) == 0:
             raise DataConfigError(f"--config.data ({self.kind}): the dataset has no records")
 
@@ -128,7 +136,7 @@ class ClipSource:
             return {"frames": frames, "motion_score": clips.motion_score(frames), "record": position}
         n = len(self.records)
         r = int(record)
-        for attempt in range(n):
+        for _attempt in range(n):
             rec = self.records[r]
             if self.kind == "latents":
                 return {**{k: np.asarray(rec[k]) for k in FIELDS}, "record": r}
@@ -138,15 +146,18 @@ class ClipSource:
             with self._lock:
                 self.too_short += 1
             r = (r + _STRIDE) % n
-        raise DataConfigError(f"--config.data.num_frames={self.num_frames}: no record of the {self.kind} dataset "
-                              f"has that many frames at {self.fps:g} fps")
+        raise DataConfigError(
+            f"--config.data.num_frames={self.num_frames}: no record of the {self.kind} dataset "
+            f"has that many frames at {self.fps:g} fps"
+        )
 
     def first_clip(self, record: int) -> np.ndarray | None:
         """uint8 [F, H, W, 3]: the first ``data.num_frames`` frames of ``record`` (at ``data.fps``, resized),
         or None if it is shorter (folder and ucf101 kinds; the FVD protocol's real clips)."""
         if self.records is None or self.kind == "latents":
-            raise DataConfigError(f"--config.data.kind={self.kind}: clips from the start of a video need a folder "
-                                  "or ucf101 dataset")
+            raise DataConfigError(
+                f"--config.data.kind={self.kind}: clips from the start of a video need a folder or ucf101 dataset"
+            )
         return self._window(self.records[int(record)], None)
 
     def _window(self, rec: dict[str, Any], rng: np.random.Generator | None) -> np.ndarray | None:
@@ -157,13 +168,13 @@ class ClipSource:
             if len(jpegs) < f:
                 return None
             s = clips.window_start(len(jpegs), f, rng) if rng is not None else 0
-            return np.stack([clips.decode_jpeg(j) for j in jpegs[s:s + f]])
+            return np.stack([clips.decode_jpeg(j) for j in jpegs[s : s + f]])
         video = rec["video"]  # ucf101: [T, h, w, 3] at data.source_fps
         idx = clips.resample_indices(len(video), float(self.config.data.source_fps), self.fps)
         if len(idx) < f:
             return None
         s = clips.window_start(len(idx), f, rng) if rng is not None else 0
-        return np.stack([clips.resize_crop(np.asarray(video[i]), self.height, self.width) for i in idx[s:s + f]])
+        return np.stack([clips.resize_crop(np.asarray(video[i]), self.height, self.width) for i in idx[s : s + f]])
 
     def sample_frame(self) -> np.ndarray:
         """uint8 [H, W, 3]: the trainer's fixed sample conditioning image (first frame of record 0)."""
@@ -171,7 +182,7 @@ class ClipSource:
             return synthetic_clip(self.config.seed + 10_000_019, 0, self.num_frames, self.height, self.width)[0]
         if self.kind == "latents":
             from PIL import Image
-            from sfv_jax.data.latent_store import SAMPLE_FRAME
+
             with Image.open(Path(self.config.data.path) / SAMPLE_FRAME) as img:
                 return np.asarray(img.convert("RGB"))
         return self.example(0, 0)["frames"][0]

@@ -38,16 +38,24 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def synthetic_clip(seed: int, index: int, num_frames: int, height: int, width: int) -> np.ndarray:
     """Clip ``index`` of the synthetic dataset ``seed``: uint8 [num_frames, height, width, 3]."""
     rng = np.random.default_rng([seed, index])
-    yy, xx = np.meshgrid(np.linspace(0, 1, height, dtype=np.float32), np.linspace(0, 1, width, dtype=np.float32),
-                         indexing="ij")
+    yy, xx = np.meshgrid(
+        np.linspace(0, 1, height, dtype=np.float32), np.linspace(0, 1, width, dtype=np.float32), indexing="ij"
+    )
     drift = rng.uniform(-0.03, 0.03, 2)
     bg_params = rng.integers(0, 2**31)
     shapes = []
     for _ in range(rng.integers(1, 4)):
-        shapes.append({
-            "kind": str(rng.choice(["disc", "square", "triangle"])), "radius": rng.uniform(0.1, 0.25),
-            "pos": rng.uniform(0.25, 0.75, 2), "vel": rng.uniform(-0.08, 0.08, 2), "angle": rng.uniform(0, 2 * np.pi),
-            "spin": rng.uniform(-0.4, 0.4), "texture_seed": rng.integers(0, 2**31)})
+        shapes.append(
+            {
+                "kind": str(rng.choice(["disc", "square", "triangle"])),
+                "radius": rng.uniform(0.1, 0.25),
+                "pos": rng.uniform(0.25, 0.75, 2),
+                "vel": rng.uniform(-0.08, 0.08, 2),
+                "angle": rng.uniform(0, 2 * np.pi),
+                "spin": rng.uniform(-0.4, 0.4),
+                "texture_seed": rng.integers(0, 2**31),
+            }
+        )
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     aspect = width / height
     for t in range(num_frames):

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sfv_jax.evaluation import i3d
 
@@ -59,8 +61,14 @@ class I3DFeatures:
     ``batch_size`` videos per device per call; N need not divide anything (the last call is padded).
     ``dtype`` is the compute dtype (float32 gives the reference numbers)."""
 
-    def __init__(self, variables: dict | None = None, *, devices: Sequence[Any] | None = None,
-                 batch_size: int = 4, dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        variables: dict | None = None,
+        *,
+        devices: Sequence[Any] | None = None,
+        batch_size: int = 4,
+        dtype: Any = jnp.float32,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.devices = list(devices) if devices is not None else jax.local_devices()
@@ -85,11 +93,12 @@ class I3DFeatures:
         if videos.shape[1] < i3d.MIN_FRAMES:
             raise ValueError(f"FVD needs at least {i3d.MIN_FRAMES} frames per video (I3D); got {videos.shape[1]}")
         if videos.dtype != np.uint8:
-            raise ValueError(f"videos must be uint8 in [0, 255]; got {videos.dtype} (video_io.to_uint8 converts "
-                             "[0, 1] floats)")
+            raise ValueError(
+                f"videos must be uint8 in [0, 255]; got {videos.dtype} (video_io.to_uint8 converts [0, 1] floats)"
+            )
         out = []
         for i in range(0, len(videos), self.step):
-            chunk = videos[i:i + self.step]
+            chunk = videos[i : i + self.step]
             n = len(chunk)
             if n < self.step:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.step - n, axis=0)])
@@ -108,11 +117,11 @@ class FeatureStats:
     m2: np.ndarray
 
     @classmethod
-    def empty(cls, dim: int = FEATURE_DIM) -> "FeatureStats":
+    def empty(cls, dim: int = FEATURE_DIM) -> FeatureStats:
         return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
 
     @classmethod
-    def of(cls, features: np.ndarray) -> "FeatureStats":
+    def of(cls, features: np.ndarray) -> FeatureStats:
         f = np.asarray(features, np.float64)
         if f.ndim != 2:
             raise ValueError(f"features must be [N, D]; got shape {f.shape}")
@@ -120,7 +129,7 @@ class FeatureStats:
         centred = f - mean
         return cls(len(f), mean, centred.T @ centred)
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         """Chan et al.'s pairwise update: exact, in any order."""
         if self.mean.shape != other.mean.shape:
             raise ValueError(f"feature sizes differ: {self.mean.shape} vs {other.mean.shape}")
@@ -134,7 +143,7 @@ class FeatureStats:
         m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
         return FeatureStats(n, mean, m2)
 
-    def update(self, features: np.ndarray) -> "FeatureStats":
+    def update(self, features: np.ndarray) -> FeatureStats:
         """Add a batch [n, D] in place (and return self)."""
         merged = self.merge(FeatureStats.of(features))
         self.n, self.mean, self.m2 = merged.n, merged.mean, merged.m2
@@ -157,7 +166,7 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
         with np.load(path, allow_pickle=False) as z:
             return cls(int(z["n"]), np.asarray(z["mean"], np.float64), np.asarray(z["m2"], np.float64))
 
@@ -172,8 +181,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
-    for name, a, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("sigma1", sigma1, (d, d)),
-                           ("sigma2", sigma2, (d, d))):
+    for name, a, shape in (
+        ("mu1", mu1, (d,)),
+        ("mu2", mu2, (d,)),
+        ("sigma1", sigma1, (d, d)),
+        ("sigma2", sigma2, (d, d)),
+    ):
         if a.shape != shape:
             raise ValueError(f"{name} has shape {a.shape}; expected {shape} (means [D], covariances [D, D])")
         if not np.all(np.isfinite(a)):

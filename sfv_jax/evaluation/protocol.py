@@ -24,18 +24,30 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from sfv_jax.data.sources import DataConfigError
+from sfv_jax.data import video_io
+from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
 
-DATA_KEYS = ("kind", "path", "split", "tfds_name", "tfds_data_dir", "source_fps", "fps", "num_frames", "height",
-             "width")
+DATA_KEYS = (
+    "kind",
+    "path",
+    "split",
+    "tfds_name",
+    "tfds_data_dir",
+    "source_fps",
+    "fps",
+    "num_frames",
+    "height",
+    "width",
+)
 
 
 def digest(obj: Any) -> str:
@@ -45,8 +57,11 @@ def digest(obj: Any) -> str:
 
 def data_identity(config: ml_collections.ConfigDict) -> dict:
     """What defines the reference set: the dataset, the clip geometry, N and the selection seed."""
-    return {**{k: config.data.get(k) for k in DATA_KEYS}, "num_videos": config.eval.num_videos,
-            "seed": config.eval.seed}
+    return {
+        **{k: config.data.get(k) for k in DATA_KEYS},
+        "num_videos": config.eval.num_videos,
+        "seed": config.eval.seed,
+    }
 
 
 def write_atomic(path: Path, write: Any) -> Path:
@@ -64,29 +79,36 @@ class Reference:
 
     folder: Path
     records: list[int]
-    first_frames: np.ndarray   # uint8 [N, H, W, 3]
+    first_frames: np.ndarray  # uint8 [N, H, W, 3]
     stats: FeatureStats
     seconds_per_video: dict[str, float]
 
     @classmethod
-    def load(cls, folder: Path) -> "Reference":
+    def load(cls, folder: Path) -> Reference:
         meta = json.loads((folder / "records.json").read_text())
-        return cls(folder, meta["records"], np.load(folder / "first_frames.npy", allow_pickle=False),
-                   FeatureStats.load(folder / "real_stats.npz"), meta["seconds_per_video"])
+        return cls(
+            folder,
+            meta["records"],
+            np.load(folder / "first_frames.npy", allow_pickle=False),
+            FeatureStats.load(folder / "real_stats.npz"),
+            meta["seconds_per_video"],
+        )
 
 
 def reference_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     return workdir / "reference" / digest(data_identity(config))
 
 
-def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I3DFeatures,
-                    progress: Any = None) -> Reference:
+def build_reference(
+    config: ml_collections.ConfigDict, folder: Path, features: I3DFeatures, progress: Any = None
+) -> Reference:
     """Select the videos, keep their first frames, and fit the real clips' I3D features (module doc)."""
-    from sfv_jax.data.sources import PIXEL_KINDS, ClipSource
 
     if config.data.kind not in PIXEL_KINDS or config.data.kind == "synthetic":
-        raise DataConfigError(f"--config.data.kind={config.data.kind}: FVD's real videos come from a dataset of "
-                              "videos: ucf101 (TFDS) or folder (python -m sfv_jax.tools.build_dataset)")
+        raise DataConfigError(
+            f"--config.data.kind={config.data.kind}: FVD's real videos come from a dataset of "
+            "videos: ucf101 (TFDS) or folder (python -m sfv_jax.tools.build_dataset)"
+        )
     source = ClipSource(config)
     n_want = int(config.eval.num_videos)
     order = np.random.default_rng(config.eval.seed).permutation(len(source))
@@ -97,9 +119,9 @@ def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(order), block):
             t0 = time.perf_counter()
-            ids = order[start:start + block].tolist()
+            ids = order[start : start + block].tolist()
             found = [(r, c) for r, c in zip(ids, pool.map(source.first_clip, ids)) if c is not None]
-            found = found[:n_want - len(records)]
+            found = found[: n_want - len(records)]
             read_s += time.perf_counter() - t0
             if found:
                 t0 = time.perf_counter()
@@ -113,12 +135,17 @@ def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I
                 break
     if len(records) < n_want:
         raise DataConfigError(
-            f"--config.eval.num_videos={n_want}: the {config.data.kind} dataset ({config.data.get('path') or config.data.tfds_name}, "
+            f"--config.eval.num_videos={n_want}: the {config.data.kind} dataset "
+            f"({config.data.get('path') or config.data.tfds_name}, "
             f"split {config.data.split}) has only {len(records)} videos of at least {config.data.num_frames} frames at "
-            f"{config.data.fps:g} fps out of {len(source)}; lower --config.eval.num_videos")
+            f"{config.data.fps:g} fps out of {len(source)}; lower --config.eval.num_videos"
+        )
     first_frames = np.stack(first)
-    meta = {"identity": data_identity(config), "records": [int(r) for r in records],
-            "seconds_per_video": {"read": read_s / n_want, "i3d": i3d_s / n_want}}
+    meta = {
+        "identity": data_identity(config),
+        "records": [int(r) for r in records],
+        "seconds_per_video": {"read": read_s / n_want, "i3d": i3d_s / n_want},
+    }
     write_atomic(folder / "first_frames.npy", lambda p: np.save(p, first_frames))
     stats.save(folder / "real_stats.npz")  # atomic itself
     write_atomic(folder / "records.json", lambda p: p.write_text(json.dumps(meta, indent=1)))  # last: the marker
@@ -126,6 +153,7 @@ def build_reference(config: ml_collections.ConfigDict, folder: Path, features: I
 
 
 # ---------------------------------------------------------------------------------------------- chunks
+
 
 def chunks(num_videos: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, stop) of every chunk, in order."""
@@ -141,10 +169,15 @@ def chunk_path(row_folder: Path, chunk: int) -> Path:
     return row_folder / f"chunk_{chunk:05d}.npz"
 
 
-def write_chunk(path: Path, indices: np.ndarray, features: np.ndarray, seconds: dict[str, float],
-                videos: np.ndarray | None) -> Path:
-    arrays = {"indices": indices, "features": features, "stages": np.asarray(list(seconds)),
-              "seconds": np.asarray(list(seconds.values()), np.float64)}
+def write_chunk(
+    path: Path, indices: np.ndarray, features: np.ndarray, seconds: dict[str, float], videos: np.ndarray | None
+) -> Path:
+    arrays = {
+        "indices": indices,
+        "features": features,
+        "stages": np.asarray(list(seconds)),
+        "seconds": np.asarray(list(seconds.values()), np.float64),
+    }
     if videos is not None:
         arrays["videos"] = videos
     return write_atomic(path, lambda p: np.savez(p, **arrays))
@@ -152,9 +185,12 @@ def write_chunk(path: Path, indices: np.ndarray, features: np.ndarray, seconds: 
 
 def read_chunk(path: Path) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
-        return {"indices": z["indices"], "features": z["features"],
-                "seconds": dict(zip(z["stages"].tolist(), z["seconds"].tolist())),
-                "videos": z["videos"] if "videos" in z.files else None}
+        return {
+            "indices": z["indices"],
+            "features": z["features"],
+            "seconds": dict(zip(z["stages"].tolist(), z["seconds"].tolist())),
+            "videos": z["videos"] if "videos" in z.files else None,
+        }
 
 
 def iter_row_features(row_folder: Path, num_videos: int, chunk_size: int) -> Iterator[dict[str, Any]]:
@@ -162,12 +198,15 @@ def iter_row_features(row_folder: Path, num_videos: int, chunk_size: int) -> Ite
     for c, (start, stop) in enumerate(chunks(num_videos, chunk_size)):
         path = chunk_path(row_folder, c)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing. Is --workdir on a file system every host shares? Rerun to "
-                                    "generate it.")
+            raise FileNotFoundError(
+                f"{path}: missing. Is --workdir on a file system every host shares? Rerun to generate it."
+            )
         chunk = read_chunk(path)
         if chunk["indices"].tolist() != list(range(start, stop)):
-            raise ValueError(f"{path}: holds videos {chunk['indices'].tolist()[:3]}..., not {start}..{stop - 1} "
-                             "(written with another eval.chunk_size? use a new --workdir)")
+            raise ValueError(
+                f"{path}: holds videos {chunk['indices'].tolist()[:3]}..., not {start}..{stop - 1} "
+                "(written with another eval.chunk_size? use a new --workdir)"
+            )
         yield chunk
 
 
@@ -177,11 +216,12 @@ def to_fvd_size(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     1024x576 -> 320x240 as the paper)."""
     from PIL import Image
 
-    from sfv_jax import video_io
-
     out = np.empty((*frames.shape[:2], height, width, 3), np.uint8)
     for b, video in enumerate(frames):
         for f, frame in enumerate(video_io.to_uint8(video)):
-            out[b, f] = frame if frame.shape[:2] == (height, width) else np.asarray(
-                Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+            out[b, f] = (
+                frame
+                if frame.shape[:2] == (height, width)
+                else np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+            )
     return out

@@ -38,15 +38,16 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
     return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                          implementation: str | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str | None = None
+) -> jax.Array:
     """Exact softmax attention, ``q`` [N, T, H, D], ``k``/``v`` [N, S, H, D] -> [N, T, H, D].
 
     ``"chunked"`` loops over blocks of <= 128 queries (``lax.map``) so the scores of a block stay in
     cache: on XLA:CPU it is ~2.4x faster than one [T, S] score matrix, and it bounds memory to
-    O(block * S) anywhere, gradients included (each block is rematerialised in the backward pass). ``"xla"`` / ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN is the
-    fused flash kernel for bf16 / fp16 on NVIDIA GPUs). ``None`` picks "chunked" on a CPU and lets JAX
-    choose elsewhere.
+    O(block * S) anywhere, gradients included (each block is rematerialised in the backward pass).
+    ``"xla"`` / ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN is the fused flash kernel for bf16 /
+    fp16 on NVIDIA GPUs). ``None`` picks "chunked" on a CPU and lets JAX choose elsewhere.
     """
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
@@ -113,7 +114,7 @@ class Attention(nn.Module):
             t = jnp.broadcast_to(t, lead + t.shape[-2:])
             return t.reshape(n, t.shape[-2], self.heads, self.head_dim)
 
-        out = dot_product_attention(heads(q), heads(k), heads(v), self.head_dim ** -0.5, self.attention_impl)
+        out = dot_product_attention(heads(q), heads(k), heads(v), self.head_dim**-0.5, self.attention_impl)
         out = out.reshape(*lead, x.shape[-2], inner)
         out = dense(self.out_dim or x.shape[-1], ("heads", "embed"), name=out_name, **kw)(out)
         return out + residual.astype(out.dtype) if self.residual else out
@@ -128,8 +129,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(2 * self.inner_dim, ("embed", "mlp"), name="proj", dtype=self.dtype,
-                  param_dtype=self.param_dtype)(x)
+        h = dense(2 * self.inner_dim, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
@@ -202,7 +202,8 @@ class TransformerSpatioTemporal(nn.Module):
         h = dense(c, ("embed", "embed_out"), name="proj_in", **kw)(h)
         ctx = context[:, None].astype(self.dtype)  # [B, 1, S, C_ctx]: broadcast over frames / pixels
         frame_pos = TimestepEmbedding(4 * c, c, name="time_pos_embed", **kw)(
-            timestep_embedding(jnp.arange(f), c).astype(self.dtype))  # [F, C]
+            timestep_embedding(jnp.arange(f), c).astype(self.dtype)
+        )  # [F, C]
         mixer = AlphaBlender(0.5, False, self.param_dtype, name="time_mixer")
         for i in range(self.num_layers):
             h = BasicTransformerBlock(name=f"transformer_blocks_{i}", **blk)(h, ctx)

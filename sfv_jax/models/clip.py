@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,7 +50,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_transformers(cls, cfg: Mapping[str, Any]) -> "CLIPVisionConfig":
+    def from_transformers(cls, cfg: Mapping[str, Any]) -> CLIPVisionConfig:
         """From a ``CLIPVisionConfig`` dict (or a full ``CLIPConfig`` with a ``vision_config``)."""
         archs = cfg.get("architectures") or [CLASS_NAME]
         if CLASS_NAME not in archs:
@@ -64,13 +65,18 @@ class CLIPVisionConfig:
 
     def validate(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"image encoder config: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"image encoder config: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"image encoder config: hidden_size {self.hidden_size} does not split into "
-                             f"{self.num_attention_heads} heads")
+            raise ValueError(
+                f"image encoder config: hidden_size {self.hidden_size} does not split into "
+                f"{self.num_attention_heads} heads"
+            )
         if self.image_size % self.patch_size:
-            raise ValueError(f"image encoder config: image_size {self.image_size} is not a multiple of "
-                             f"patch_size {self.patch_size}")
+            raise ValueError(
+                f"image encoder config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     def to_transformers(self) -> dict[str, Any]:
         return {"architectures": [CLASS_NAME], "model_type": "clip_vision_model", **dataclasses.asdict(self)}
@@ -91,15 +97,34 @@ class CLIPEmbeddings(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         cfg = self.config
         d = cfg.hidden_size
-        cls_token = self.param("class_embedding", nn.with_logical_partitioning(
-            nn.initializers.normal(d ** -0.5), ("embed",)), (d,), self.param_dtype)
-        patches = conv(d, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size, padding="VALID", use_bias=False,
-                       name="patch_embedding", dtype=self.dtype, param_dtype=self.param_dtype)(pixels.astype(self.dtype))
+        cls_token = self.param(
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(d**-0.5), ("embed",)),
+            (d,),
+            self.param_dtype,
+        )
+        patches = conv(
+            d,
+            (cfg.patch_size, cfg.patch_size),
+            strides=cfg.patch_size,
+            padding="VALID",
+            use_bias=False,
+            name="patch_embedding",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(pixels.astype(self.dtype))
         b = patches.shape[0]
-        tokens = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, d)),
-                                  patches.reshape(b, -1, d)], axis=1)
-        pos = nn.Embed(cfg.num_positions, d, dtype=self.dtype, param_dtype=self.param_dtype, name="position_embedding",
-                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, d)), patches.reshape(b, -1, d)], axis=1
+        )
+        pos = nn.Embed(
+            cfg.num_positions,
+            d,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="position_embedding",
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
         return tokens + pos(jnp.arange(cfg.num_positions))[None]
 
 
@@ -114,7 +139,9 @@ class CLIPMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(self.config.intermediate_size, ("embed", "mlp"), name="fc1", **kw)(x)
-        return dense(self.config.hidden_size, ("mlp", "embed"), name="fc2", **kw)(ACTIVATIONS[self.config.hidden_act](h))
+        return dense(self.config.hidden_size, ("mlp", "embed"), name="fc2", **kw)(
+            ACTIVATIONS[self.config.hidden_act](h)
+        )
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -130,9 +157,15 @@ class CLIPEncoderLayer(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = cfg.layer_norm_eps
-        attn = Attention(cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads, qkv_bias=True,
-                         attention_impl=self.attention_impl, names=("q_proj", "k_proj", "v_proj", "out_proj"),
-                         name="self_attn", **kw)
+        attn = Attention(
+            cfg.num_attention_heads,
+            cfg.hidden_size // cfg.num_attention_heads,
+            qkv_bias=True,
+            attention_impl=self.attention_impl,
+            names=("q_proj", "k_proj", "v_proj", "out_proj"),
+            name="self_attn",
+            **kw,
+        )
         x = x + attn(layer_norm(eps, name="layer_norm1", **kw)(x))
         return x + CLIPMLP(cfg, name="mlp", **kw)(layer_norm(eps, name="layer_norm2", **kw)(x))
 
@@ -183,8 +216,10 @@ class CLIPVisionWithProjection(nn.Module):
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"image encoder: pixel_values must be [B, {', '.join(map(str, expected))}], "
-                             f"got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"image encoder: pixel_values must be [B, {', '.join(map(str, expected))}], "
+                f"got {tuple(pixel_values.shape)}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pooled = CLIPVisionTransformer(cfg, self.attention_impl, name="vision_model", **kw)(pixel_values)
         return dense(cfg.projection_dim, ("embed", "embed_out"), use_bias=False, name="visual_projection", **kw)(pooled)

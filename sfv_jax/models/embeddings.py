@@ -15,8 +15,14 @@ from sfv_jax.models.primitives import dense
 Dtype = Any
 
 
-def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
-                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
     """Sinusoidal features of (possibly fractional) timesteps, always in float32.
 
     ``t`` [N] -> [N, dim]. freq_i = exp(-ln(max_period) * i / (half - shift)), i < half = dim // 2;

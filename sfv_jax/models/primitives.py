@@ -18,7 +18,8 @@ result is cast back to the compute dtype, as PyTorch autocast does.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,8 +30,15 @@ Dtype = Any
 _default_kernel_init = nn.initializers.lecun_normal()
 
 
-def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), *, use_bias: bool = True,
-          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+def dense(
+    features: int,
+    axes: tuple[str, str] = ("embed", "mlp"),
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
     """A Dense layer whose kernel [in, out] carries logical names ``axes``."""
     return nn.Dense(
         features,
@@ -43,9 +51,17 @@ def dense(features: int, axes: tuple[str, str] = ("embed", "mlp"), *, use_bias: 
     )
 
 
-def conv(features: int, kernel_size: Sequence[int], *, strides: int | Sequence[int] = 1,
-         padding: Sequence[tuple[int, int]] | str, use_bias: bool = True, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+def conv(
+    features: int,
+    kernel_size: Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Sequence[tuple[int, int]] | str,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
     """A convolution with explicit padding; kernel [*window, in, out] carries logical names.
 
     A 2-D kernel (kh, kw) treats every leading axis but the last three as batch, so it runs per
@@ -67,8 +83,9 @@ def conv(features: int, kernel_size: Sequence[int], *, strides: int | Sequence[i
     )
 
 
-def layer_norm(epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.LayerNorm:
+def layer_norm(
+    epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.LayerNorm:
     """LayerNorm over the last axis with PyTorch's default epsilon (1e-5) and exact variance."""
     return nn.LayerNorm(
         epsilon=epsilon,
@@ -104,10 +121,12 @@ class GroupNorm(nn.Module):
         channels = x.shape[-1]
         if channels % self.num_groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {self.num_groups} groups")
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (channels,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                          (channels,), self.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (channels,), self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (channels,), self.param_dtype
+        )
         start = self.first_reduction_axis % x.ndim
         n = math.prod(x.shape[:start])
         per_group = channels // self.num_groups

@@ -39,15 +39,24 @@ class TemporalConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("kernel_t", "kernel_h", "kernel_w", "conv_in", "conv_out")),
-            (3, 1, 1, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                          (self.features,), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("kernel_t", "kernel_h", "kernel_w", "conv_in", "conv_out")
+            ),
+            (3, 1, 1, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            (self.features,),
+            self.param_dtype,
+        )
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         f = x.shape[1]
         xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-        out = sum(jnp.einsum("bfhwc,co->bfhwo", xp[:, i:i + f], kernel[i, 0, 0]) for i in range(3))
+        out = sum(jnp.einsum("bfhwc,co->bfhwo", xp[:, i : i + f], kernel[i, 0, 0]) for i in range(3))
         return out + bias
 
 
@@ -103,8 +112,12 @@ class AlphaBlender(nn.Module):
 
     @nn.compact
     def __call__(self, x_spatial: jax.Array, x_temporal: jax.Array) -> jax.Array:
-        mix = self.param("mix_factor", nn.with_logical_partitioning(
-            nn.initializers.constant(self.alpha), ("scalar",)), (1,), self.param_dtype)
+        mix = self.param(
+            "mix_factor",
+            nn.with_logical_partitioning(nn.initializers.constant(self.alpha), ("scalar",)),
+            (1,),
+            self.param_dtype,
+        )
         a = jax.nn.sigmoid(mix.astype(jnp.float32)).astype(x_spatial.dtype)
         if self.switch_spatial_to_temporal_mix:
             a = 1.0 - a
@@ -131,8 +144,9 @@ class SpatioTemporalResBlock(nn.Module):
         spatial = ResnetBlock(self.out_channels, self.eps, name="spatial_res_block", **kw)(x, temb)
         t_eps = self.eps if self.temporal_eps is None else self.temporal_eps
         temporal = ResnetBlock(self.out_channels, t_eps, temporal=True, name="temporal_res_block", **kw)(spatial, temb)
-        return AlphaBlender(0.5, self.switch_spatial_to_temporal_mix, self.param_dtype,
-                            name="time_mixer")(spatial, temporal)
+        return AlphaBlender(0.5, self.switch_spatial_to_temporal_mix, self.param_dtype, name="time_mixer")(
+            spatial, temporal
+        )
 
 
 class Downsample2D(nn.Module):
@@ -148,8 +162,15 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return conv(self.channels, (3, 3), strides=2, padding=self.padding, name="conv",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return conv(
+            self.channels,
+            (3, 3),
+            strides=2,
+            padding=self.padding,
+            name="conv",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 class Upsample2D(nn.Module):
@@ -170,9 +191,12 @@ class Upsample2D(nn.Module):
         if size is None or tuple(size) == (2 * h, 2 * w):
             x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
         else:
+
             def src(n_in: int, n_out: int) -> jax.Array:
                 idx = jnp.floor(jnp.arange(n_out, dtype=jnp.float32) * jnp.float32(n_in / n_out))
                 return jnp.minimum(idx.astype(jnp.int32), n_in - 1)
+
             x = jnp.take(jnp.take(x, src(h, size[0]), axis=-3), src(w, size[1]), axis=-2)
-        return conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return conv(
+            self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)

@@ -15,7 +15,8 @@ this code with the pretrained weights. Numerics follow ``shared/reference/svd_po
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,7 +71,7 @@ class UNetConfig:
     sample_size: int | None = 96
 
     @classmethod
-    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
+    def from_diffusers(cls, cfg: Mapping[str, Any]) -> UNetConfig:
         """Build from a diffusers config dict; ``_``-prefixed and unknown keys are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
@@ -90,8 +91,14 @@ class UNetConfig:
 
     def validate(self) -> None:
         n = len(self.block_out_channels)
-        for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
-                     "transformer_layers_per_block", "num_attention_heads"):
+        for name in (
+            "down_block_types",
+            "up_block_types",
+            "layers_per_block",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "num_attention_heads",
+        ):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"UNet config: `{name}` needs {n} entries (one per block_out_channels)")
         bad = [t for t in self.down_block_types if t not in (CROSS_DOWN, PLAIN_DOWN)]
@@ -132,8 +139,9 @@ class _BlockKit(nn.Module):
         return self._wrap(SpatioTemporalResBlock)(out, eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def transformer(self, heads: int, layers: int, name: str) -> nn.Module:
-        return self._wrap(TransformerSpatioTemporal)(heads, layers, self.attention_impl, dtype=self.dtype,
-                                                     param_dtype=self.param_dtype, name=name)
+        return self._wrap(TransformerSpatioTemporal)(
+            heads, layers, self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
 
 
 class DownBlock(_BlockKit):
@@ -148,8 +156,9 @@ class DownBlock(_BlockKit):
         for j in range(cfg.layers_per_block[i]):
             x = self.resnet(out, 1e-6 if cross else 1e-5, f"resnets_{j}")(x, temb)
             if cross:
-                x = self.transformer(cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
-                                     f"attentions_{j}")(x, context)
+                x = self.transformer(
+                    cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i], f"attentions_{j}"
+                )(x, context)
             skips.append(x)
         if i < len(cfg.block_out_channels) - 1:
             x = Downsample2D(out, dtype=self.dtype, param_dtype=self.param_dtype, name="downsamplers_0")(x)
@@ -165,7 +174,9 @@ class MidBlock(_BlockKit):
         cfg = self.config
         c = cfg.block_out_channels[-1]
         x = self.resnet(c, 1e-5, "resnets_0")(x, temb)
-        x = self.transformer(cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1], "attentions_0")(x, context)
+        x = self.transformer(cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1], "attentions_0")(
+            x, context
+        )
         return self.resnet(c, 1e-5, "resnets_1")(x, temb)
 
 
@@ -183,8 +194,9 @@ class UpBlock(_BlockKit):
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
             x = self.resnet(out, 1e-6, f"resnets_{j}")(x, temb)
             if cross:
-                x = self.transformer(cfg.num_attention_heads[rev], cfg.transformer_layers_per_block[rev],
-                                     f"attentions_{j}")(x, context)
+                x = self.transformer(
+                    cfg.num_attention_heads[rev], cfg.transformer_layers_per_block[rev], f"attentions_{j}"
+                )(x, context)
         if upsample_size is not None:
             x = Upsample2D(out, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(x, upsample_size)
         return nn.with_logical_constraint(x, VIDEO_AXES)
@@ -258,10 +270,20 @@ class UNetSpatioTemporal(nn.Module):
         return x
 
 
-def init_inputs(config: UNetConfig, batch: int = 1, frames: int | None = None, height: int = 8,
-                width: int = 8, dtype: Dtype = jnp.float32) -> tuple[jax.Array, ...]:
+def init_inputs(
+    config: UNetConfig,
+    batch: int = 1,
+    frames: int | None = None,
+    height: int = 8,
+    width: int = 8,
+    dtype: Dtype = jnp.float32,
+) -> tuple[jax.Array, ...]:
     """Zero inputs of the right shapes (for ``init`` / ``jax.eval_shape``): latent H, W; frames default
     to ``config.num_frames``."""
     f = frames or config.num_frames
-    return (jnp.zeros((batch, f, height, width, config.in_channels), dtype), jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, 1, config.cross_attention_dim[0]), dtype), jnp.zeros((batch, 3), jnp.float32))
+    return (
+        jnp.zeros((batch, f, height, width, config.in_channels), dtype),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, 1, config.cross_attention_dim[0]), dtype),
+        jnp.zeros((batch, 3), jnp.float32),
+    )

@@ -14,7 +14,8 @@ diffusers does in its pipeline).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,8 +27,8 @@ from sfv_jax.models.resnet import Downsample2D, ResnetBlock, SpatioTemporalResBl
 
 Dtype = Any
 CLASS_NAME = "AutoencoderKLTemporalDecoder"
-_VAE_EPS = 1e-6        # every spatial GroupNorm of the VAE
-_TEMPORAL_EPS = 1e-5   # the temporal res blocks' GroupNorm (pooled over the frames of a decode call)
+_VAE_EPS = 1e-6  # every spatial GroupNorm of the VAE
+_TEMPORAL_EPS = 1e-5  # the temporal res blocks' GroupNorm (pooled over the frames of a decode call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class VAEConfig:
     force_upcast: bool = True
 
     @classmethod
-    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
+    def from_diffusers(cls, cfg: Mapping[str, Any]) -> VAEConfig:
         cls_name = cfg.get("_class_name", CLASS_NAME)
         if cls_name != CLASS_NAME:
             raise ValueError(f"VAE config: _class_name is {cls_name!r}; sfv_jax ports {CLASS_NAME!r}")
@@ -62,7 +63,9 @@ class VAEConfig:
         if bad:
             raise ValueError(f"VAE config: unsupported down block types {bad} (only DownEncoderBlock2D)")
         if any(c % 32 for c in self.block_out_channels):
-            raise ValueError(f"VAE config: block_out_channels {list(self.block_out_channels)} must divide into 32 groups")
+            raise ValueError(
+                f"VAE config: block_out_channels {list(self.block_out_channels)} must divide into 32 groups"
+            )
         if self.layers_per_block != 2:
             # diffusers' MidBlockTemporalDecoder builds layers_per_block res blocks but runs only two
             # (res, attention, res); 2 is the only value where every weight is used (SVD's value).
@@ -95,8 +98,15 @@ class _Common(nn.Module):
     def res(self, out: int, temporal: bool, name: str) -> nn.Module:
         """Encoder: ResnetBlock2D without temb. Decoder: SpatioTemporalResBlock, VAE flavour."""
         if temporal:
-            return SpatioTemporalResBlock(out, _VAE_EPS, temporal_eps=_TEMPORAL_EPS, use_temb=False,
-                                          switch_spatial_to_temporal_mix=True, name=name, **self.kw)
+            return SpatioTemporalResBlock(
+                out,
+                _VAE_EPS,
+                temporal_eps=_TEMPORAL_EPS,
+                use_temb=False,
+                switch_spatial_to_temporal_mix=True,
+                name=name,
+                **self.kw,
+            )
         return ResnetBlock(out, _VAE_EPS, use_temb=False, name=name, **self.kw)
 
 
@@ -111,8 +121,16 @@ class VAEMidBlock(_Common):
         c = x.shape[-1]
         x = self.res(c, self.temporal, "resnets_0")(x)
         tokens = x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], c)
-        tokens = Attention(1, c, qkv_bias=True, attention_impl=self.attention_impl, group_norm_eps=_VAE_EPS,
-                           residual=True, name="attentions_0", **self.kw)(tokens)
+        tokens = Attention(
+            1,
+            c,
+            qkv_bias=True,
+            attention_impl=self.attention_impl,
+            group_norm_eps=_VAE_EPS,
+            residual=True,
+            name="attentions_0",
+            **self.kw,
+        )(tokens)
         return self.res(c, self.temporal, "resnets_1")(tokens.reshape(x.shape))
 
 
@@ -205,8 +223,9 @@ class AutoencoderKLTemporalDecoder(nn.Module):
     def _check(self, x: jax.Array, channels: int, what: str) -> None:
         f = self.config.downsample_factor if what == "image" else 1
         if x.shape[-1] != channels or x.shape[-2] % f or x.shape[-3] % f:
-            raise ValueError(f"VAE: {what} must be [..., H, W, {channels}] with H, W multiples of {f}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"VAE: {what} must be [..., H, W, {channels}] with H, W multiples of {f}, got {tuple(x.shape)}"
+            )
 
     def encode_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         self._check(x, self.config.in_channels, "image")
@@ -229,9 +248,9 @@ class AutoencoderKLTemporalDecoder(nn.Module):
         return self.decode(mean.reshape(b, f, *mean.shape[1:]))
 
 
-
-def decode_latents(vae: AutoencoderKLTemporalDecoder, params: Any, latents: jax.Array,
-                   chunk_size: int | None = None) -> jax.Array:
+def decode_latents(
+    vae: AutoencoderKLTemporalDecoder, params: Any, latents: jax.Array, chunk_size: int | None = None
+) -> jax.Array:
     """diffusers' ``StableVideoDiffusionPipeline.decode_latents`` (svd_port_spec 2.4), a pure function.
 
     ``latents`` [B, F, h, w, L] (scaled, as the UNet sees them) are divided by ``scaling_factor``,

@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import grain
+import jax
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
+from PIL import Image
+
+from sfv_jax import console  # noqa: I001  (first: quietens TensorFlow before anything imports it)
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.data import clips, latent_store
+from sfv_jax.data.latents import ClipEncoder
+from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
+from sfv_jax.parallel import sharding
+from sfv_jax.training import trainer as train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "training config (its data and model sections are used)",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "training config (its data and model sections are used)", lock_config=True
+)
 flags.DEFINE_string("out", None, "output latent dataset folder")
 flags.DEFINE_integer("batch_size", 0, "clips per encoder call per process (default: 2 x local devices)")
 flags.DEFINE_integer("limit", 0, "encode only the first N records (required for data.kind=synthetic)")
@@ -35,15 +47,6 @@ flags.mark_flags_as_required(["config", "out"])
 
 def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int = 0, overwrite: bool = False) -> dict:
     """Encode ``config.data``'s dataset into ``out``; returns the written info (``examples``, timings)."""
-    import grain
-    import jax
-    from PIL import Image
-
-    from sfv_jax import train
-    from sfv_jax.data import clips, latent_store
-    from sfv_jax.data.latents import ClipEncoder
-    from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
-
     d, out = config.data, Path(out).absolute()
     if d.kind not in PIXEL_KINDS:
         raise DataConfigError(f"--config.data.kind={d.kind}: encode a pixel dataset, one of {PIXEL_KINDS}")
@@ -74,11 +77,15 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     def records():
         for b in it:
             buckets = clips.motion_bucket_ids(d.motion_bucket_id, b["motion_score"])
-            enc = encoder(b["frames"], b["record"], fps=d.fps, motion_bucket_ids=buckets,
-                          noise_aug_strength=d.noise_aug_strength)
+            enc = encoder(
+                b["frames"], b["record"], fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength
+            )
             for i in range(len(b["record"])):
-                yield {**{k: enc[k][i] for k in latent_store.FIELDS}, "record": b["record"][i],
-                       "motion_score": b["motion_score"][i]}
+                yield {
+                    **{k: enc[k][i] for k in latent_store.FIELDS},
+                    "record": b["record"][i],
+                    "motion_score": b["motion_score"][i],
+                }
             done[0] += len(b["record"])
             dt = time.time() - t0
             logging.info("process %d: encoded %d/%d clips, %.2f clips/s", pi, done[0], len(mine), done[0] / dt)
@@ -87,12 +94,24 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     seconds = time.time() - t0
     _barrier("encode_dataset_written")
     f = vae.config.downsample_factor
-    info = {"examples": n, "process_count": pc, "num_frames": d.num_frames, "height": d.height, "width": d.width,
-            "fps": float(d.fps), "latent_shape": [d.num_frames, d.height // f, d.width // f, vae.config.latent_channels],
-            "embed_dim": clip.config.projection_dim, "source_kind": d.kind, "source_path": d.path,
-            "seed": config.seed, "noise_aug_strength": d.noise_aug_strength, "motion_bucket_id": d.motion_bucket_id,
-            "init_from": config.init_from, "seconds_process0": round(seconds, 2),
-            "clips_per_s": round(written / max(seconds, 1e-9) * pc, 3)}
+    info = {
+        "examples": n,
+        "process_count": pc,
+        "num_frames": d.num_frames,
+        "height": d.height,
+        "width": d.width,
+        "fps": float(d.fps),
+        "latent_shape": [d.num_frames, d.height // f, d.width // f, vae.config.latent_channels],
+        "embed_dim": clip.config.projection_dim,
+        "source_kind": d.kind,
+        "source_path": d.path,
+        "seed": config.seed,
+        "noise_aug_strength": d.noise_aug_strength,
+        "motion_bucket_id": d.motion_bucket_id,
+        "init_from": config.init_from,
+        "seconds_process0": round(seconds, 2),
+        "clips_per_s": round(written / max(seconds, 1e-9) * pc, 3),
+    }
     if pi == 0:
         Image.fromarray(source.example(0, 0)["frames"][0]).save(partial / latent_store.SAMPLE_FRAME)
         latent_store.write_info(partial, info)
@@ -104,31 +123,29 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
 
 
 def _barrier(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    from sfv_jax import sharding, train
-    from sfv_jax.data.sources import DataConfigError
-    from sfv_jax.safetensors_io import CheckpointError
     try:
         sharding.initialize_distributed()
-        info = encode_dataset(FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit,
-                              overwrite=FLAGS.overwrite)
+        info = encode_dataset(
+            FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
+        )
     except (train.ConfigError, DataConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return console.fail(e)
     print(f"latent dataset written to {Path(FLAGS.out).absolute()}")
     print(f"examples={info['examples']} clips_per_s={info['clips_per_s']}")
     return 0
 
 
+def run() -> None:
+    """The ``sfv-encode-dataset`` console script."""
+    console.run_absl(main)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, ".")
-    app.run(main)
+    run()
