@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from sfv_jax import convert as convert_cli
 from sfv_jax.checkpoint import convert, pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
 from sfv_jax.models import presets
@@ -79,7 +80,7 @@ def test_config_that_does_not_fit_the_weights(folder):
 def test_path_does_not_exist(tmp_path):
     with pytest.raises(CheckpointError, match=r"nowhere: does not exist"):
         pretrained.load_unet(tmp_path / "nowhere")
-    assert convert.main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert convert_cli.main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 
 
@@ -111,7 +112,7 @@ def test_corrupt_safetensors(folder, tmp_path, how):
     with pytest.raises(CheckpointError, match=pattern) as err:
         pretrained.load_unet(folder, progress=False)
     assert WEIGHTS in str(err.value)
-    assert convert.main(["--src", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert convert_cli.main(["--src", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
 
 

@@ -279,7 +279,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     try:
         for line in proc.stderr:  # wait until the resumed run has logged a step after 3
             log.append(line)
-            if "] [4] " in line and "g_loss=" in line:
+            if "] step 4/" in line and "g_loss " in line:
                 break
             assert time.time() < deadline, "".join(log[-50:])
         proc.send_signal(signal.SIGTERM)

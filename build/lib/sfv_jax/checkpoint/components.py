@@ -1,0 +1,115 @@
+"""The one registry of SVD's convertible components and the folder layout both the converter and the
+loader read: diffusers / transformers component folders (``config.json`` + safetensors), whole pipeline
+folders (``model_index.json`` + ``unet/``, ``vae/``, ``image_encoder/``) and converted sfv_jax
+checkpoints (``sfv_jax.json`` + ``config.json`` + ``params/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.models import build
+
+FORMAT = "sfv_jax-orbax"
+FORMAT_VERSION = 1
+META_FILE = "sfv_jax.json"
+
+
+def read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{folder}: no config.json (a diffusers component folder or a converted sfv_jax checkpoint needs one)"
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / META_FILE).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How to build, and where to find, one convertible model."""
+
+    name: str
+    subfolder: str
+    weights_stem: str
+    class_name: str  # diffusers ``_class_name`` / transformers ``architectures`` entry
+    build: Callable[..., Any]  # config dict (+ dtype= ...) -> the Flax module
+
+    def abstract_params(self, config: Mapping) -> Mapping:
+        """The unboxed abstract parameters (``jax.eval_shape``) of the module ``config`` describes."""
+        return build.abstract_params(self.build(config))
+
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component(
+            "unet", "unet", "diffusion_pytorch_model", "UNetSpatioTemporalConditionModel", build.unet_from_config
+        ),
+        Component("vae", "vae", "diffusion_pytorch_model", "AutoencoderKLTemporalDecoder", build.vae_from_config),
+        Component(
+            "image_encoder", "image_encoder", "model", "CLIPVisionModelWithProjection", build.image_encoder_from_config
+        ),
+    )
+}
+PIPELINE_INDEX = "model_index.json"
+# Sub-folders of a diffusers SVD folder that hold only configs; copied as they are.
+CONFIG_ONLY = ("feature_extractor", "scheduler")
+
+
+def component_folder(path: Path, comp: Component) -> Path:
+    """``path`` itself, or its ``comp.subfolder`` when ``path`` is a whole pipeline folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        if (path / comp.subfolder).is_dir():
+            return path / comp.subfolder
+        if is_pipeline_folder(path):
+            raise CheckpointError(f"{path}: the pipeline folder has no {comp.subfolder}/ (the {comp.name} component)")
+    return path
+
+
+def detect_component(config: Mapping, where: Path) -> str:
+    """The component name for a config dict, from its ``_class_name`` or ``architectures``."""
+    names = [config.get("_class_name")] + list(config.get("architectures") or [])
+    for key, comp in COMPONENTS.items():
+        if comp.class_name in names:
+            return key
+    known = ", ".join(c.class_name for c in COMPONENTS.values())
+    raise CheckpointError(f"{where}/config.json: class {[n for n in names if n]} is not an SVD component ({known})")
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    if (path / PIPELINE_INDEX).is_file():
+        return True
+    if is_converted(path):
+        return json.loads((path / META_FILE).read_text()).get("component") == "pipeline"
+    return False
+
+
+def check_pipeline_folder(root: Path) -> None:
+    """Raise a CheckpointError unless ``root`` is a (diffusers or converted) SVD pipeline folder with
+    every model component."""
+    if not root.exists():
+        raise CheckpointError(f"{root}: does not exist")
+    if not root.is_dir() or not is_pipeline_folder(root):
+        raise CheckpointError(
+            f"{root}: not an SVD pipeline folder (expected {PIPELINE_INDEX} with unet/, vae/ "
+            "and image_encoder/ sub-folders, or a folder converted from one)"
+        )
+    missing = [f"{c.subfolder}/" for c in COMPONENTS.values() if not (root / c.subfolder / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{root}: the pipeline folder is missing {', '.join(missing)} (each needs config.json and its weights)"
+        )

@@ -1,0 +1,371 @@
+"""PyTorch (diffusers safetensors) <-> Flax parameter conversion, and the converted-checkpoint format.
+
+Usage:
+  python -m sfv_jax.convert --src path/to/stable-video-diffusion --out converted/svd  # the whole pipeline
+  python -m sfv_jax.convert --src path/to/svd/unet --out converted/unet                 # one component
+  python -m sfv_jax.convert --to-diffusers --src converted/svd --out exported/svd      # Flax -> PyTorch formats
+
+Key mapping (svd_port_spec 5): the Flax module tree mirrors the PyTorch names, with list indices joined
+by '_' (``down_blocks.0.resnets.1`` <-> ``down_blocks_0/resnets_1``); leaves ``kernel``/``scale``/
+``embedding`` <-> ``weight``. Linear [out, in] -> [in, out]; Conv2d [O, I, kh, kw] -> [kh, kw, I, O];
+Conv3d [O, I, kt, kh, kw] -> [kt, kh, kw, I, O]. Every key and shape is checked against
+``jax.eval_shape`` of the Flax model before any tensor is read; all problems are reported at once.
+
+A converted checkpoint is a folder: ``config.json`` (the diffusers config), ``sfv_jax.json`` (format
+metadata) and ``params/`` (an orbax checkpoint). It is written to a temporary folder and renamed into
+place, so an interrupted conversion never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
+
+from sfv_jax.checkpoint.components import (
+    COMPONENTS,
+    CONFIG_ONLY,
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    PIPELINE_INDEX,
+    Component,
+    check_pipeline_folder,
+    component_folder,
+    detect_component,
+    is_converted,
+    is_pipeline_folder,
+    read_config,
+)
+from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
+
+CONTAINERS = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "resnets",
+        "attentions",
+        "downsamplers",
+        "upsamplers",
+        "transformer_blocks",
+        "temporal_transformer_blocks",
+        "net",
+        "to_out",
+        "layers",
+    }
+)
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Flax kernel rank -> permutation taking the PyTorch tensor to the Flax one.
+_TO_FLAX = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
+IGNORED_TORCH_KEYS = ("position_ids",)  # buffers some exports carry; never parameters
+
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+    """``('down_blocks_0', 'resnets_1', 'conv1', 'kernel')`` -> ``'down_blocks.0.resnets.1.conv1.weight'``."""
+    parts = []
+    for name in flax_path[:-1]:
+        head, _, tail = name.rpartition("_")
+        parts.append(f"{head}.{tail}" if head in CONTAINERS and tail.isdigit() else name)
+    parts.append(_LEAF_TO_TORCH.get(flax_path[-1], flax_path[-1]))
+    return ".".join(parts)
+
+
+def _perm(flax_path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
+    return _TO_FLAX.get(ndim) if flax_path[-1] == "kernel" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    flax_path: tuple[str, ...]
+    flax_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+    perm: tuple[int, ...] | None
+
+
+def layout(abstract_params: Mapping) -> dict[str, Entry]:
+    """PyTorch key -> where and how it lands in the (unboxed) Flax parameter tree."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(dict(abstract_params)).items():
+        shape = tuple(leaf.shape)
+        perm = _perm(path, len(shape))
+        torch_shape = shape if perm is None else tuple(shape[perm.index(i)] for i in range(len(shape)))
+        out[torch_key(path)] = Entry(path, shape, torch_shape, perm)
+    return out
+
+
+def check_compatible(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, Entry], what: str) -> None:
+    """Raise one CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    present = {k for k in shapes if k.rsplit(".", 1)[-1] not in IGNORED_TORCH_KEYS}
+    missing = sorted(set(plan) - present)
+    unexpected = sorted(present - set(plan))
+    wrong = sorted(
+        f"{k}: checkpoint {list(shapes[k])}, model expects {list(plan[k].torch_shape)}"
+        for k in present & set(plan)
+        if tuple(shapes[k]) != plan[k].torch_shape
+    )
+    if missing or unexpected or wrong:
+        lines = [
+            f"{what}: the checkpoint does not match the model config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape)"
+        ]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            lines += [f"  {title}: {item}" for item in items[:50]]
+            if len(items) > 50:
+                lines.append(f"  ... and {len(items) - 50} more {title}")
+        raise CheckpointError("\n".join(lines))
+
+
+def _progress(n: int, desc: str, enabled: bool):
+    return tqdm(total=n, desc=desc, unit="tensor", disable=not enabled, delay=1.0, file=sys.stderr)
+
+
+def torch_to_flax(
+    source: Mapping[str, np.ndarray],
+    abstract_params: Mapping,
+    *,
+    dtype: Any = jnp.float32,
+    what: str = "checkpoint",
+    progress: bool = True,
+) -> dict:
+    """Map a PyTorch state dict (numpy arrays; lazily read is fine) onto the Flax parameter tree.
+
+    ``abstract_params``: unboxed ``jax.eval_shape`` params of the target module. Returns a nested dict
+    of numpy arrays cast to ``dtype`` (``None`` keeps each tensor's dtype).
+    """
+    plan = layout(abstract_params)
+    shapes = getattr(source, "shapes", None) or {k: tuple(np.shape(v)) for k, v in source.items()}
+    check_compatible(shapes, plan, what)
+    flat = {}
+    with _progress(len(plan), f"converting {what}", progress) as bar:
+        for key, entry in plan.items():
+            arr = np.asarray(source[key])
+            if entry.perm is not None:
+                arr = arr.transpose(entry.perm)
+            flat[entry.flax_path] = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+            bar.update()
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(params: Mapping, *, dtype: Any = None) -> dict[str, np.ndarray]:
+    """The inverse of :func:`torch_to_flax`: PyTorch key -> numpy array (``dtype`` None keeps dtypes)."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(dict(params)).items():
+        arr = np.asarray(jax.device_get(leaf))
+        perm = _perm(path, arr.ndim)
+        if perm is not None:
+            arr = arr.transpose(np.argsort(perm))
+        out[torch_key(path)] = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- converted checkpoints
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``out``; on success rename it into place (replacing ``out``
+    only with ``overwrite``), on any error delete it, so ``out`` is never half-written."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_converted(
+    out: str | os.PathLike,
+    params: Mapping,
+    config: Mapping,
+    component: str,
+    *,
+    source: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``params`` (+ diffusers ``config``) as a converted sfv_jax checkpoint folder, atomically."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out).absolute()
+    with staged_folder(out, overwrite) as tmp:
+        leaves = jax.tree.leaves(params)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "component": component,
+            "source": source,
+            "num_tensors": len(leaves),
+            "num_params": int(sum(np.size(x) for x in leaves)),
+            "param_dtypes": sorted({str(np.dtype(x.dtype)) for x in leaves}),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_converted(folder: str | os.PathLike, abstract_params: Mapping) -> dict:
+    """Restore a converted checkpoint into the structure / dtypes / shardings of ``abstract_params``."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder}: unsupported checkpoint format {meta.get('format')!r} "
+            f"v{meta.get('version')} (this sfv_jax reads {FORMAT} v{FORMAT_VERSION})"
+        )
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(folder / "params", abstract_params)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder}: the converted checkpoint does not match the model config: {e}") from None
+
+
+def export_diffusers(
+    params: Mapping,
+    config: Mapping,
+    out: str | os.PathLike,
+    *,
+    weights_name: str = "diffusion_pytorch_model.safetensors",
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``params`` as a diffusers component folder (``config.json`` + safetensors), atomically."""
+    out = Path(out).absolute()
+    with staged_folder(out, overwrite) as tmp:
+        save_file(tmp / weights_name, flax_to_torch(params, dtype=dtype), {"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+    return out
+
+
+def convert_folder(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    component: str | None = None,
+    variant: str | None = None,
+    dtype: Any = jnp.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """diffusers / transformers folder -> converted sfv_jax checkpoint at ``out``.
+
+    ``src`` is a component folder (its kind is read from config.json unless ``component`` is given) or,
+    with ``component=None``, a whole SVD pipeline folder: then every component is converted into
+    ``out/<component>/`` and the config-only folders and ``model_index.json`` are copied.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"{src}: does not exist")
+    if component is None and src.is_dir() and is_pipeline_folder(src):
+        return convert_pipeline(src, out, variant=variant, dtype=dtype, overwrite=overwrite, progress=progress)
+    if component is None:
+        if src.is_file():
+            raise CheckpointError(f"{src}: pass the folder that holds config.json and the weights, not a file")
+        component = detect_component(read_config(src), src)
+    comp = COMPONENTS[component]
+    folder = component_folder(src, comp)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: pass the folder that holds config.json and the weights, not a file")
+    config = read_config(folder)
+    try:
+        abstract = comp.abstract_params(config)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    weights = open_weights(folder, comp.weights_stem, variant)
+    params = torch_to_flax(weights, abstract, dtype=dtype, what=f"{comp.name} {weights.description}", progress=progress)
+    return save_converted(out, params, config, comp.name, source=str(folder.absolute()), overwrite=overwrite)
+
+
+def write_pipeline(
+    src: Path, out: Path, overwrite: bool, write_component: Callable[[Component, Path], None], meta: dict | None
+) -> Path:
+    """Stage a whole pipeline folder (each component via ``write_component``, configs copied), then
+    rename it into place: a failure leaves nothing at ``out``."""
+    check_pipeline_folder(src)
+    out = Path(out).absolute()
+    with staged_folder(out, overwrite) as tmp:
+        for comp in COMPONENTS.values():
+            write_component(comp, tmp / comp.subfolder)
+        for name in CONFIG_ONLY:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        if (src / PIPELINE_INDEX).is_file():
+            shutil.copy2(src / PIPELINE_INDEX, tmp / PIPELINE_INDEX)
+        if meta is not None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def convert_pipeline(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    dtype: Any = jnp.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """A diffusers SVD folder -> a converted pipeline folder (``unet/``, ``vae/``, ``image_encoder/``
+    converted; ``model_index.json``, ``feature_extractor/``, ``scheduler/`` copied)."""
+    src = Path(src)
+
+    def write(comp: Component, dest: Path) -> None:
+        convert_folder(src / comp.subfolder, dest, component=comp.name, variant=variant, dtype=dtype, progress=progress)
+
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "component": "pipeline", "source": str(src.absolute())}
+    return write_pipeline(src, out, overwrite, write, meta)
+
+
+def export_folder(
+    src: str | os.PathLike, out: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False
+) -> Path:
+    """converted sfv_jax checkpoint (a component or a whole pipeline) -> diffusers / transformers
+    folder that ``from_pretrained`` loads."""
+    src = Path(src)
+    if not is_converted(src):
+        raise CheckpointError(f"{src}: not a converted sfv_jax checkpoint (no {META_FILE})")
+    meta = json.loads((src / META_FILE).read_text())
+    if meta.get("component") == "pipeline":
+        return write_pipeline(
+            src, out, overwrite, lambda comp, dest: export_folder(src / comp.subfolder, dest, dtype=dtype), None
+        )
+    comp = COMPONENTS[meta["component"]]
+    config = read_config(src)
+    params = load_converted(src, comp.abstract_params(config))
+    return export_diffusers(
+        params, config, out, weights_name=f"{comp.weights_stem}.safetensors", dtype=dtype, overwrite=overwrite
+    )

@@ -1,0 +1,94 @@
+"""The paper's SF-V setting (Sec. 4): full SVD, 768x448, 14 frames at 7 FPS, total batch 32 =
+8 devices x micro-batch 1 x 4 accumulation steps, 50K iterations, SM3 (momentum 0.5, beta2 0.999;
+lr 1e-5 generator, 1e-4 discriminator), EMA 0.95, lambda 0.1, P_mean = P_std = -1, T_g = 4, T_d = 1000.
+
+Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stable-video-diffusion-img2vid
+--out checkpoints/svd``):
+  python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
+Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
+Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first:
+  python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8
+Data: the embedded synthetic videos by default. Real videos:
+  python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips --fps 7 --height 448 --width 768
+  ... --config.data.kind=folder --config.data.path=data/clips
+  python -m sfv_jax.tools.encode_dataset --config configs/sfv_svd.py --config.init_from=checkpoints/svd \
+      --config.data.kind=folder --config.data.path=data/clips --out data/clips_latents
+  ... --config.data.kind=latents --config.data.path=data/clips_latents
+  ... --config.data.kind=ucf101 --config.data.tfds_data_dir=DIR   (TFDS ucf101 prepared as array_record)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sfv_jax.parallel import sharding
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 50_000
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.sample_every_steps = 2000
+    c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
+
+    # 8 GPUs: every device one FSDP shard (parameters, EMA, optimizer states split 8 ways), batch split 8 ways
+    c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)
+    c.sharding = sharding.sharding_config()  # logical-axis rules, min_shard_size, fsdp_fallback
+
+    c.model = ml_collections.ConfigDict()
+    c.model.unet = None  # random-init configs (used only without init_from)
+    c.model.vae = None
+    c.model.image_encoder = None
+    c.model.dtype = "bfloat16"  # compute; parameters and optimizer states stay float32
+    c.model.remat_policy = "full"
+    # cuDNN flash attention (NVIDIA GPUs, bf16): O(tokens) memory at 768x448 (5376 tokens per frame);
+    # "chunked" is the portable O(tokens) alternative, None = chunked on a CPU / XLA's plain attention elsewhere
+    c.model.attention_impl = "cudnn"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # "synthetic" | "folder" | "latents" | "ucf101" (sfv_jax.data.sources)
+    c.data.path = ml_collections.FieldReference(None, field_type=str)  # folder / latents dataset folder
+    c.data.split = "train"
+    c.data.tfds_name = "ucf101"  # kind=ucf101: any TFDS video dataset with a "video" feature works
+    c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.source_fps = 25.0  # kind=ucf101: the frame rate of the TFDS videos (UCF-101: 25)
+    c.data.workers = 8  # loader threads (decode + resize + encode), per process
+    c.data.prefetch = 2  # steps loaded ahead
+    c.data.height, c.data.width, c.data.num_frames = 448, 768, 14
+    c.data.fps = 7
+    c.data.motion_bucket_id = 127  # or -1: from the clip's motion score
+    c.data.noise_aug_strength = 0.02
+    c.data.micro_batch = 1  # per device (batch shard) and accumulation step
+    c.data.accum_steps = 4
+
+    c.disc = ml_collections.ConfigDict()
+    c.disc.heads = "both"  # "both" | "spatial" | "temporal" (paper Tab. 2 ablation)
+    c.disc.channels = 128
+    c.disc.proj_dim = 64
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.recon_weight = 0.1
+    c.loss.huber_c = ml_collections.FieldReference(None, field_type=float)  # None: 0.00054 sqrt(d)
+    c.loss.generator_grid = 4
+    c.loss.discriminator_levels = 1000
+    c.loss.p_mean = -1.0
+    c.loss.p_std = -1.0
+    c.loss.r1_type = "features"  # "none" | "paper" | "features" | "approx"
+    c.loss.r1_gamma = 1e-5
+    c.loss.r1_alpha = 0.1
+
+    c.opt = ml_collections.ConfigDict()
+    c.opt.generator_lr = 1e-5
+    c.opt.discriminator_lr = 1e-4
+    c.opt.b1 = 0.5
+    c.opt.b2 = 0.999
+    c.opt.ema_rate = 0.95
+    c.opt.nonfinite = "skip"  # "skip" | "halt"
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.height, c.sample.width = 576, 1024
+    c.sample.steps = 1
+    return c

@@ -1,0 +1,77 @@
+"""What every command does the same way: a quiet console, ``--config NAME`` by name, ``error:`` and exit 2.
+
+Importing this module (every command does, before TensorFlow or JAX) silences TensorFlow's C++ start-up
+notices (oneDNN, CUDA probing: TensorFlow only writes TensorBoard events and reads TFDS here; JAX
+computes). :func:`run_absl` runs an absl/ml_collections command (train, evaluate, encode-dataset, memory)
+with its ``--config`` resolved (:func:`sfv_jax.configs.resolve`) and library INFO chatter filtered;
+:func:`fail` prints the one-line ``error: ...`` and returns the exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO / WARNING start-up lines
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its "oneDNN custom operations are on" notice
+
+from sfv_jax import configs  # noqa: E402  (after the environment above: nothing imports TensorFlow before it)
+
+EXIT_USAGE = 2
+# Libraries whose INFO lines drown a run's own log (orbax's per-save lines, JAX's compilation cache, clu's
+# platform notes); their warnings and errors still show.
+_QUIET = ("/orbax/", "/jax/_src/", "/clu/local", "/clu/platform", "/clu/metric_writers", "/absl/logging")
+
+
+def fail(message: object) -> int:
+    """Print ``error: <message>`` to stderr; returns the exit status for bad input (2)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(q in record.pathname for q in _QUIET)
+
+
+def quiet_logging(level: int = logging.INFO) -> None:
+    """Root logger at ``level``, with the libraries' INFO lines filtered from every handler."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in root.handlers:
+        handler.addFilter(_QuietLibraries())
+
+
+def resolve_config_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config NAME`` / ``--config=NAME`` turned into the packaged config's path (a value
+    that is an existing file, or has a ``.py`` suffix, stays as it is: a path)."""
+    out, it = [], iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            out += [a, configs.resolve(argv[i + 1])]
+            next(it, None)
+        elif a.startswith("--config="):
+            out.append("--config=" + configs.resolve(a.split("=", 1)[1]))
+        else:
+            out.append(a)
+    return out
+
+
+def run_absl(main: Callable[[list[str]], int]) -> None:
+    """``absl.app.run(main)`` with ``--config`` resolved by name and library logs quietened. An unknown
+    config name ends the command with ``error:`` and exit 2 before any flag is parsed."""
+    from absl import app
+
+    try:
+        argv = resolve_config_flags(sys.argv)
+    except configs.ConfigNotFound as e:
+        sys.exit(fail(e))
+
+    def wrapped(args: list[str]) -> int:
+        quiet_logging()
+        return main(args)
+
+    app.run(wrapped, argv=argv)

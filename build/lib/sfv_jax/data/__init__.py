@@ -1,0 +1,1 @@
+"""Training data: the embedded synthetic video dataset and on-the-fly latent encoding."""

@@ -1,0 +1,42 @@
+"""A training run -> a pipeline folder: ``sfv-export --workdir RUN --out DIR`` (``python -m sfv_jax.export``).
+
+  sfv-export --workdir runs/sfv_svd --out checkpoints/sfv                          # EMA, latest step
+  sfv-export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
+  sfv-sample --model checkpoints/sfv --image cat.png --out cat.mp4                 # one step
+
+What is written: :mod:`sfv_jax.training.export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sfv_jax import console
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.training.export import WEIGHTS, export_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sfv-export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the training workdir (config.json + checkpoints/)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw generator weights")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    try:
+        out = export_run(args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError) as e:
+        return console.fail(e)
+    print(f"exported {args.weights} weights of {args.workdir} to {out}")
+    return 0
+
+
+def run() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,182 @@
+"""SF-V's discriminator (paper Sec. 3.2-3.3, Fig. 3): the frozen UNet encoder as backbone plus one spatial
+and one temporal head after each of its down blocks, with projection conditioning.
+
+The backbone is not a module here: it is ``UNetSpatioTemporal.encode`` (the UNet's own code) applied
+with the frozen pretrained parameters, see :func:`discriminator_logits`. Only :class:`DiscriminatorHeads`
+has trainable parameters.
+
+Heads (StyleGAN-T style, sfv_method_notes 3; GroupNorm instead of batch statistics, so every sample
+is normalised on its own and micro-batching / sharding cannot change the result):
+  spatial  per frame, input reshaped to (B F) x H x W x C:  conv3x3 -> [GN, LReLU, conv3x3] x 2
+           residual / sqrt(2) -> LReLU -> conv1x1 to ``proj_dim``
+  temporal per pixel, input reshaped to (B H W) x F x C: the same with convs of 3 frames (zero padded)
+Projection (Miyato & Koyama): logit = <phi(h), Affine(c)> / sqrt(proj_dim), per pixel and frame, with
+c = [image embedding, sinusoid(c_noise(sigma')), sinusoid(frame index)].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sfv_jax.diffusion import edm
+from sfv_jax.models.embeddings import timestep_embedding
+from sfv_jax.models.primitives import GroupNorm, conv, dense
+
+Dtype = Any
+HEAD_KINDS = ("both", "spatial", "temporal")
+_COND_SINUSOID = 256
+
+
+def _lrelu(x: jax.Array) -> jax.Array:
+    return nn.leaky_relu(x, 0.2)
+
+
+class HeadBody(nn.Module):
+    """The convolutional body of a head. Spatial: [N, H, W, C] -> [N, H, W, proj_dim];
+    temporal: [N, F, C] -> [N, F, proj_dim] (convs over 3 neighbouring frames, zero padded)."""
+
+    temporal: bool
+    channels: int = 128
+    proj_dim: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        window, pad = ((3,), ((1, 1),)) if self.temporal else ((3, 3), ((1, 1), (1, 1)))
+        axis = -2 if self.temporal else -3
+        groups = math.gcd(32, self.channels)
+
+        def block(h, i):
+            return _lrelu(GroupNorm(groups, 1e-5, axis, name=f"norm{i}", **kw)(h))
+
+        h = conv(self.channels, window, padding=pad, name="conv_in", **kw)(x.astype(self.dtype))
+        r = conv(self.channels, window, padding=pad, name="res_conv1", **kw)(block(h, 1))
+        r = conv(self.channels, window, padding=pad, name="res_conv2", **kw)(block(r, 2))
+        h = (h + r) * (1.0 / math.sqrt(2.0))
+        return conv(self.proj_dim, (1,) * len(window), padding=((0, 0),) * len(window), name="conv_out", **kw)(
+            _lrelu(h)
+        )
+
+
+class ProjectionHead(nn.Module):
+    """A head with its conditioning projection: features [B, F, H, W, C] and c [B, F, D_c] -> logits [B, F, H, W]."""
+
+    temporal: bool
+    channels: int = 128
+    proj_dim: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, cond: jax.Array) -> jax.Array:
+        b, f, h, w, c = feats.shape
+        body = HeadBody(self.temporal, self.channels, self.proj_dim, self.dtype, self.param_dtype, name="body")
+        if self.temporal:
+            phi = body(feats.transpose(0, 2, 3, 1, 4).reshape(b * h * w, f, c))  # (B H W) x F x C
+            phi = phi.reshape(b, h, w, f, -1).transpose(0, 3, 1, 2, 4)
+        else:
+            phi = body(feats.reshape(b * f, h, w, c)).reshape(b, f, h, w, -1)  # (B F) x H x W x C
+        e = dense(self.proj_dim, ("embed", "mlp"), name="cond_proj", dtype=self.dtype, param_dtype=self.param_dtype)(
+            cond
+        )  # Affine(c): [B, F, proj_dim]
+        acc = jnp.promote_types(phi.dtype, jnp.float32)
+        logits = jnp.einsum("bfhwk,bfk->bfhw", phi.astype(acc), e.astype(acc))
+        return logits / math.sqrt(self.proj_dim)
+
+
+class DiscriminatorHeads(nn.Module):
+    """Spatial and/or temporal heads on each backbone feature map (paper: both, after all 4 down blocks).
+
+    ``features``: list of [B, F, H_i, W_i, C_i]; ``image_embeds`` [B, D]; ``sigma`` [B] (the
+    discriminator's sigma'). Returns a list of logits maps [B, F, H_i, W_i], spatial heads first.
+    Parameters ``spatial_{i}`` / ``temporal_{i}``.
+    """
+
+    heads: str = "both"
+    channels: int = 128
+    proj_dim: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], image_embeds: jax.Array, sigma: jax.Array) -> list[jax.Array]:
+        if self.heads not in HEAD_KINDS:
+            raise ValueError(f"discriminator heads {self.heads!r} is not one of {HEAD_KINDS}")
+        b, f = features[0].shape[:2]
+        noise_emb = timestep_embedding(edm.c_noise(jnp.asarray(sigma, jnp.float32)).reshape(b), _COND_SINUSOID)
+        frame_emb = timestep_embedding(jnp.arange(f), _COND_SINUSOID)
+        cond = jnp.concatenate(
+            [
+                jnp.broadcast_to(image_embeds.astype(noise_emb.dtype)[:, None], (b, f, image_embeds.shape[-1])),
+                jnp.broadcast_to(noise_emb[:, None], (b, f, _COND_SINUSOID)),
+                jnp.broadcast_to(frame_emb[None], (b, f, _COND_SINUSOID)),
+            ],
+            axis=-1,
+        )
+        kinds = {"both": (False, True), "spatial": (False,), "temporal": (True,)}[self.heads]
+        out = []
+        for temporal in kinds:
+            for i, feats in enumerate(features):
+                name = f"{'temporal' if temporal else 'spatial'}_{i}"
+                out.append(
+                    ProjectionHead(temporal, self.channels, self.proj_dim, self.dtype, self.param_dtype, name=name)(
+                        feats, cond.astype(self.dtype)
+                    )
+                )
+        return out
+
+
+def backbone_features(
+    unet: nn.Module, backbone_params: Any, x_noisy: jax.Array, sigma: jax.Array, cond: dict
+) -> list[jax.Array]:
+    """The frozen UNet encoder on noisy latents (paper Eq. 8, 11: D sees c_in(sigma') x'_t with c_noise(sigma')).
+
+    ``x_noisy`` [B, F, h, w, 4]; ``sigma`` [B]; ``cond``: ``image_latents`` [B, h, w, 4] (unscaled),
+    ``image_embeds`` [B, D], ``added_time_ids`` [B, 3]. Returns the 4 down-block outputs."""
+    s = jnp.asarray(sigma, jnp.float32)
+    x_in = x_noisy.astype(jnp.float32) / jnp.sqrt(s * s + 1.0).reshape(-1, 1, 1, 1, 1)
+    image_latents = jnp.broadcast_to(cond["image_latents"][:, None], x_in.shape[:-1] + cond["image_latents"].shape[-1:])
+    sample = jnp.concatenate([x_in, image_latents.astype(jnp.float32)], axis=-1)
+    return unet.apply(
+        {"params": backbone_params},
+        sample,
+        edm.c_noise(s),
+        cond["image_embeds"][:, None],
+        cond["added_time_ids"],
+        method=unet.encode,
+    )
+
+
+def discriminator_logits(
+    unet: nn.Module,
+    backbone_params: Any,
+    heads: DiscriminatorHeads,
+    head_params: Any,
+    x_noisy: jax.Array,
+    sigma: jax.Array,
+    cond: dict,
+) -> list[jax.Array]:
+    """D_phi(c_in(sigma') x'_t; c_noise(sigma'), c): backbone then heads -> list of logits [B, F, H_i, W_i]."""
+    feats = backbone_features(unet, backbone_params, x_noisy, sigma, cond)
+    return heads.apply({"params": head_params}, feats, cond["image_embeds"], sigma)
+
+
+def backbone_subset(unet_tree: Any) -> dict:
+    """The entries of a UNet parameter tree (or a tree of its shardings, shapes ...) that
+    ``UNetSpatioTemporal.encode`` reads: embeddings, conv_in, down blocks (a view, nothing copied)."""
+    keep = ("conv_in", "time_embedding", "add_embedding")
+    return {k: v for k, v in unet_tree.items() if k in keep or k.startswith("down_blocks_")}
+
+
+def backbone_param_subset(unet_params: Any) -> dict:
+    """A copy of :func:`backbone_subset` of the parameters: the frozen backbone. It is a copy, not a view:
+    the generator's own buffers are updated (and donated) by every step, the backbone's never change."""
+    return jax.tree.map(jnp.copy, backbone_subset(unet_params))

@@ -1,0 +1,115 @@
+"""A trained SF-V run -> an SVD pipeline folder that ``sample``, ``load_pipeline`` and ``convert
+--to-diffusers`` use like any converted SVD checkpoint.
+
+    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv                 # EMA, latest step
+    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
+    python -m sfv_jax.sample --model checkpoints/sfv --image cat.png --out cat.mp4        # one step
+
+The UNet is the run's EMA generator (``--weights ema``, the paper's) or its raw generator weights; the
+VAE and image encoder are those the run was trained with: copied from ``init_from`` (converted first if
+it is a diffusers folder), or, for a randomly initialised run, re-created from its config and seed. The
+output is staged and renamed into place: an interrupted export leaves nothing at ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from sfv_jax.checkpoint import components, convert
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.parallel import sharding
+from sfv_jax.training import trainer as train
+
+WEIGHTS = ("ema", "generator")
+
+
+def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.main?)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _component_config(config: ml_collections.ConfigDict, name: str) -> dict:
+    if config.init_from:
+        comp = components.COMPONENTS[name]
+        return components.read_config(components.component_folder(Path(config.init_from), comp))
+    return config.model[name].to_dict()
+
+
+def trained_unet(
+    workdir: str | Path,
+    *,
+    weights: str = "ema",
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+) -> tuple[dict, dict, int]:
+    """(UNet config dict, trained UNet params, step) of a training workdir's checkpoint (``config``:
+    the run's config, read from the workdir when not given)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: must be one of {WEIGHTS}")
+    config = run_config(workdir) if config is None else config
+    unet_cfg = _component_config(config, "unet")
+    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))  # any mesh restores onto one device
+    like = train.make_layout(config, plan, *train.build_modules(config)).abstract_state
+    mngr = train.checkpoint_manager(workdir)
+    state, meta = train.restore(mngr, like, step)
+    return unet_cfg, getattr(state, weights), int(meta["step"])
+
+
+def export_run(
+    workdir: str | Path, out: str | Path, *, weights: str = "ema", step: int | None = None, overwrite: bool = False
+) -> Path:
+    """Write the pipeline folder; returns its path."""
+    workdir = Path(workdir)
+    config = run_config(workdir)
+    unet_cfg, params, step = trained_unet(workdir, weights=weights, step=step, config=config)
+    meta = {
+        "format": components.FORMAT,
+        "version": components.FORMAT_VERSION,
+        "component": "pipeline",
+        "source": str(workdir.absolute()),
+        "trained_step": step,
+        "weights": weights,
+    }
+    src = Path(config.init_from) if config.init_from else None
+
+    def write(comp: components.Component, dest: Path) -> None:
+        if comp.name == "unet":
+            convert.save_converted(dest, params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step} {weights}")
+        elif components.is_converted(src / comp.subfolder):
+            shutil.copytree(src / comp.subfolder, dest)
+        else:
+            convert.convert_folder(src / comp.subfolder, dest, component=comp.name)
+
+    if src is not None:
+        return convert.write_pipeline(src, Path(out), overwrite, write, meta)
+    # random-init run: the VAE and image encoder are re-created from the run's config and seed
+    plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
+    _, vae_params, clip_params, _, _ = train.init_params(
+        config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed)
+    )
+    with convert.staged_folder(Path(out), overwrite) as tmp:
+        convert.save_converted(tmp / "unet", params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step}")
+        convert.save_converted(tmp / "vae", vae_params, config.model.vae.to_dict(), "vae", source="random init")
+        convert.save_converted(
+            tmp / "image_encoder",
+            clip_params,
+            config.model.image_encoder.to_dict(),
+            "image_encoder",
+            source="random init",
+        )
+        index = {
+            "_class_name": "StableVideoDiffusionPipeline",
+            "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+            "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
+            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        }
+        (tmp / components.PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / components.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out).absolute()

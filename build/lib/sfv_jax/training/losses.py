@@ -1,0 +1,86 @@
+"""SF-V's training objectives (paper Sec. 3.2, Eqs. 8-11; sfv_method_notes 2), as pure functions.
+
+Sign convention: the paper's, as printed. The discriminator pushes real logits to <= -1 and fake logits
+to >= +1 (Eq. 11: max(0, 1 + D(real)) + max(0, 1 - D(fake))), and the generator minimises E[D(fake)]
+(Eq. 8), i.e. it pulls fake logits towards the real side. Every head gives a map of per-pixel logits;
+a head's loss is the mean over its pixels, frames and batch, and the heads are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+R1_TYPES = ("none", "paper", "features", "approx")
+
+
+def _up(x: jax.Array) -> jax.Array:
+    """At least float32 (float64 stays float64, for finite-difference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _mean_over_heads(per_head: Sequence[jax.Array]) -> jax.Array:
+    return sum(per_head) / len(per_head)
+
+
+def discriminator_hinge_loss(real_logits: Sequence[jax.Array], fake_logits: Sequence[jax.Array]) -> jax.Array:
+    """Eq. 11 without R1: E[max(0, 1 + D(x'_t))] + E[max(0, 1 - D(x_hat'_t))], per pixel, averaged over heads."""
+    real = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 + _up(r))) for r in real_logits])
+    fake = _mean_over_heads([jnp.mean(jax.nn.relu(1.0 - _up(f))) for f in fake_logits])
+    return real + fake
+
+
+def generator_adversarial_loss(fake_logits: Sequence[jax.Array]) -> jax.Array:
+    """Eq. 8: L_adv^G = E[D(c_in(sigma') x_hat'_t)], averaged over heads."""
+    return _mean_over_heads([jnp.mean(_up(f)) for f in fake_logits])
+
+
+def pseudo_huber_c(elements_per_sample: int, factor: float = 0.00054) -> float:
+    """The consistency-training choice c = 0.00054 * sqrt(d), d = elements per sample (sfv_method_notes 2)."""
+    return factor * math.sqrt(elements_per_sample)
+
+
+def pseudo_huber_loss(x0_hat: jax.Array, x0: jax.Array, c: float) -> jax.Array:
+    """Eq. 9: sqrt(||x0_hat - x0||_2^2 + c^2) - c per sample (norm over all but the batch axis), batch mean."""
+    d = (x0_hat.astype(jnp.float32) - x0.astype(jnp.float32)).reshape(x0.shape[0], -1)
+    return jnp.mean(jnp.sqrt(jnp.sum(d * d, axis=1) + c * c) - c)
+
+
+def generator_loss(
+    fake_logits: Sequence[jax.Array], x0_hat: jax.Array, x0: jax.Array, *, recon_weight: float, huber_c: float
+) -> tuple[jax.Array, dict]:
+    """Eq. 10: L^G = L_adv^G + lambda * L_recon. Returns (loss, {"adv", "recon"})."""
+    adv = generator_adversarial_loss(fake_logits)
+    recon = pseudo_huber_loss(x0_hat, x0, huber_c)
+    return adv + recon_weight * recon, {"adv": adv, "recon": recon}
+
+
+def logit_sum(logits: Sequence[jax.Array]) -> jax.Array:
+    """Per-sample scalar D output that R1 differentiates: each head's mean over its pixels and frames,
+    averaged over heads -> [B] (so a sample's penalty does not depend on the batch it is in)."""
+    return _mean_over_heads([jnp.mean(_up(lg).reshape(lg.shape[0], -1), axis=1) for lg in logits])
+
+
+def r1_penalty(fn: Callable[[jax.Array], Sequence[jax.Array]], inputs) -> jax.Array:
+    """R1 = E_batch ||d D(x) / d x||^2 (Mescheder et al.; paper Eq. 11), D's per-sample scalar
+    :func:`logit_sum`. ``inputs`` is an array [B, ...] or a list of them (head inputs: all of them form
+    one gradient). ``fn`` maps ``inputs`` to the logits list.
+
+    * type "paper": ``inputs`` = the real noisy latents fed to the backbone (second order through it)
+    * type "features": ``inputs`` = the backbone features fed to the heads (cheaper; LADD-style)
+    """
+    grads = jax.grad(lambda x: jnp.sum(logit_sum(fn(x))))(inputs)
+    sq = sum(jnp.sum(_up(g).reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+    return jnp.mean(sq)
+
+
+def approximate_r1(
+    fn: Callable[[jax.Array], Sequence[jax.Array]], x: jax.Array, noise: jax.Array, alpha: float
+) -> jax.Array:
+    """Approximate R1 of adversarial post-training: E_batch (D(x) - D(x + alpha * noise))^2 on real data,
+    with D's per-sample scalar :func:`logit_sum`. No second-order gradient."""
+    diff = logit_sum(fn(x)) - logit_sum(fn(x + alpha * noise.astype(x.dtype)))
+    return jnp.mean(diff * diff)

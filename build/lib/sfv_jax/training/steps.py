@@ -1,0 +1,345 @@
+"""SF-V's alternating training steps (paper Sec. 3.2, Fig. 2) as pure functions: jit them with the static
+``Models`` / ``StepConfig`` bound and the state donated.
+
+A batch is a dict of arrays with a leading micro-batch axis ``k`` (gradient accumulation):
+  ``latents``        [k, m, F, h, w, 4]  real video latents x0 (scaled by the VAE scaling factor)
+  ``image_latents``  [k, m, h, w, 4]     conditioning frame, VAE posterior mean (unscaled, noise-augmented)
+  ``image_embeds``   [k, m, D]           CLIP image embedding
+  ``added_time_ids`` [k, m, 3]           [fps - 1, motion_bucket_id, noise_aug_strength]
+  ``index``          [k, m] int32        the samples' global indices
+Per-sample noise (sigma, sigma', eps) comes from ``fold_in(step key, index)``, so splitting a batch into
+micro-batches, devices or hosts never changes a sample's draw: k accumulated micro-batches equal one
+step on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sfv_jax.diffusion import edm
+from sfv_jax.training import losses
+from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_features, discriminator_logits
+
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The static halves of the networks (hashable; bound into the jitted steps)."""
+
+    unet: nn.Module
+    heads: DiscriminatorHeads
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Loss and noise settings (paper Sec. 3.2 / 4). No defaults here: :meth:`from_config` reads them from a
+    training config (``loss.*``, ``opt.ema_rate``, ``opt.nonfinite``), whose defaults, the paper's, live in
+    ``configs/sfv_svd.py``."""
+
+    recon_weight: float  # lambda, Eq. 10
+    huber_c: float | None  # Eq. 9; None: 0.00054 * sqrt(elements per sample)
+    generator_grid: int  # T_g
+    discriminator_levels: int  # T_d
+    p_mean: float  # Eq. 7
+    p_std: float
+    r1_type: str  # losses.R1_TYPES
+    r1_gamma: float
+    r1_alpha: float  # approximate R1 perturbation
+    ema_rate: float
+    nonfinite: str  # NONFINITE_POLICIES
+
+    @classmethod
+    def from_config(cls, config: Any) -> StepConfig:
+        """Each field from ``config.loss``, else ``config.opt`` (a ConfigDict or nested dicts)."""
+        loss, opt = config["loss"], config["opt"]
+        return cls(**{f.name: loss[f.name] if f.name in loss else opt[f.name] for f in dataclasses.fields(cls)})
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes (and a checkpoint holds, with the data position)."""
+
+    step: jax.Array  # int32, completed iterations (one G step + one D step)
+    generator: Any  # UNet parameters being trained
+    ema: Any  # EMA of the generator
+    heads: Any  # discriminator head parameters
+    gen_opt: Any
+    disc_opt: Any
+    rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step)
+    skipped: jax.Array  # int32, updates skipped because of a non-finite loss or gradient
+
+
+def make_optimizer(learning_rate: float, b1: float = 0.5, b2: float = 0.999) -> optax.GradientTransformation:
+    """SM3 with momentum ``b1`` and second-moment decay ``b2`` (paper Sec. 4: 0.5 / 0.999). ``optax.sm3``
+    fixes b2 = 1, hence the chain (sfv_method_notes 2)."""
+    return optax.chain(optax.scale_by_sm3(b1=b1, b2=b2), optax.scale_by_learning_rate(learning_rate))
+
+
+def init_state(
+    generator_params: Any,
+    head_params: Any,
+    gen_tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    rng: jax.Array,
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        generator=generator_params,
+        ema=jax.tree.map(jnp.copy, generator_params),
+        heads=head_params,
+        gen_opt=gen_tx.init(generator_params),
+        disc_opt=disc_tx.init(head_params),
+        rng=rng,
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- forward pieces
+
+
+def _cond(micro: dict) -> dict:
+    return {k: micro[k] for k in ("image_latents", "image_embeds", "added_time_ids")}
+
+
+def sample_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...], cfg: StepConfig) -> dict:
+    """Per-sample draws from ``fold_in(key, index)``: generator sigma [m], discriminator sigma' [m] and
+    their eps [m, *shape] (one sigma' and eps per sample, shared by its real and fake; Fig. 2)."""
+
+    def one(i):
+        kg, kd, keg, ked = jax.random.split(jax.random.fold_in(key, i), 4)
+        return {
+            "sigma_g": edm.sample_generator_sigma(kg, (), cfg.generator_grid),
+            "sigma_d": edm.sample_discriminator_sigma(kd, (), cfg.discriminator_levels, cfg.p_mean, cfg.p_std),
+            "eps_g": jax.random.normal(keg, shape),
+            "eps_d": jax.random.normal(ked, shape),
+        }
+
+    return jax.vmap(one)(index)
+
+
+def generate(unet: nn.Module, params: Any, x_t: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
+    """x0_hat = c_skip x_t + c_out G(c_in x_t; c_noise, c) (Eq. 6 with the erratum fixed), float32."""
+    dtype = unet.dtype
+    lat = jnp.broadcast_to(cond["image_latents"][:, None], x_t.shape[:-1] + cond["image_latents"].shape[-1:])
+
+    def velocity(x_in, c_noise):
+        sample = jnp.concatenate([x_in.astype(dtype), lat.astype(dtype)], axis=-1)
+        return unet.apply(
+            {"params": params}, sample, c_noise, cond["image_embeds"][:, None].astype(dtype), cond["added_time_ids"]
+        )
+
+    return edm.denoise(velocity, x_t, sigma)
+
+
+def _huber_c(cfg: StepConfig, x0: jax.Array) -> float:
+    return cfg.huber_c if cfg.huber_c is not None else losses.pseudo_huber_c(x0[0].size)
+
+
+def generator_loss_fn(gen_params, micro: dict, backbone, head_params, key, *, models: Models, cfg: StepConfig):
+    """Eq. 10 on one micro-batch: x_t = x0 + sigma eps; x0_hat = G(x_t); D sees x0_hat + sigma' eps'."""
+    x0 = micro["latents"].astype(jnp.float32)
+    n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
+    cond = _cond(micro)
+    x0_hat = generate(
+        models.unet, gen_params, x0 + n["sigma_g"][:, None, None, None, None] * n["eps_g"], n["sigma_g"], cond
+    )
+    fake = x0_hat + n["sigma_d"][:, None, None, None, None] * n["eps_d"]
+    logits = discriminator_logits(models.unet, backbone, models.heads, head_params, fake, n["sigma_d"], cond)
+    loss, aux = losses.generator_loss(logits, x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0))
+    return loss, {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
+
+
+def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *, models: Models, cfg: StepConfig):
+    """Eq. 11 on one micro-batch (the fake from the current generator, no gradient into it) + gamma * R1."""
+    x0 = micro["latents"].astype(jnp.float32)
+    n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
+    cond = _cond(micro)
+    s_g = n["sigma_g"][:, None, None, None, None]
+    x0_hat = jax.lax.stop_gradient(generate(models.unet, gen_params, x0 + s_g * n["eps_g"], n["sigma_g"], cond))
+    s_d = n["sigma_d"][:, None, None, None, None]
+    real, fake = x0 + s_d * n["eps_d"], x0_hat + s_d * n["eps_d"]
+
+    def d(x):
+        return discriminator_logits(models.unet, backbone, models.heads, head_params, x, n["sigma_d"], cond)
+
+    hinge = losses.discriminator_hinge_loss(d(real), d(fake))
+    if cfg.r1_type == "paper":
+        r1 = losses.r1_penalty(d, real)
+    elif cfg.r1_type == "features":
+        feats = jax.lax.stop_gradient(backbone_features(models.unet, backbone, real, n["sigma_d"], cond))
+        r1 = losses.r1_penalty(
+            lambda f: models.heads.apply({"params": head_params}, f, cond["image_embeds"], n["sigma_d"]), feats
+        )
+    elif cfg.r1_type == "approx":
+        r1 = losses.approximate_r1(d, real, jax.random.normal(jax.random.fold_in(key, -1), real.shape), cfg.r1_alpha)
+    elif cfg.r1_type == "none":
+        r1 = jnp.zeros((), jnp.float32)
+    else:
+        raise ValueError(f"r1_type {cfg.r1_type!r} is not one of {losses.R1_TYPES}")
+    loss = hinge + cfg.r1_gamma * r1
+    return loss, {"d_loss": loss, "d_hinge": hinge, "d_r1": r1}
+
+
+# ----------------------------------------------------------------------------- accumulation and updates
+
+
+def accumulate_grads(loss_fn, params, batch: dict, *args) -> tuple[Any, dict]:
+    """Mean gradient and metrics of ``loss_fn(params, micro, *args)`` over the k micro-batches (lax.scan);
+    ``args`` are arrays / pytrees (bind static settings with functools.partial)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    k = batch["index"].shape[0]
+
+    def body(acc, micro):
+        g, metrics = grad_fn(params, micro, *args)
+        return jax.tree.map(jnp.add, acc, (g, metrics)), None
+
+    zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    first = jax.tree.map(lambda x: x[0], batch)
+    zero_m = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), jax.eval_shape(grad_fn, params, first, *args)[1])
+    (g, metrics), _ = jax.lax.scan(body, (zero_g, zero_m), batch)
+    return jax.tree.map(lambda x: x / k, g), jax.tree.map(lambda x: x / k, metrics)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def ema_update(ema: Any, params: Any, rate: float) -> Any:
+    """ema <- rate * ema + (1 - rate) * params (paper Sec. 4: rate 0.95)."""
+    return jax.tree.map(
+        lambda e, p: (rate * e.astype(jnp.float32) + (1.0 - rate) * p.astype(jnp.float32)).astype(e.dtype), ema, params
+    )
+
+
+def _apply(tx, grads, opt_state, params, loss, extra=None):
+    """The optimizer update, applied only if the loss and every gradient are finite: a single
+    ``lax.cond`` (a per-leaf ``where`` on one predicate makes XLA:CPU's fusion passes take minutes).
+    ``extra(new_params) -> pytree`` computes more outputs of the finite branch (the EMA); in the other
+    branch they are ``None`` placeholders filled by the caller's old values."""
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+
+    def update(_):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        return new_params, new_opt, (extra(new_params) if extra else None)
+
+    def keep(_):
+        return params, opt_state, (extra(params, keep=True) if extra else None)
+
+    new_params, new_opt, more = jax.lax.cond(finite, update, keep, None)
+    return finite, new_params, new_opt, optax.tree.norm(grads), more
+
+
+def _step_key(state: TrainState, which: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), which)
+
+
+def generator_grads(
+    state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig
+) -> tuple[Any, dict]:
+    """Mean generator gradient over the micro-batches (UNet parameters only; heads and backbone are inputs)."""
+    loss_fn = functools.partial(generator_loss_fn, models=models, cfg=cfg)
+    return accumulate_grads(loss_fn, state.generator, batch, backbone, state.heads, _step_key(state, 0))
+
+
+def generator_update(
+    state: TrainState, grads: Any, metrics: dict, *, cfg: StepConfig, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict]:
+    """SM3 update of the generator and its EMA. A non-finite loss or gradient leaves the state unchanged
+    (``g_finite`` = 0, ``skipped`` + 1)."""
+
+    def ema(new_params, keep=False):
+        return state.ema if keep else ema_update(state.ema, new_params, cfg.ema_rate)
+
+    finite, params, opt, gnorm, ema = _apply(tx, grads, state.gen_opt, state.generator, metrics["g_loss"], ema)
+    state = state.replace(generator=params, gen_opt=opt, ema=ema, skipped=state.skipped + (~finite).astype(jnp.int32))
+    return state, {**metrics, "g_grad_norm": gnorm, "g_finite": finite.astype(jnp.float32)}
+
+
+def discriminator_grads(
+    state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig
+) -> tuple[Any, dict]:
+    """Mean discriminator gradient over the micro-batches (head parameters only)."""
+    loss_fn = functools.partial(discriminator_loss_fn, models=models, cfg=cfg)
+    return accumulate_grads(loss_fn, state.heads, batch, state.generator, backbone, _step_key(state, 1))
+
+
+def discriminator_update(
+    state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict]:
+    """SM3 update of the heads, then the iteration counter advances."""
+    finite, heads, opt, gnorm, _ = _apply(tx, grads, state.disc_opt, state.heads, metrics["d_loss"])
+    state = state.replace(
+        heads=heads, disc_opt=opt, step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32)
+    )
+    return state, {**metrics, "d_grad_norm": gnorm, "d_finite": finite.astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the steps' inputs and outputs live (``sfv_jax.parallel.sharding.Plan`` computes them): ``state`` a
+    ``TrainState`` of shardings, ``backbone`` the frozen encoder's, ``batch`` one sharding for every
+    batch array (samples split over the mesh's batch axes), ``replicated`` for metrics."""
+
+    state: Any
+    backbone: Any
+    batch: Any
+    replicated: Any
+
+
+@dataclasses.dataclass
+class JittedSteps:
+    """The generator step and the discriminator step, each as two jitted functions: gradients (the
+    accumulation loop; ``g_grads`` / ``d_grads``), then the update with the state buffers donated
+    (``g_update`` / ``d_update``). (One jit with both the accumulation loop and donated outputs makes
+    XLA:CPU's copy insertion take minutes to compile.)
+
+    With ``shardings`` the jits get explicit in/out shardings (gradients come out sharded like the
+    parameters, metrics replicated) and the calls run inside ``context()`` (the mesh and logical-axis
+    rules of ``sfv_jax.parallel.sharding.Plan.context``, so the UNet's activation constraints apply)."""
+
+    models: Models
+    cfg: StepConfig
+    gen_tx: optax.GradientTransformation
+    disc_tx: optax.GradientTransformation
+    shardings: StepShardings | None = None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def __post_init__(self):
+        kw = dict(models=self.models, cfg=self.cfg)
+        g_grads = functools.partial(generator_grads, **kw)
+        g_update = functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx)
+        d_grads = functools.partial(discriminator_grads, **kw)
+        d_update = functools.partial(discriminator_update, tx=self.disc_tx)
+        sh = self.shardings
+        if sh is None:
+            self.g_grads, self.d_grads = jax.jit(g_grads), jax.jit(d_grads)
+            self.g_update = jax.jit(g_update, donate_argnums=0)
+            self.d_update = jax.jit(d_update, donate_argnums=0)
+            return
+        st, rep = sh.state, sh.replicated
+        self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
+        self.d_grads = jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.heads, rep))
+        self.g_update = jax.jit(
+            g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0
+        )
+        self.d_update = jax.jit(d_update, in_shardings=(st, st.heads, rep), out_shardings=(st, rep), donate_argnums=0)
+
+    def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+        with self.context():
+            return self.g_update(state, *self.g_grads(state, batch, backbone))
+
+    def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+        with self.context():
+            return self.d_update(state, *self.d_grads(state, batch, backbone))
