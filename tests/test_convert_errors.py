@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sfv_jax import convert as convert_cli
-from sfv_jax.checkpoint import convert, pretrained
+from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
 from sfv_jax.models import presets
 

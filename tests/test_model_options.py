@@ -64,6 +64,20 @@ def test_config_round_trip():
     assert cfg_b.transformer_layers_per_block == (1, 2, 1) and cfg_b.layers_per_block == (2, 2, 2)
 
 
+def test_svd_presets_are_the_config_defaults():
+    """The ``*Config`` defaults and the ``svd`` presets are one fact: any drift between them fails here."""
+    from sfv_jax.models.clip import CLIPVisionConfig
+    from sfv_jax.models.vae import VAEConfig
+
+    assert VAEConfig.from_diffusers(presets.VAES["svd"]) == VAEConfig()
+    assert CLIPVisionConfig.from_transformers(presets.IMAGE_ENCODERS["svd"]) == CLIPVisionConfig()
+    assert UNetConfig.from_diffusers(presets.UNETS["svd_xt"]) == UNetConfig(num_frames=25)
+    for name, (unet, vae, clip) in presets.PIPELINES.items():  # every pipeline preset builds
+        dims = set(pretrained.unet_from_config(unet).config.cross_attention_dim)
+        assert dims == {pretrained.image_encoder_from_config(clip).config.projection_dim}, name
+        assert pretrained.vae_from_config(vae).config.latent_channels == unet["out_channels"], name
+
+
 def test_bad_input_shapes_are_clear_errors():
     model = pretrained.unet_from_config(presets.UNETS["tiny_a"])
     sample, t, ctx, ids = init_inputs(model.config, 1, 3, 8, 8)

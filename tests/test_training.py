@@ -26,6 +26,7 @@ from sfv_jax.data import video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.parallel import sharding
 from sfv_jax.training import export
+from sfv_jax.training import steps as train_steps
 from sfv_jax.training import trainer as train
 from sfv_jax.training.discriminator import backbone_param_subset
 
@@ -330,3 +331,20 @@ def test_init_from_a_converted_pipeline_folder_then_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
         export.export_run(tmp_path / "run", tmp_path / "exported7", step=7)
     assert not (tmp_path / "exported7").exists()
+
+
+def test_step_settings_and_log_line_come_from_the_config():
+    """StepConfig has no defaults of its own: every field is the config's; the console's log line."""
+    config = tiny.get_config()
+    config.loss.r1_gamma, config.opt.ema_rate = 0.5, 0.9
+    cfg = train_steps.StepConfig.from_config(config)
+    assert cfg.r1_gamma == 0.5 and cfg.ema_rate == 0.9 and cfg.recon_weight == config.loss.recon_weight
+    assert cfg.nonfinite == config.opt.nonfinite and cfg.generator_grid == config.loss.generator_grid
+    line = train.format_metrics(10, 400, {"d_loss": 1.98, "g_loss": 0.123456, "g_finite": 1.0, "zeta": 2.0}, 3.14159)
+    assert line == "step 10/400  g_loss 0.1235  d_loss 1.98  zeta 2  3.14 steps/s"
+    assert train.describe_params("heads", {"a": np.zeros((2, 3), np.float32)}) == (
+        "heads: 6 parameters, 2.4e-08 GB (float32), 1 tensors"
+    )
+    config.opt.halt_check = "sometimes"
+    with pytest.raises(train.ConfigError, match="opt.halt_check"):
+        train.check_config(config)

@@ -117,7 +117,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "opt.nonfinite",
         f"must be one of {train_steps.NONFINITE_POLICIES}",
     )
-    need(config.opt.get("halt_check", "log_steps") in HALT_CHECKS, "opt.halt_check", f"must be one of {HALT_CHECKS}")
+    need(config.opt.halt_check in HALT_CHECKS, "opt.halt_check", f"must be one of {HALT_CHECKS}")
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -485,7 +485,7 @@ def train(
     """
     t_start = time.time()
     check_config(config)
-    halt_every_step = config.opt.get("halt_check", "log_steps") == "every_step"
+    halt_every_step = config.opt.halt_check == "every_step"
     # ------------------------------------------------------------------ logging
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
