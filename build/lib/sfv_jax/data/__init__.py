@@ -1,1 +1,0 @@
-"""Training data: the embedded synthetic video dataset and on-the-fly latent encoding."""
