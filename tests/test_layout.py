@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -173,24 +174,14 @@ def test_installed_package_runs_from_another_folder(tmp_path):
     # the dependencies: this environment's site-packages as a plain path (its .pth files, among them an
     # editable install of the checkout, are not processed)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(venv / "bin" / "python"),
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    src = tmp_path / "src"  # a copy of the tracked files: building in the checkout would leave build/ there
+    for rel in subprocess.check_output(["git", "ls-files"], cwd=REPO, text=True).split():
+        if (REPO / rel).is_file() and not (REPO / rel).is_symlink():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet"]
+    flags = ["--no-deps", "--no-build-isolation", "--disable-pip-version-check"]
+    subprocess.run([*pip, *flags, str(src)], check=True, capture_output=True, timeout=600)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
