@@ -42,6 +42,7 @@ __all__ = [
     "abstract_params",
     "image_encoder_from_config",
     "init_args",
+    "load",
     "load_image_encoder",
     "load_pipeline",
     "load_unet",
@@ -52,80 +53,55 @@ __all__ = [
 ]
 
 
-def _load(
-    component: str, path: str | os.PathLike, build, *, param_dtype: Any, variant: str | None, progress: bool
+def load(
+    component: str,
+    path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = jnp.float32,
+    variant: str | None = None,
+    progress: bool = True,
+    **build_options: Any,
 ) -> tuple[nn.Module, dict]:
+    """``(model, params)`` of ``component`` (``unet``, ``vae``, ``image_encoder``) at ``path``. ``dtype`` is
+    the compute dtype, ``param_dtype`` the parameters'; ``build_options`` go to the component's builder
+    (``remat_policy`` for the UNet, ``attention_impl`` for all)."""
     comp = components.COMPONENTS[component]
     folder = components.component_folder(Path(path), comp)
     if folder.is_file():
         raise CheckpointError(f"{folder}: pass the {component} folder (config.json + weights), not a file")
     config = components.read_config(folder)
     try:
-        model = build(config)
+        model = comp.build(config, dtype=dtype, param_dtype=param_dtype, **build_options)
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract_params(model))
     if components.is_converted(folder):
         return model, convert.load_converted(folder, abstract)
     weights = open_weights(folder, comp.weights_stem, variant)
-    params = convert.torch_to_flax(
-        weights, abstract, dtype=param_dtype, what=f"{component} {weights.description}", progress=progress
-    )
+    what = f"{component} {weights.description}"
+    params = convert.torch_to_flax(weights, abstract, dtype=param_dtype, what=what, progress=progress)
     return model, jax.tree.map(jnp.asarray, params)
 
 
-def load_unet(
-    path: str | os.PathLike,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = jnp.float32,
-    variant: str | None = None,
-    remat_policy: str = "none",
-    attention_impl: str | None = None,
-    progress: bool = True,
-) -> tuple[UNetSpatioTemporal, dict]:
-    """``(model, params)`` of the UNet. ``dtype`` is the compute dtype, ``param_dtype`` the parameters'."""
-
-    def build(cfg):
-        return unet_from_config(
-            cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl
-        )
-
-    return _load("unet", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+def load_unet(path: str | os.PathLike, dtype: Any = jnp.float32, **options: Any) -> tuple[UNetSpatioTemporal, dict]:
+    """``(model, params)`` of the UNet; options: ``param_dtype``, ``variant``, ``remat_policy``,
+    ``attention_impl``, ``progress`` (:func:`load`)."""
+    return load("unet", path, dtype, **options)
 
 
 def load_vae(
-    path: str | os.PathLike,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = jnp.float32,
-    variant: str | None = None,
-    attention_impl: str | None = None,
-    progress: bool = True,
+    path: str | os.PathLike, dtype: Any = jnp.float32, **options: Any
 ) -> tuple[AutoencoderKLTemporalDecoder, dict]:
-    """``(model, params)`` of the temporal-decoder VAE (``vae/``)."""
-
-    def build(cfg):
-        return vae_from_config(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-
-    return _load("vae", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+    """``(model, params)`` of the temporal-decoder VAE (``vae/``); options as :func:`load`."""
+    return load("vae", path, dtype, **options)
 
 
 def load_image_encoder(
-    path: str | os.PathLike,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = jnp.float32,
-    variant: str | None = None,
-    attention_impl: str | None = None,
-    progress: bool = True,
+    path: str | os.PathLike, dtype: Any = jnp.float32, **options: Any
 ) -> tuple[CLIPVisionWithProjection, dict]:
-    """``(model, params)`` of the CLIP image encoder (``image_encoder/``)."""
-
-    def build(cfg):
-        return image_encoder_from_config(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-
-    return _load("image_encoder", path, build, param_dtype=param_dtype, variant=variant, progress=progress)
+    """``(model, params)`` of the CLIP image encoder (``image_encoder/``); options as :func:`load`."""
+    return load("image_encoder", path, dtype, **options)
 
 
 def load_pipeline(
