@@ -1,0 +1,50 @@
+"""The run's orbax checkpoints: ``WORKDIR/checkpoints/<step>/`` holds the train state (``state``) and the
+data position (``meta``); restored straight into the target shardings (any mesh saved it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from sfv_jax.training import steps as train_steps
+
+
+def default_sharding() -> jax.sharding.Sharding:
+    """Where a restore puts arrays whose target has no sharding: this process's first device."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def checkpoint_manager(workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints if config else None,
+        enable_async_checkpointing=True,
+        create=config is not None,
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def restore(mngr, like: train_steps.TrainState, step: int | None = None) -> tuple[train_steps.TrainState, dict]:
+    """(state, meta) of checkpoint ``step`` (default: the latest), with ``like``'s shapes, dtypes and
+    shardings (arrays or ``jax.ShapeDtypeStruct``s; no sharding: the default device)."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{mngr.directory}: no checkpoint")
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"{mngr.directory}: no checkpoint at step {step} (have {mngr.all_steps()})")
+
+    def spec(x):
+        s = ocp.utils.to_shape_dtype_struct(x)
+        return (
+            s
+            if getattr(s, "sharding", None) is not None
+            else jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=default_sharding())
+        )
+
+    abstract = jax.tree.map(spec, like)
+    out = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
+    return out["state"], out["meta"]

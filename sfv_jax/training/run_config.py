@@ -1,0 +1,85 @@
+"""A training config's checks: what the trainer refuses before it touches anything, naming the flag."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from sfv_jax.data.sources import KINDS as DATA_KINDS
+from sfv_jax.models.attention import ATTENTION_IMPLS
+from sfv_jax.models.build import COMPUTE_DTYPES
+from sfv_jax.training import losses
+from sfv_jax.training import steps as train_steps
+from sfv_jax.training.discriminator import HEAD_KINDS
+
+# When opt.nonfinite="halt" looks at the steps' finite flags: at log steps (the host never waits for the
+# device in between; a halt then names every non-finite step since the last check) or after every step.
+HALT_CHECKS = ("log_steps", "every_step")
+
+
+class ConfigError(ValueError):
+    """A training config the trainer cannot run (the message names the ``--config.`` flag)."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Reject settings the trainer cannot run, naming the ``--config.`` flag."""
+
+    def need(ok: bool, flag: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"--config.{flag}={config_get(config, flag)!r}: {msg}")
+
+    for flag in (
+        "total_steps",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "keep_checkpoints",
+        "data.micro_batch",
+        "data.accum_steps",
+        "data.num_frames",
+    ):
+        need(config_get(config, flag) >= 1, flag, "must be >= 1")
+    need(config.sample_every_steps >= 0, "sample_every_steps", "must be >= 0 (0: no samples)")
+    need(config.model.dtype in COMPUTE_DTYPES, "model.dtype", f"must be one of {COMPUTE_DTYPES}")
+    need(
+        config.model.get("attention_impl") in ATTENTION_IMPLS,
+        "model.attention_impl",
+        f"must be one of {ATTENTION_IMPLS}",
+    )
+    need(
+        config.model.get("attention_impl") != "cudnn" or jax.default_backend() == "gpu",
+        "model.attention_impl",
+        f"cuDNN attention needs an NVIDIA GPU (backend here: {jax.default_backend()}); use chunked or None",
+    )
+    need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}")
+    need(config.disc.heads in HEAD_KINDS, "disc.heads", f"must be one of {HEAD_KINDS}")
+    need(config.loss.r1_type in losses.R1_TYPES, "loss.r1_type", f"must be one of {losses.R1_TYPES}")
+    need(
+        config.opt.nonfinite in train_steps.NONFINITE_POLICIES,
+        "opt.nonfinite",
+        f"must be one of {train_steps.NONFINITE_POLICIES}",
+    )
+    need(config.opt.halt_check in HALT_CHECKS, "opt.halt_check", f"must be one of {HALT_CHECKS}")
+
+
+def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config's scalar leaves as ``{"loss.r1_gamma": 1e-05, ...}`` (model dicts and None left out)."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                if not prefix.startswith("model"):
+                    walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (bool, int, float, str)):
+                out[prefix + k] = v
+
+    walk(config.to_dict(), "")
+    return out
