@@ -1,7 +1,7 @@
 """Samplers of the SVD teacher and the SF-V generator (pure functions; loops in ``jax.lax``).
 
 Both take a :data:`sfv_jax.diffusion.edm.VelocityFn` ``(x_in, c_noise) -> v`` (the UNet with its conditioning
-bound; see ``sfv_jax.pipeline``) and explicit unit-Gaussian noise, so results are reproducible and
+bound; see ``sfv_jax.diffusion.pipeline``) and explicit unit-Gaussian noise, so results are reproducible and
 comparable between samplers, runs and machines. Jit them with the velocity function closed over, or
 call them inside a jitted function; the number of steps is the static length of the sigma array.
 """
