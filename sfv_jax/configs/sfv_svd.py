@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.opt.b2 = 0.999
     c.opt.ema_rate = 0.95
     c.opt.nonfinite = "skip"  # "skip" | "halt"
+    c.opt.halt_check = "log_steps"  # when the host reads the finite flags: "log_steps" | "every_step"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.height, c.sample.width = 576, 1024
