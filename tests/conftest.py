@@ -103,3 +103,21 @@ def tiny_folder_dataset(tmp_path_factory):
         video_io.write_video(root / "videos" / f"v{i}.mp4", synthetic_clip(i, 0, 20 + 4 * i, 24, 32), fps=10)
     folder.build_folder_dataset(root / "videos", root / "clips", fps=7, height=16, width=16, min_frames=4)
     return root / "clips"
+
+
+# The slowest files first, so that two xdist workers (``pytest -n 2 --dist loadgroup``, what CI runs)
+# start the long subprocess tests at once and finish together; the rest fills in behind them. Within a
+# file the order is unchanged. (The layout test's installed copy trains the tiny config last, when the
+# shared compilation cache already holds its steps.)
+SLOW_FIRST = ("test_sharding.py", "test_training.py", "test_evaluate.py", "test_pipeline.py", "test_entry_points.py")
+LAST = ("test_layout.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        if name in SLOW_FIRST:
+            return SLOW_FIRST.index(name)
+        return len(SLOW_FIRST) + (1 if name in LAST else 0)
+
+    items.sort(key=rank)  # stable: the order inside a file is kept

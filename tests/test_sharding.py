@@ -40,6 +40,10 @@ def _tree_rel(got: dict, want: dict, prefix: str) -> float:
     return float(num / max(np.abs(want[k].astype(np.float64)).max() for k in keys))
 
 
+# the tests that read the worker's output run on one xdist worker (``--dist loadgroup``): it runs once
+ON_WORKER = pytest.mark.xdist_group("sharded_worker")
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
@@ -56,6 +60,7 @@ def worker(tmp_path_factory):
     return arrays, json.loads((out / "report.json").read_text())
 
 
+@ON_WORKER
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_steps_equal_single_device(worker, mesh):
     """One generator + one discriminator step (8 samples): losses, gradients, updated parameters, EMA and
@@ -79,6 +84,7 @@ def test_sharded_steps_equal_single_device(worker, mesh):
     assert int(got["state.step"]) == int(want["state.step"]) == 1
 
 
+@ON_WORKER
 def test_large_leaves_are_sharded(worker):
     """Every state leaf above the threshold: replicated with data=8, 1/4 of its bytes per device with fsdp=4."""
     _, report = worker
@@ -89,6 +95,7 @@ def test_large_leaves_are_sharded(worker):
         assert not bad, (mesh, bad[:5])
 
 
+@ON_WORKER
 def test_checkpoint_restores_onto_another_mesh(worker):
     _, report = worker
     assert report["restore"] == {"data=8->data=2,fsdp=4": {"values_equal": True, "shardings_match": True}}
