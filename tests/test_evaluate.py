@@ -31,7 +31,7 @@ def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices:
     args = [
         sys.executable,
         "-m",
-        "sfv_jax.evaluation.runner",
+        "sfv_jax.evaluate",
         "--config",
         "configs/eval_tiny.py",
         "--workdir",
