@@ -200,8 +200,9 @@ def train(
         ("VAE (frozen)", vae_params),
         ("image encoder (frozen)", clip_params),
     ):
-        logging.info("%s", describe_params(name, params))
-        tables.append(f"{describe_params(name, params)}\n{parameter_overview.get_parameter_overview(params)}\n")
+        line = describe_params(name, params)
+        logging.info("%s", line)
+        tables.append(f"{line}\n{parameter_overview.get_parameter_overview(params)}\n")
     if lead:
         (workdir / "parameters.txt").write_text("\n".join(tables))
     if verbose_tables:
