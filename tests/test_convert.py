@@ -56,7 +56,7 @@ def test_round_trip_is_bit_exact_and_diffusers_loads_it(tiny_unet_dirs, tiny_une
 
     from diffusers import UNetSpatioTemporalConditionModel
 
-    reloaded = UNetSpatioTemporalConditionModel.from_pretrained(str(exported)).eval()
+    reloaded = ref.load_aligned(UNetSpatioTemporalConditionModel, exported)
     inputs = ref.unet_inputs(presets.UNETS["tiny_b"], *presets.UNET_TEST_SHAPES["tiny_b"], seed=5)
     np.testing.assert_array_equal(ref.unet_forward(reloaded, *inputs), ref.unet_forward(tiny_unets["tiny_b"], *inputs))
 

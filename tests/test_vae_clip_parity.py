@@ -101,8 +101,8 @@ def test_whole_folder_round_trip_is_exact(tiny_pipeline_dirs, tmp_path):
         assert sorted(a) == sorted(b)
         for k in a:
             assert np.array_equal(a[k], b[k]), f"{sub}: {k}"
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(exported / "vae").eval()
-    clip = CLIPVisionModelWithProjection.from_pretrained(exported / "image_encoder").eval()
+    vae = ref.load_aligned(AutoencoderKLTemporalDecoder, exported / "vae")
+    clip = ref.load_aligned(CLIPVisionModelWithProjection, exported / "image_encoder")
     x = torch.randn(1, 3, 16, 16)
     px = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
