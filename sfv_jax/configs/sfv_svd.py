@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.heads = "both"  # "both" | "spatial" | "temporal" (paper Tab. 2 ablation)
     c.disc.channels = 128
     c.disc.proj_dim = 64
+    c.disc.groups = 32  # GroupNorm groups in the head bodies (4 channels each at 128 channels)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.recon_weight = 0.1

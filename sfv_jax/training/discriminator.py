@@ -44,6 +44,7 @@ class HeadBody(nn.Module):
     temporal: bool
     channels: int = 128
     proj_dim: int = 64
+    groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -52,7 +53,7 @@ class HeadBody(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         window, pad = ((3,), ((1, 1),)) if self.temporal else ((3, 3), ((1, 1), (1, 1)))
         axis = -2 if self.temporal else -3
-        groups = math.gcd(32, self.channels)
+        groups = math.gcd(self.groups, self.channels)
 
         def block(h, i):
             return _lrelu(GroupNorm(groups, 1e-5, axis, name=f"norm{i}", **kw)(h))
@@ -72,13 +73,16 @@ class ProjectionHead(nn.Module):
     temporal: bool
     channels: int = 128
     proj_dim: int = 64
+    groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, feats: jax.Array, cond: jax.Array) -> jax.Array:
         b, f, h, w, c = feats.shape
-        body = HeadBody(self.temporal, self.channels, self.proj_dim, self.dtype, self.param_dtype, name="body")
+        body = HeadBody(
+            self.temporal, self.channels, self.proj_dim, self.groups, self.dtype, self.param_dtype, name="body"
+        )
         if self.temporal:
             phi = body(feats.transpose(0, 2, 3, 1, 4).reshape(b * h * w, f, c))  # (B H W) x F x C
             phi = phi.reshape(b, h, w, f, -1).transpose(0, 3, 1, 2, 4)
@@ -103,6 +107,7 @@ class DiscriminatorHeads(nn.Module):
     heads: str = "both"
     channels: int = 128
     proj_dim: int = 64
+    groups: int = 32  # GroupNorm groups of the head bodies (gcd with ``channels``)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -127,9 +132,9 @@ class DiscriminatorHeads(nn.Module):
             for i, feats in enumerate(features):
                 name = f"{'temporal' if temporal else 'spatial'}_{i}"
                 out.append(
-                    ProjectionHead(temporal, self.channels, self.proj_dim, self.dtype, self.param_dtype, name=name)(
-                        feats, cond.astype(self.dtype)
-                    )
+                    ProjectionHead(
+                        temporal, self.channels, self.proj_dim, self.groups, self.dtype, self.param_dtype, name=name
+                    )(feats, cond.astype(self.dtype))
                 )
         return out
 

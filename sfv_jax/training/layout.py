@@ -130,7 +130,7 @@ def make_layout(
         )
     boxed = abstract_params(unet, boxed=True)
     unet_abs, unet_sh = nn.meta.unbox(boxed), plan.param_shardings(boxed)
-    heads = DiscriminatorHeads(config.disc.heads, config.disc.channels, config.disc.proj_dim)
+    heads = DiscriminatorHeads(config.disc.heads, config.disc.channels, config.disc.proj_dim, config.disc.groups)
     head_boxed = jax.eval_shape(
         functools.partial(
             _init_heads, heads, unet, embed_dim=clip.config.projection_dim, latent_hw=(d.height // f, d.width // f)
