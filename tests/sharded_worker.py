@@ -4,12 +4,12 @@ subprocess: the device count is fixed when JAX starts).
     python tests/sharded_worker.py OUT MESH [MESH ...]       e.g. OUT data=8 data=2,fsdp=4
 
 For a single device and then each MESH it runs one generator step and one discriminator step from the
-same initial state on the same global batch (8 samples) and writes OUT/<mesh>.npz: the generator and
-discriminator gradients, the metrics and the final state, as host arrays keyed by tree path; and
-OUT/<mesh>_replay.npz: the state of the single-device updates applied to that mesh's gradients. OUT/report.json
-holds, per mesh, the per-device bytes of every state leaf above the sharding threshold and, for the
-checkpoint check, whether a checkpoint saved on the first mesh restores onto each other mesh with the
-same values and the target shardings.
+same initial state on the same global batch (2 accumulation steps of 8 samples) and writes
+OUT/<mesh>.npz: the generator and discriminator gradients, the metrics and the final state, as host
+arrays keyed by tree path; and OUT/<mesh>_replay.npz: the state of the single-device updates applied
+to that mesh's gradients. OUT/report.json holds, per mesh, the per-device bytes of every state leaf
+above the sharding threshold and, for the checkpoint check, whether a checkpoint saved on the first
+mesh restores onto each other mesh with the same values and the target shardings.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from sfv_jax.data.latents import ClipEncoder  # noqa: E402
 from sfv_jax.parallel import sharding  # noqa: E402
 from sfv_jax.training import trainer as train  # noqa: E402
 
-GLOBAL = 8  # samples per step
-MIN_SHARD = 1024  # elements: lower than the default so that most tiny leaves are sharded
+GLOBAL = 8  # samples per accumulation step (the tiny config accumulates 2: 16 per step)
+MIN_SHARD = 1024  # elements: lower than the default so that most tiny leaves are sharded (as the 2-process test)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -39,8 +39,10 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def config_for(plan: sharding.Plan):
+    """The tiny config (2 accumulation steps) with ``GLOBAL`` samples per accumulation step: on 8 devices
+    these are the programs of ``test_two_processes_train_like_one``'s 8-device training CLI run, which
+    then finds them in the shared compilation cache."""
     c = tiny.get_config()
-    c.data.accum_steps = 1
     c.data.micro_batch = GLOBAL // plan.batch_shards
     c.sharding.min_shard_size = MIN_SHARD
     return c

@@ -23,12 +23,24 @@ MESHES = ("data=8", "data=2,fsdp=4")
 TOL = 1e-5
 
 
+# Every subprocess here runs XLA:CPU with the memory planner's scheduler flag (scheduling only: the
+# same arithmetic), so that the worker, the training CLI on 8 devices and the planner compile identical
+# programs and find each other's in the shared compilation cache (conftest); the device count is not
+# part of the cache key.
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def _env(devices: int | None = None, **extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **extra}
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith(("--xla_force_host_platform_device_count=", SCHEDULER_FLAG))
+    ]
+    flags.append(SCHEDULER_FLAG)
     if devices:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = flags.strip()
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 
@@ -40,7 +52,8 @@ def _tree_rel(got: dict, want: dict, prefix: str) -> float:
     return float(num / max(np.abs(want[k].astype(np.float64)).max() for k in keys))
 
 
-# the tests that read the worker's output run on one xdist worker (``--dist loadgroup``): it runs once
+# the tests that read the worker's output, or reuse its compiled programs, run on one xdist worker
+# (``--dist loadgroup``), in this file's order: the worker runs once, first
 ON_WORKER = pytest.mark.xdist_group("sharded_worker")
 
 
@@ -63,8 +76,9 @@ def worker(tmp_path_factory):
 @ON_WORKER
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_steps_equal_single_device(worker, mesh):
-    """One generator + one discriminator step (8 samples): losses, gradients, updated parameters, EMA and
-    optimizer accumulators equal the single-device step to <= 1e-5 (tree-relative, fp32)."""
+    """One generator + one discriminator step (2 accumulation steps of 8 samples): losses, gradients,
+    updated parameters, EMA and optimizer accumulators equal the single-device step to <= 1e-5
+    (tree-relative, fp32)."""
     arrays, _ = worker
     want, got = arrays["single"], arrays[mesh]
     for prefix in ("metrics", "g_grads", "d_grads", "state.generator", "state.ema", "state.heads"):
@@ -134,6 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@ON_WORKER  # after the worker: its programs are in the compilation cache
 def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     """2 processes x 4 devices (jax.distributed, local coordinator) run two training steps of the CLI on
     mesh data=2 x fsdp=4 from a built folder dataset, each process reading only its rows of every global
@@ -151,6 +166,18 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
         f"--config.data.path={tiny_folder_dataset}",
     ]
     cmd = [sys.executable, "-m", "sfv_jax.main", *flags]
+    # The reference first: its steps are the sharded worker's data=2 x fsdp=4 programs, already in the
+    # shared compilation cache. It also writes a sample (a sharded EMA gathered onto one device; the
+    # multi-process path is the same code: launch/cpu_sim.sh --processes 2 --config.sample_every_steps=2)
+    single = subprocess.run(
+        [*cmd, "--config.sample_every_steps=2", "--workdir", str(tmp_path / "single")],
+        cwd=REPO,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
     port = _free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = [
@@ -168,17 +195,6 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
     logs = [log.read_text() for log in logs]
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, (i, log[-3000:])
-    # the reference also writes a sample (a sharded EMA gathered onto one device; the multi-process
-    # path is the same code: launch/cpu_sim.sh --processes 2 --config.sample_every_steps=2)
-    single = subprocess.run(
-        [*cmd, "--config.sample_every_steps=2", "--workdir", str(tmp_path / "single")],
-        cwd=REPO,
-        env=_env(8),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
     assert "process 1 of 2" in logs[1] and "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in logs[0]
     assert all("data: folder, 5 records" in log for log in logs)
     # only process 0 writes the summary and TensorBoard events; both runs saved step 2
@@ -203,10 +219,20 @@ def test_two_processes_train_like_one(tmp_path, tiny_folder_dataset):
         assert err <= TOL, (field, err)
 
 
+@ON_WORKER  # after the worker: the same data=2 x fsdp=4 programs
 def test_memory_planner_cli():
     """The planner compiles the tiny steps for data=2 x fsdp=4 on simulated devices and ends with the peak."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py", "--mesh", "data=2,fsdp=4"],
+        [
+            sys.executable,
+            "-m",
+            "sfv_jax.tools.memory",
+            "--config",
+            "configs/tiny.py",
+            "--mesh",
+            "data=2,fsdp=4",
+            "--config.sharding.min_shard_size=1024",
+        ],
         cwd=REPO,
         env=_env(),
         capture_output=True,

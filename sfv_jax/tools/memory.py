@@ -56,11 +56,13 @@ def _devices_needed(argv: list[str]) -> int | None:
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
     _n = _devices_needed(sys.argv)
     if _n and "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
-            # XLA:CPU's default scheduler trades memory for concurrency; a GPU's does not
-            " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-        ).strip()
+        _flags = os.environ.get("XLA_FLAGS", "").split()
+        _flags = [f for f in _flags if not f.startswith("--xla_force_host_platform_device_count=")]
+        _flags.append(f"--xla_force_host_platform_device_count={_n}")
+        # XLA:CPU's default scheduler trades memory for concurrency; a GPU's does not
+        if not any(f.startswith("--xla_cpu_enable_concurrency_optimized_scheduler") for f in _flags):
+            _flags.append("--xla_cpu_enable_concurrency_optimized_scheduler=false")
+        os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
