@@ -8,6 +8,12 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's LLVM backend at -O0: the tests' programs are tiny, their compilation is most of CI's time
+# (measured on the tiny SF-V generator step: 25.4 s -> 15.7 s), and what they check (parity at 1e-4,
+# bitwise equalities between runs of the same programs) does not depend on LLVM's optimisation level.
+# Subprocesses inherit it (it is part of the compilation cache key).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # One persistent XLA cache per test session, shared with the subprocesses the tests start: the training
 # tests compile the same tiny steps in-process and in CLI runs (about 2 minutes cold, seconds warm).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
