@@ -27,7 +27,9 @@ def test_chunks_cover_every_video_once_across_processes():
 
 
 def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")  # conftest's other flags kept (-O0)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
     args = [
         sys.executable,
         "-m",

@@ -159,11 +159,28 @@ def _config(**overrides):
     return config
 
 
-def test_resume_is_bitwise(tmp_path, tiny_folder_dataset):
+# the tests that start from a finished tiny run share it (one xdist worker: it is trained once)
+TINY_RUN = pytest.mark.xdist_group("tiny_run")
+
+
+def _folder_data(tiny_folder_dataset) -> dict:
+    return {"data.kind": "folder", "data.path": str(tiny_folder_dataset)}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_folder_dataset):
+    """(workdir, final state) of 3 tiny steps on the folder dataset, checkpoints at every step, 2 kept."""
+    workdir = tmp_path_factory.mktemp("straight")
+    config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
+    return workdir, train.train(config, workdir)
+
+
+@TINY_RUN
+def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
     """3 steps straight == 2 steps, stop, resume (new process state, restored checkpoint and data iterator)
     to 3, training on a folder dataset built from mp4s (issue #6: a tiny run from a built dataset)."""
-    data = {"data.kind": "folder", "data.path": str(tiny_folder_dataset)}
-    straight = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "a")
+    data = _folder_data(tiny_folder_dataset)
+    straight = straight_run[1]
     train.train(_config(total_steps=2, keep_checkpoints=2, **data), tmp_path / "b")
     resumed = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
     assert int(straight.step) == int(resumed.step) == 3
@@ -306,12 +323,12 @@ def test_cli_rejects_bad_config(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_init_from_a_converted_pipeline_folder_then_export(tmp_path):
+@TINY_RUN
+def test_init_from_a_converted_pipeline_folder_then_export(tmp_path, straight_run):
     """--config.init_from: the generator starts from the folder's UNet, the VAE / image encoder are the
-    folder's, and the export keeps them. (The folder is an exported random-init tiny run, so the steps
-    are the tiny config's, already compiled; diffusers -> converted folders are the converter's tests.)"""
-    train.train(_config(total_steps=1), tmp_path / "first")
-    base = export.export_run(tmp_path / "first", tmp_path / "base")
+    folder's, and the export keeps them. (The folder is the exported shared tiny run, so the steps are
+    the tiny config's, already compiled; diffusers -> converted folders are the converter's tests.)"""
+    base = export.export_run(straight_run[0], tmp_path / "base")
     source = pretrained.load_pipeline(base, progress=False)
     config = _config(total_steps=1, init_from=str(base), seed=5)
     config.model.unet = config.model.vae = config.model.image_encoder = None
