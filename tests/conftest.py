@@ -39,6 +39,20 @@ PARITY_TOL = 1e-4  # max|jax - torch| / max|torch|, fp32 (issue #2)
 BF16_TOL = 3e-2  # bf16 compute against the fp32 reference
 
 
+def xla_flags_with(devices: int | None = None, *extra: str) -> str:
+    """This process's ``XLA_FLAGS`` (conftest's -O0 included) for a subprocess: any device count replaced
+    by ``devices`` (none if None), each flag of ``extra`` present once."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith(("--xla_force_host_platform_device_count=", *extra))
+    ]
+    flags.extend(extra)
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)

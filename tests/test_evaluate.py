@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags_with
 
 from sfv_jax.evaluation import protocol
 
@@ -27,9 +28,7 @@ def test_chunks_cover_every_video_once_across_processes():
 
 
 def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices: int) -> subprocess.CompletedProcess:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={devices}")  # conftest's other flags kept (-O0)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_with(devices)}
     args = [
         sys.executable,
         "-m",

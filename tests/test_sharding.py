@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags_with
 
 from sfv_jax.parallel import sharding
 
@@ -31,17 +32,13 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def _env(devices: int | None = None, **extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **extra}
-    flags = [
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith(("--xla_force_host_platform_device_count=", SCHEDULER_FLAG))
-    ]
-    flags.append(SCHEDULER_FLAG)
-    if devices:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env["XLA_FLAGS"] = " ".join(flags)
-    return env
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        **extra,
+        "XLA_FLAGS": xla_flags_with(devices, SCHEDULER_FLAG),
+    }
 
 
 def _tree_rel(got: dict, want: dict, prefix: str) -> float:
