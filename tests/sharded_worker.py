@@ -10,6 +10,10 @@ arrays keyed by tree path; and OUT/<mesh>_replay.npz: the state of the single-de
 to that mesh's gradients. OUT/report.json holds, per mesh, the per-device bytes of every state leaf
 above the sharding threshold and, for the checkpoint check, whether a checkpoint saved on the first
 mesh restores onto each other mesh with the same values and the target shardings.
+
+Then the same for the diffusion objective with ``trainable=temporal`` (AdamW, clipping, warm-up,
+per-sample noise augmentation) on one device and the last MESH: OUT/diffusion_<name>.npz (one step;
+there is no discriminator) and OUT/diffusion_<mesh>_replay.npz.
 """
 
 from __future__ import annotations
@@ -38,13 +42,17 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def config_for(plan: sharding.Plan):
+def config_for(plan: sharding.Plan, objective: str = "sfv"):
     """The tiny config (2 accumulation steps) with ``GLOBAL`` samples per accumulation step: on 8 devices
     these are the programs of ``test_two_processes_train_like_one``'s 8-device training CLI run, which
-    then finds them in the shared compilation cache."""
+    then finds them in the shared compilation cache. ``objective="diffusion"``: SVD's loss, temporal
+    layers only, AdamW with clipping and warm-up, lognormal noise augmentation."""
     c = tiny.get_config()
     c.data.micro_batch = GLOBAL // plan.batch_shards
     c.sharding.min_shard_size = MIN_SHARD
+    if objective == "diffusion":
+        c.objective, c.trainable, c.data.noise_aug = "diffusion", "temporal", "lognormal"
+        c.opt.warmup_steps, c.opt.clip_norm = 2, 1.0
     return c
 
 
@@ -65,22 +73,25 @@ def replay(single_steps, host_state, arrays: dict, like) -> dict:
     state = jax.device_put(host_state, like)
     metrics = {k[len("metrics['") : -2]: v for k, v in arrays.items() if k.startswith("metrics")}
     state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), metrics)
-    state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics)
+    if single_steps.d_update is not None:
+        state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics)
     return {"state" + k: v for k, v in flat(state).items()}
 
 
-def run(plan: sharding.Plan, host_state, host_backbone, encoder) -> tuple[dict, object, object]:
-    config = config_for(plan)
+def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv") -> tuple[dict, object, object]:
+    config = config_for(plan, objective)
     lay = train.make_layout(config, plan, *train.build_modules(config))
     steps = lay.steps(config)
     state = jax.device_put(host_state, lay.state_shardings)
     backbone = jax.device_put(host_backbone, lay.backbone_shardings)
     batch = plan.global_batch(train.make_batch(config, encoder, 0, GLOBAL, plan.local_rows(GLOBAL)), GLOBAL)
+    d_grads, d_metrics = {}, {}
     with plan.context():
         g_grads, g_metrics = steps.g_grads(state, batch, backbone)
         state, _ = steps.g_update(state, g_grads, g_metrics)
-        d_grads, d_metrics = steps.d_grads(state, batch, backbone)
-        state, _ = steps.d_update(state, d_grads, d_metrics)
+        if steps.d_grads is not None:
+            d_grads, d_metrics = steps.d_grads(state, batch, backbone)
+            state, _ = steps.d_update(state, d_grads, d_metrics)
     out = {
         **{"g_grads" + k: v for k, v in flat(g_grads).items()},
         **{"d_grads" + k: v for k, v in flat(d_grads).items()},
@@ -88,6 +99,27 @@ def run(plan: sharding.Plan, host_state, host_backbone, encoder) -> tuple[dict, 
         **{"state" + k: v for k, v in flat(state).items()},
     }
     return out, state, lay
+
+
+def run_diffusion(out: Path, spec: str) -> None:
+    """The diffusion objective (temporal layers only) on one device and on ``spec``, with the replay."""
+    single = plan_for(None)
+    config = config_for(single, "diffusion")
+    key = jax.random.PRNGKey(config.seed)
+    lay = train.make_layout(config, single, *train.build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
+    state0 = jax.tree.map(np.asarray, train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
+    encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
+    single_steps = lay.steps(config)
+    for name in (None, spec):
+        plan = single if name is None else plan_for(name)
+        arrays, _, _ = run(plan, state0, {}, encoder, "diffusion")
+        np.savez(out / f"diffusion_{name or 'single'}.npz", **arrays)
+        if name is not None:
+            with single.context():
+                replayed = replay(single_steps, state0, arrays, lay.state_shardings)
+            np.savez(out / f"diffusion_{name}_replay.npz", **replayed)
+        print(f"diffusion {name or 'single'}: done", flush=True)
 
 
 def main(out: Path, specs: list[str]) -> None:
@@ -143,6 +175,7 @@ def main(out: Path, specs: list[str]) -> None:
             "shardings_match": bool(same_sharding),
         }
     mngr.close()
+    run_diffusion(out, specs[-1])
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 

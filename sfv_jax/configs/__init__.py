@@ -2,6 +2,8 @@
 
   sfv_svd      the paper's SF-V setting (full SVD, 768x448x14, 8 devices FSDP)
   tiny         SF-V at toy size on a CPU (random-init tiny models, synthetic videos): the main job
+  svd_finetune SVD's own diffusion objective on full SVD (``svd_finetune:xt``: SVD-XT, 25 frames)
+  toy_teacher  the diffusion objective at toy size: the teacher the toy SF-V reproduction distils
   eval_ucf101  the paper's FVD protocol (UCF-101, 2048 videos)
   eval_tiny    the FVD protocol at toy size (the smoke evaluation)
 

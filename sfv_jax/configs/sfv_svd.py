@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.sample_every_steps = 2000
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
+    # "sfv": SF-V (generator + discriminator); "diffusion": SVD's own denoising loss (configs/svd_finetune.py)
+    c.objective = "sfv"
+    c.trainable = "all"  # "all" | "temporal" (only the UNet's temporal layers; sfv_jax.training.param_groups)
 
     # 8 GPUs: every device one FSDP shard (parameters, EMA, optimizer states split 8 ways), batch split 8 ways
     c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)
@@ -60,7 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.height, c.data.width, c.data.num_frames = 448, 768, 14
     c.data.fps = 7
     c.data.motion_bucket_id = 127  # or -1: from the clip's motion score
-    c.data.noise_aug_strength = 0.02
+    c.data.noise_aug = "fixed"  # conditioning-frame noise augmentation: "fixed" | "lognormal" (per sample)
+    c.data.noise_aug_strength = 0.02  # fixed; also the strength of the periodic samples
+    c.data.noise_aug_log_mean = -3.0  # lognormal: ln strength ~ N(-3.0, 0.5^2), as SVD fine-tuning draws it
+    c.data.noise_aug_log_std = 0.5
     c.data.micro_batch = 1  # per device (batch shard) and accumulation step
     c.data.accum_steps = 4
 
@@ -69,6 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.channels = 128
     c.disc.proj_dim = 64
     c.disc.groups = 32  # GroupNorm groups in the head bodies (4 channels each at 128 channels)
+
+    # the diffusion objective (objective="diffusion"): sigma ~ lognormal(p_mean, p_std), EDM weighting,
+    # conditioning dropout for classifier-free guidance (the embedding alone, both, the latent alone)
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.p_mean = 0.7
+    c.diffusion.p_std = 1.6
+    c.diffusion.drop_embed = 0.05
+    c.diffusion.drop_both = 0.05
+    c.diffusion.drop_latent = 0.05
 
     c.loss = ml_collections.ConfigDict()
     c.loss.recon_weight = 0.1
@@ -82,15 +97,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.r1_alpha = 0.1
 
     c.opt = ml_collections.ConfigDict()
+    # None: the objective's default (sfv: "sm3", the paper's; diffusion: "adamw"); or "sm3" | "adamw"
+    c.opt.optimizer = ml_collections.FieldReference(None, field_type=str)
     c.opt.generator_lr = 1e-5
     c.opt.discriminator_lr = 1e-4
-    c.opt.b1 = 0.5
+    c.opt.b1 = 0.5  # SM3
     c.opt.b2 = 0.999
+    c.opt.adamw_b1 = 0.9
+    c.opt.adamw_b2 = 0.999
+    c.opt.adamw_eps = 1e-8
+    c.opt.weight_decay = 1e-2  # AdamW
+    c.opt.warmup_steps = 0  # linear learning-rate warm-up (both optimizers)
+    c.opt.clip_norm = ml_collections.FieldReference(None, field_type=float)  # global-norm clipping; None: off
     c.opt.ema_rate = 0.95
     c.opt.nonfinite = "skip"  # "skip" | "halt"
     c.opt.halt_check = "log_steps"  # when the host reads the finite flags: "log_steps" | "every_step"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.height, c.sample.width = 576, 1024
-    c.sample.steps = 1
+    c.sample.steps = 1  # sfv: the SF-V sampler's steps; diffusion: the teacher's Euler steps
+    c.sample.min_guidance, c.sample.max_guidance = 1.0, 3.0  # diffusion: the teacher's per-frame guidance
     return c

@@ -93,6 +93,24 @@ def motion_bucket_ids(fixed: int, scores) -> list[float]:
     return [float(fixed if fixed >= 0 else motion_bucket(s)) for s in scores]
 
 
+NOISE_AUG_KINDS = ("fixed", "lognormal")
+
+
+def noise_aug_strengths(kind: str, fixed: float, log_mean: float, log_std: float, seed: int, positions) -> np.ndarray:
+    """The conditioning frame's noise-augmentation strength of each sample (config ``data.noise_aug``):
+    ``fixed`` everywhere, or ``exp(N(log_mean, log_std^2))`` drawn from ``default_rng([seed, 7, position])``
+    (SVD fine-tuning scripts: log-mean -3.0, log-std 0.5), so a sample's strength depends on its global
+    position only, not on how a step is split. -> float32 [len(positions)]."""
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    if kind == "fixed":
+        return np.full(positions.shape, fixed, np.float32)
+    if kind == "lognormal":
+        return np.array(
+            [np.exp(np.random.default_rng([seed, 7, int(p)]).normal(log_mean, log_std)) for p in positions], np.float32
+        )
+    raise ValueError(f"noise augmentation {kind!r} is not one of {NOISE_AUG_KINDS}")
+
+
 def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="JPEG", quality=quality)

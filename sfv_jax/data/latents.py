@@ -25,6 +25,7 @@ class ClipEncoder:
 
     * ``latents`` [B, F, h, w, 4]: every frame's VAE posterior mean x ``scaling_factor`` (what the UNet sees)
     * ``image_latents`` [B, h, w, 4]: frame 0 + noise_aug_strength * N(0, 1), posterior mean, unscaled
+      (the strength one for all clips, or one per clip)
     * ``image_embeds`` [B, D]: CLIP embedding of frame 0 (CLIP preprocessing of the reference pipeline)
     * ``added_time_ids`` [B, 3]: [fps - 1, motion_bucket_id, noise_aug_strength]
     The augmentation noise of sample ``index`` comes from ``fold_in(key, index)`` (reproducible per sample).
@@ -74,8 +75,9 @@ class ClipEncoder:
         *,
         fps: float,
         motion_bucket_ids: Sequence[float],
-        noise_aug_strength: float,
+        noise_aug_strength: float | np.ndarray,
     ) -> dict[str, np.ndarray]:
+        """``noise_aug_strength``: one for every clip, or one per clip [B] (``data.noise_aug``)."""
         size = self.image_encoder.config.image_size
         clip_px = np.stack(
             [
@@ -84,7 +86,7 @@ class ClipEncoder:
             ]
         )
         b = frames.shape[0]
-        aug = np.full((b,), noise_aug_strength, np.float32)
+        aug = np.broadcast_to(np.asarray(noise_aug_strength, np.float32), (b,)).copy()
         inputs = (np.asarray(frames), clip_px, np.asarray(index, np.int32), aug)
         if self._shard is not None:
             pad = -b % len(self.devices)

@@ -59,9 +59,10 @@ class Loader:
         else:
             frames = np.stack([e["frames"] for e in examples])
             buckets = clips.motion_bucket_ids(d.motion_bucket_id, [e["motion_score"] for e in examples])
-            batch = self.encoder(
-                frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=d.noise_aug_strength
+            aug = clips.noise_aug_strengths(
+                d.noise_aug, d.noise_aug_strength, d.noise_aug_log_mean, d.noise_aug_log_std, self.config.seed, index
             )
+            batch = self.encoder(frames, index, fps=d.fps, motion_bucket_ids=buckets, noise_aug_strength=aug)
         return {k: v.reshape(self.k, len(self.rows), *v.shape[1:]) for k, v in batch.items()}
 
     def iterator(self, position: int, num_steps: int) -> BatchIterator:

@@ -192,8 +192,9 @@ class SVDPipeline:
         unet = self.unet
         b = image_latents.shape[0]
         if scales is not None:
-            image_latents = jnp.concatenate([jnp.zeros_like(image_latents), image_latents])
-            embeds = jnp.concatenate([jnp.zeros_like(embeds), embeds])
+            null_latents, null_embeds = samplers.null_condition(image_latents, embeds)
+            image_latents = jnp.concatenate([null_latents, image_latents])
+            embeds = jnp.concatenate([null_embeds, embeds])
             added_time_ids = jnp.concatenate([added_time_ids, added_time_ids])
 
         def velocity(x_in, c_noise):

@@ -19,6 +19,12 @@ def guidance_scales(min_scale: float, max_scale: float, num_frames: int) -> jax.
     return jnp.linspace(jnp.float32(min_scale), jnp.float32(max_scale), num_frames, dtype=jnp.float32)
 
 
+def null_condition(image_latents: jax.Array, image_embeds: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The unconditional branch's inputs of classifier-free guidance: zero conditioning latents and zero
+    image embeddings (SVD's; ``added_time_ids`` stay). Training's conditioning dropout feeds the same."""
+    return jnp.zeros_like(image_latents), jnp.zeros_like(image_embeds)
+
+
 def apply_guidance(v_uncond: jax.Array, v_cond: jax.Array, scales: jax.Array) -> jax.Array:
     """Classifier-free guidance per frame: v_u + g_f * (v_c - v_u). ``v_*`` [B, F, h, w, C], ``scales`` [F]."""
     return v_uncond + scales[None, :, None, None, None] * (v_cond - v_uncond)

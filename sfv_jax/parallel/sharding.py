@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination-service client (barriers)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -144,6 +145,22 @@ def initialize_distributed() -> bool:
         jax.device_count(),
     )
     return True
+
+
+BARRIER_TIMEOUT_S = 3600.0
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process of a multi-process run reaches ``name``; one process: nothing.
+
+    This is the coordination service's barrier, not a collective: the first collective over a group of
+    processes sets up the CPU collectives (Gloo) with a fixed 30-s deadline, which processes that reach
+    it at different times (one still compiling, on a loaded machine) miss. The trainer meets here after
+    every process has compiled its steps."""
+    if jax.process_count() == 1:
+        return
+    client = jax_distributed.global_state.client
+    client.wait_at_barrier(f"sfv_jax/{name}", int(timeout_s * 1000))
 
 
 def _key_name(k: Any) -> Any:

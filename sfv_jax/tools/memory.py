@@ -120,16 +120,18 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
     state, batch = lay.abstract_state, lay.abstract_batch(config)
     backbone = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        backbone_subset(state.generator),
+        backbone_subset(state.unet_params()) if lay.backbone_shardings else {},
         lay.backbone_shardings,
     )
     log(
         f"mesh {plan.describe()} on {devices[0].platform}; {lay.global_micro} samples per accumulation step x "
         f"{config.data.accum_steps}; {config.data.num_frames} x {config.data.height} x {config.data.width}; "
-        f"compute {config.model.dtype}, remat {config.model.remat_policy}"
+        f"compute {config.model.dtype}, remat {config.model.remat_policy}; objective {config.objective}, "
+        f"trainable {config.trainable}"
     )
     resident = {
         "generator": _shard_bytes(state.generator),
+        "frozen": _shard_bytes(state.frozen),
         "ema": _shard_bytes(state.ema),
         "generator_opt": _shard_bytes(state.gen_opt),
         "heads": _shard_bytes(state.heads),
@@ -141,20 +143,16 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
     for note in notes:
         log(f"note: {note}")
     g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
-    d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
     calls = {
         "g_grads": (steps.g_grads, (state, batch, backbone)),
         "g_update": (steps.g_update, (state, *_with(g_grads_abs, lay.state_shardings.generator, plan))),
-        "d_grads": (steps.d_grads, (state, batch, backbone)),
-        "d_update": (steps.d_update, (state, *_with(d_grads_abs, lay.state_shardings.heads, plan))),
     }
+    if steps.d_grads is not None:  # SF-V's discriminator step
+        d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
+        calls["d_grads"] = (steps.d_grads, (state, batch, backbone))
+        calls["d_update"] = (steps.d_update, (state, *_with(d_grads_abs, lay.state_shardings.heads, plan)))
     resident_total = sum(resident.values())
-    carried = {
-        "g_grads": 0,
-        "g_update": _shard_bytes(calls["g_update"][1][1]),
-        "d_grads": 0,
-        "d_update": _shard_bytes(calls["d_update"][1][1]),
-    }
+    carried = {name: _shard_bytes(args[1]) if name.endswith("update") else 0 for name, (_, args) in calls.items()}
     for name, (fn, args) in calls.items():
         t0 = time.time()
         log(f"compiling {name} ...")

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import flags
 
 from sfv_jax.training import steps as train_steps
 
@@ -18,6 +19,11 @@ def default_sharding() -> jax.sharding.Sharding:
 
 
 def checkpoint_manager(workdir: str | Path, config: ml_collections.ConfigDict | None = None):
+    """The workdir's orbax manager (``config``: create the folder, keep ``keep_checkpoints``). With several
+    processes orbax's barriers go through the coordination service (with timeouts) instead of collectives
+    (whose first use has a 30-s set-up deadline; see ``sfv_jax.parallel.sharding.barrier``)."""
+    if jax.process_count() > 1 and "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+        flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints if config else None,
         enable_async_checkpointing=True,

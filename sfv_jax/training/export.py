@@ -1,4 +1,4 @@
-"""A trained SF-V run -> an SVD pipeline folder that ``sample``, ``load_pipeline`` and ``convert
+"""A trained run (SF-V or diffusion) -> an SVD pipeline folder that ``sample``, ``load_pipeline`` and ``convert
 --to-diffusers`` use like any converted SVD checkpoint.
 
     python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv                 # EMA, latest step
@@ -59,7 +59,7 @@ def trained_unet(
     like = train.make_layout(config, plan, *train.build_modules(config)).abstract_state
     mngr = train.checkpoint_manager(workdir)
     state, meta = train.restore(mngr, like, step)
-    return unet_cfg, getattr(state, weights), int(meta["step"])
+    return unet_cfg, state.unet_params(weights), int(meta["step"])  # frozen parameters included
 
 
 def export_run(

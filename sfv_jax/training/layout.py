@@ -28,6 +28,7 @@ from sfv_jax.models.build import (
 )
 from sfv_jax.models.unet import init_inputs
 from sfv_jax.parallel import sharding
+from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset
 from sfv_jax.training.run_config import ConfigError
@@ -83,6 +84,7 @@ class Layout:
     state_shardings: train_steps.TrainState
     abstract_state: train_steps.TrainState  # ShapeDtypeStructs
     global_micro: int  # samples per accumulation step, over all devices
+    trainable: str = "all"  # param_groups.TRAINABLE
 
     def step_shardings(self) -> train_steps.StepShardings:
         return train_steps.StepShardings(
@@ -131,31 +133,40 @@ def make_layout(
     boxed = abstract_params(unet, boxed=True)
     unet_abs, unet_sh = nn.meta.unbox(boxed), plan.param_shardings(boxed)
     heads = DiscriminatorHeads(config.disc.heads, config.disc.channels, config.disc.proj_dim, config.disc.groups)
-    head_boxed = jax.eval_shape(
-        functools.partial(
-            _init_heads, heads, unet, embed_dim=clip.config.projection_dim, latent_hw=(d.height // f, d.width // f)
-        ),
-        backbone_subset(unet_abs),
-        jax.random.PRNGKey(0),
+    if config.objective == "sfv":
+        head_boxed = jax.eval_shape(
+            functools.partial(
+                _init_heads, heads, unet, embed_dim=clip.config.projection_dim, latent_hw=(d.height // f, d.width // f)
+            ),
+            backbone_subset(unet_abs),
+            jax.random.PRNGKey(0),
+        )
+        head_abs, head_sh = nn.meta.unbox(head_boxed), plan.param_shardings(head_boxed)
+        backbone_sh = backbone_subset(unet_sh)
+    else:  # the diffusion objective: no discriminator, no frozen backbone
+        head_abs, head_sh, backbone_sh = {}, {}, {}
+    (train_abs, frozen_abs), (train_sh, frozen_sh) = (
+        param_groups.split(t, config.trainable) for t in (unet_abs, unet_sh)
     )
-    head_abs, head_sh = nn.meta.unbox(head_boxed), plan.param_shardings(head_boxed)
     gen_tx, disc_tx = make_optimizers(config)
     abstract = jax.eval_shape(
         functools.partial(train_steps.init_state, gen_tx=gen_tx, disc_tx=disc_tx),
-        unet_abs,
+        train_abs,
         head_abs,
         rng=jax.random.PRNGKey(0),
+        frozen=frozen_abs,
     )
     rep = plan.replicated
     state_sh = train_steps.TrainState(
         step=rep,
-        generator=unet_sh,
-        ema=unet_sh,
+        generator=train_sh,
+        ema=train_sh,
         heads=head_sh,
-        gen_opt=plan.like_params(abstract.gen_opt, unet_abs, unet_sh),
+        gen_opt=plan.like_params(abstract.gen_opt, train_abs, train_sh),
         disc_opt=plan.like_params(abstract.disc_opt, head_abs, head_sh),
         rng=rep,
         skipped=rep,
+        frozen=frozen_sh,
     )
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     return Layout(
@@ -168,10 +179,11 @@ def make_layout(
         disc_tx,
         unet_sh,
         head_sh,
-        backbone_subset(unet_sh),
+        backbone_sh,
         state_sh,
         abstract,
         d.micro_batch * plan.batch_shards,
+        config.trainable,
     )
 
 
@@ -228,6 +240,8 @@ def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
     else:
         unet_params = _random_init(lay.unet, k_unet, lay.unet_shardings)
     vae_params, clip_params = frozen_encoders(config, lay.vae, lay.clip, key)
+    if config.objective != "sfv":  # no discriminator
+        return unet_params, vae_params, clip_params, {}, {}
     d, f = config.data, lay.vae.config.downsample_factor
     head_params = jax.jit(
         lambda k: nn.meta.unbox(
@@ -247,15 +261,42 @@ def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
 
 
 def init_train_state(lay: Layout, unet_params: Any, head_params: Any, rng: jax.Array) -> train_steps.TrainState:
-    """The fresh train state (EMA = generator copy, zero optimizer states) in ``lay.state_shardings``."""
-    fn = functools.partial(train_steps.init_state, gen_tx=lay.gen_tx, disc_tx=lay.disc_tx)
-    return jax.jit(fn, out_shardings=lay.state_shardings)(unet_params, head_params, rng=rng)
+    """The fresh train state (EMA = copy of the trained parameters, zero optimizer states, the rest of the
+    UNet in ``frozen``) in ``lay.state_shardings``; ``unet_params`` the full UNet tree."""
+
+    def fn(unet_params, head_params, rng):
+        train, frozen = param_groups.split(unet_params, lay.trainable)
+        return train_steps.init_state(train, head_params, lay.gen_tx, lay.disc_tx, rng, frozen=frozen)
+
+    return jax.jit(fn, out_shardings=lay.state_shardings)(unet_params, head_params, rng)
+
+
+def optimizer_name(config: ml_collections.ConfigDict) -> str:
+    return config.opt.optimizer or train_steps.DEFAULT_OPTIMIZER[config.objective]
+
+
+def make_optimizer(config: ml_collections.ConfigDict, learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer of ``config.opt``: SM3 (paper Sec. 4; momentum ``b1``, second-moment decay ``b2``) or
+    AdamW (``adamw_b1``, ``adamw_b2``, ``weight_decay``), both after global-norm gradient clipping at
+    ``clip_norm`` (None: none) and with a linear warm-up of the learning rate over ``warmup_steps``
+    (0: none; the paper's SM3 has neither)."""
+    o = config.opt
+    # warm-up: update n (from 1) uses lr * min(1, n / warmup_steps), so the first update already moves
+    lr = (
+        (lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / o.warmup_steps))
+        if o.warmup_steps
+        else learning_rate
+    )
+    name = optimizer_name(config)
+    if name == "sm3":
+        tx = train_steps.make_optimizer(lr, o.b1, o.b2)
+    elif name == "adamw":
+        tx = optax.adamw(lr, b1=o.adamw_b1, b2=o.adamw_b2, eps=o.adamw_eps, weight_decay=o.weight_decay)
+    else:
+        raise ConfigError(f"--config.opt.optimizer={o.optimizer!r}: must be one of {train_steps.OPTIMIZERS} or None")
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx) if o.clip_norm else tx
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
-    """(generator, discriminator) SM3 optimizers (paper Sec. 4)."""
-    o = config.opt
-    return (
-        train_steps.make_optimizer(o.generator_lr, o.b1, o.b2),
-        train_steps.make_optimizer(o.discriminator_lr, o.b1, o.b2),
-    )
+    """(generator, discriminator) optimizers (the discriminator's is unused without one)."""
+    return make_optimizer(config, config.opt.generator_lr), make_optimizer(config, config.opt.discriminator_lr)

@@ -1,4 +1,6 @@
-"""SF-V's training objectives (paper Sec. 3.2, Eqs. 8-11; sfv_method_notes 2), as pure functions.
+"""The training objectives' losses as pure functions: SF-V's (paper Sec. 3.2, Eqs. 8-11; sfv_method_notes 2)
+and SVD's diffusion loss (EDM, Karras et al. 2022, with SVD's v-prediction preconditioning; the end of
+this file).
 
 Sign convention: the paper's, as printed. The discriminator pushes real logits to <= -1 and fake logits
 to >= +1 (Eq. 11: max(0, 1 + D(real)) + max(0, 1 - D(fake))), and the generator minimises E[D(fake)]
@@ -13,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from sfv_jax.diffusion import samplers
 
 R1_TYPES = ("none", "paper", "features", "approx")
 
@@ -84,3 +88,54 @@ def approximate_r1(
     with D's per-sample scalar :func:`logit_sum`. No second-order gradient."""
     diff = logit_sum(fn(x)) - logit_sum(fn(x + alpha * noise.astype(x.dtype)))
     return jnp.mean(diff * diff)
+
+
+# ----------------------------------------------------------------------------- SVD's diffusion objective
+
+DROP_MODES = ("none", "embed", "both", "latent")  # conditioning dropout outcomes, in draw order
+
+
+def sample_training_sigma(key: jax.Array, shape: tuple[int, ...], p_mean: float, p_std: float) -> jax.Array:
+    """sigma ~ lognormal: ln sigma ~ N(P_mean, P_std^2) (EDM's training distribution; SVD fine-tuning
+    practice: 0.7 / 1.6), float32 ``shape``."""
+    return jnp.exp(p_mean + p_std * jax.random.normal(key, shape, jnp.float32))
+
+
+def edm_loss_weight(sigma: jax.Array) -> jax.Array:
+    """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 with sigma_data = 1."""
+    sigma = _up(sigma)
+    return (sigma * sigma + 1.0) / (sigma * sigma)
+
+
+def diffusion_loss(denoised: jax.Array, x0: jax.Array, sigma: jax.Array) -> jax.Array:
+    """mean over samples and elements of w(sigma) (D(x_t; sigma) - x0)^2. ``denoised``, ``x0`` [B, ...],
+    ``sigma`` [B]."""
+    d = _up(denoised) - _up(x0)
+    per_sample = jnp.mean((d * d).reshape(d.shape[0], -1), axis=1)
+    return jnp.mean(edm_loss_weight(sigma) * per_sample)
+
+
+def dropout_mode(u: jax.Array, p_embed: float, p_both: float, p_latent: float) -> tuple[jax.Array, jax.Array]:
+    """Conditioning dropout for classifier-free guidance from a uniform draw ``u`` [B]: the embedding alone
+    with probability ``p_embed``, both with ``p_both``, the conditioning latent alone with ``p_latent``
+    (the three bands [0, pe), [pe, pe + pb), [pe + pb, pe + pb + pl) of ``u``; the layout of SVD
+    fine-tuning scripts, where one probability p gives pe = pb = pl = p). -> (drop_embed, drop_latent) bool [B]."""
+    drop_embed = u < p_embed + p_both
+    drop_latent = (u >= p_embed) & (u < p_embed + p_both + p_latent)
+    return drop_embed, drop_latent
+
+
+def drop_conditions(cond: dict, drop_embed: jax.Array, drop_latent: jax.Array) -> dict:
+    """``cond`` with the dropped samples' image embedding / conditioning latent replaced by exact zeros,
+    which is what the teacher sampler feeds its unconditional branch
+    (:func:`sfv_jax.diffusion.samplers.null_condition`). ``added_time_ids`` are kept (the sampler keeps them too)."""
+
+    def where(drop, null, x):
+        return jnp.where(drop.reshape(-1, *([1] * (x.ndim - 1))), null, x)
+
+    null_latents, null_embeds = samplers.null_condition(cond["image_latents"], cond["image_embeds"])
+    return {
+        **cond,
+        "image_embeds": where(drop_embed, null_embeds, cond["image_embeds"]),
+        "image_latents": where(drop_latent, null_latents, cond["image_latents"]),
+    }

@@ -7,10 +7,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from sfv_jax.data import clips
 from sfv_jax.data.sources import KINDS as DATA_KINDS
 from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.build import COMPUTE_DTYPES
-from sfv_jax.training import losses
+from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import HEAD_KINDS
 
@@ -61,6 +62,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"must be one of {train_steps.NONFINITE_POLICIES}",
     )
     need(config.opt.halt_check in HALT_CHECKS, "opt.halt_check", f"must be one of {HALT_CHECKS}")
+    need(config.objective in train_steps.OBJECTIVES, "objective", f"must be one of {train_steps.OBJECTIVES}")
+    need(config.trainable in param_groups.TRAINABLE, "trainable", f"must be one of {param_groups.TRAINABLE}")
+    need(
+        config.opt.optimizer in (None, *train_steps.OPTIMIZERS),
+        "opt.optimizer",
+        f"must be one of {train_steps.OPTIMIZERS} or None (the objective's default)",
+    )
+    need(config.opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")
+    need(config.opt.clip_norm is None or config.opt.clip_norm > 0, "opt.clip_norm", "must be > 0 or None (off)")
+    need(config.data.noise_aug in clips.NOISE_AUG_KINDS, "data.noise_aug", f"must be one of {clips.NOISE_AUG_KINDS}")
+    need(
+        config.data.noise_aug == "fixed" or config.data.kind != "latents",
+        "data.noise_aug",
+        "pre-encoded latents hold a fixed augmentation; per-sample strengths need on-the-fly encoding",
+    )
+    diff = config.diffusion
+    need(diff.p_std > 0, "diffusion.p_std", "must be > 0")
+    for name in ("drop_embed", "drop_both", "drop_latent"):
+        need(0 <= diff[name] <= 1, f"diffusion.{name}", "must be a probability in [0, 1]")
+    need(
+        diff.drop_embed + diff.drop_both + diff.drop_latent <= 1,
+        "diffusion.drop_latent",
+        "drop_embed + drop_both + drop_latent must be <= 1 (they are exclusive outcomes of one draw)",
+    )
+    if config.objective == "sfv":
+        need(
+            1 <= config.sample.steps < config.loss.generator_grid,
+            "sample.steps",
+            f"the SF-V sampler takes 1 to T_g - 1 = {config.loss.generator_grid - 1} steps (its trained levels)",
+        )
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str) -> Any:

@@ -1,5 +1,12 @@
-"""SF-V's alternating training steps (paper Sec. 3.2, Fig. 2) as pure functions: jit them with the static
-``Models`` / ``StepConfig`` bound and the state donated.
+"""The training steps as pure functions: jit them with the static ``Models`` / ``StepConfig`` bound and
+the state donated. Two objectives (``StepConfig.objective``, ``config.objective``) share everything here:
+
+  ``sfv``        SF-V's alternating generator and discriminator steps (paper Sec. 3.2, Fig. 2)
+  ``diffusion``  SVD's own EDM denoising loss (one step per iteration, no discriminator): fine-tuning
+                 SVD, and training the teacher SF-V distils
+
+The generator (the UNet) trains only its ``trainable`` leaves (``sfv_jax.training.param_groups``); the
+rest sit in ``TrainState.frozen`` (no gradient, no optimizer state, no EMA).
 
 A batch is a dict of arrays with a leading micro-batch axis ``k`` (gradient accumulation):
   ``latents``        [k, m, F, h, w, 4]  real video latents x0 (scaled by the VAE scaling factor)
@@ -7,9 +14,9 @@ A batch is a dict of arrays with a leading micro-batch axis ``k`` (gradient accu
   ``image_embeds``   [k, m, D]           CLIP image embedding
   ``added_time_ids`` [k, m, 3]           [fps - 1, motion_bucket_id, noise_aug_strength]
   ``index``          [k, m] int32        the samples' global indices
-Per-sample noise (sigma, sigma', eps) comes from ``fold_in(step key, index)``, so splitting a batch into
-micro-batches, devices or hosts never changes a sample's draw: k accumulated micro-batches equal one
-step on the concatenated batch.
+Per-sample noise (sigma, sigma', eps, the conditioning dropout) comes from ``fold_in(step key, index)``,
+so splitting a batch into micro-batches, devices or hosts never changes a sample's draw: k accumulated
+micro-batches equal one step on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ import jax.numpy as jnp
 import optax
 
 from sfv_jax.diffusion import edm
-from sfv_jax.training import losses
+from sfv_jax.training import losses, param_groups
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_features, discriminator_logits
 
 NONFINITE_POLICIES = ("skip", "halt")
+OBJECTIVES = ("sfv", "diffusion")
+OPTIMIZERS = ("sm3", "adamw")
+DEFAULT_OPTIMIZER = {"sfv": "sm3", "diffusion": "adamw"}  # config opt.optimizer = None: the objective's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +52,24 @@ class Models:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """SVD's diffusion loss settings (``config.diffusion``; defaults in ``configs/sfv_svd.py``)."""
+
+    p_mean: float  # ln sigma ~ N(p_mean, p_std^2)
+    p_std: float
+    drop_embed: float  # conditioning dropout probabilities (losses.dropout_mode)
+    drop_both: float
+    drop_latent: float
+
+
+@dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Loss and noise settings (paper Sec. 3.2 / 4). No defaults here: :meth:`from_config` reads them from a
-    training config (``loss.*``, ``opt.ema_rate``, ``opt.nonfinite``), whose defaults, the paper's, live in
-    ``configs/sfv_svd.py``."""
+    training config (``objective``, ``loss.*``, ``diffusion.*``, ``opt.ema_rate``, ``opt.nonfinite``),
+    whose defaults, the paper's, live in ``configs/sfv_svd.py``."""
 
+    objective: str  # OBJECTIVES
+    diffusion: DiffusionConfig
     recon_weight: float  # lambda, Eq. 10
     huber_c: float | None  # Eq. 9; None: 0.00054 * sqrt(elements per sample)
     generator_grid: int  # T_g
@@ -61,23 +84,38 @@ class StepConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> StepConfig:
-        """Each field from ``config.loss``, else ``config.opt`` (a ConfigDict or nested dicts)."""
-        loss, opt = config["loss"], config["opt"]
-        return cls(**{f.name: loss[f.name] if f.name in loss else opt[f.name] for f in dataclasses.fields(cls)})
+        """``objective``, ``diffusion`` from theirs, every other field from ``config.loss``, else
+        ``config.opt`` (a ConfigDict or nested dicts)."""
+        loss, opt, diff = config["loss"], config["opt"], config["diffusion"]
+        rest = [f.name for f in dataclasses.fields(cls) if f.name not in ("objective", "diffusion")]
+        return cls(
+            objective=config["objective"],
+            diffusion=DiffusionConfig(**{f.name: diff[f.name] for f in dataclasses.fields(DiffusionConfig)}),
+            **{name: loss[name] if name in loss else opt[name] for name in rest},
+        )
+
+    @property
+    def has_discriminator(self) -> bool:
+        return self.objective == "sfv"
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes (and a checkpoint holds, with the data position)."""
 
-    step: jax.Array  # int32, completed iterations (one G step + one D step)
-    generator: Any  # UNet parameters being trained
+    step: jax.Array  # int32, completed iterations (sfv: one G step + one D step; diffusion: one step)
+    generator: Any  # the UNet's trained parameters (all of them, or the ``trainable`` subset)
     ema: Any  # EMA of the generator
-    heads: Any  # discriminator head parameters
+    heads: Any  # discriminator head parameters ({} for the diffusion objective)
     gen_opt: Any
     disc_opt: Any
     rng: jax.Array  # base PRNG key; step keys are fold_in(rng, step)
     skipped: jax.Array  # int32, updates skipped because of a non-finite loss or gradient
+    frozen: Any = dataclasses.field(default_factory=dict)  # the UNet's frozen parameters ({}: none)
+
+    def unet_params(self, which: str = "generator") -> Any:
+        """The full UNet parameter tree: the ``generator`` (or ``ema``) leaves and the frozen ones."""
+        return param_groups.merge(getattr(self, which), self.frozen)
 
 
 def make_optimizer(learning_rate: float, b1: float = 0.5, b2: float = 0.999) -> optax.GradientTransformation:
@@ -92,6 +130,7 @@ def init_state(
     gen_tx: optax.GradientTransformation,
     disc_tx: optax.GradientTransformation,
     rng: jax.Array,
+    frozen: Any = None,
 ) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -102,6 +141,7 @@ def init_state(
         disc_opt=disc_tx.init(head_params),
         rng=rng,
         skipped=jnp.zeros((), jnp.int32),
+        frozen={} if frozen is None else frozen,
     )
 
 
@@ -146,8 +186,9 @@ def _huber_c(cfg: StepConfig, x0: jax.Array) -> float:
     return cfg.huber_c if cfg.huber_c is not None else losses.pseudo_huber_c(x0[0].size)
 
 
-def generator_loss_fn(gen_params, micro: dict, backbone, head_params, key, *, models: Models, cfg: StepConfig):
+def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, key, *, models: Models, cfg: StepConfig):
     """Eq. 10 on one micro-batch: x_t = x0 + sigma eps; x0_hat = G(x_t); D sees x0_hat + sigma' eps'."""
+    gen_params = param_groups.merge(gen_params, frozen)
     x0 = micro["latents"].astype(jnp.float32)
     n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
     cond = _cond(micro)
@@ -161,7 +202,8 @@ def generator_loss_fn(gen_params, micro: dict, backbone, head_params, key, *, mo
 
 
 def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *, models: Models, cfg: StepConfig):
-    """Eq. 11 on one micro-batch (the fake from the current generator, no gradient into it) + gamma * R1."""
+    """Eq. 11 on one micro-batch (the fake from the current generator, ``gen_params`` the full UNet tree,
+    no gradient into it) + gamma * R1."""
     x0 = micro["latents"].astype(jnp.float32)
     n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
     cond = _cond(micro)
@@ -189,6 +231,54 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
         raise ValueError(f"r1_type {cfg.r1_type!r} is not one of {losses.R1_TYPES}")
     loss = hinge + cfg.r1_gamma * r1
     return loss, {"d_loss": loss, "d_hinge": hinge, "d_r1": r1}
+
+
+def diffusion_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...], cfg: DiffusionConfig) -> dict:
+    """Per-sample draws of the diffusion objective from ``fold_in(key, index)``: sigma [m], eps
+    [m, *shape] and the conditioning dropout flags ``drop_embed``, ``drop_latent`` [m] bool."""
+
+    def one(i):
+        ks, ke, kd = jax.random.split(jax.random.fold_in(key, i), 3)
+        drop_embed, drop_latent = losses.dropout_mode(
+            jax.random.uniform(kd, ()), cfg.drop_embed, cfg.drop_both, cfg.drop_latent
+        )
+        return {
+            "sigma": losses.sample_training_sigma(ks, (), cfg.p_mean, cfg.p_std),
+            "eps": jax.random.normal(ke, shape),
+            "drop_embed": drop_embed,
+            "drop_latent": drop_latent,
+        }
+
+    return jax.vmap(one)(index)
+
+
+def diffusion_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, key, *, models: Models, cfg: StepConfig):
+    """SVD's denoising loss on one micro-batch: sigma ~ lognormal(P_mean, P_std), x_t = x0 + sigma eps,
+    loss = mean w(sigma) (D(x_t; sigma) - x0)^2 with D the preconditioned UNet (``edm.denoise``, the
+    generator's and the teacher sampler's) on the conditioning after dropout. ``backbone`` and
+    ``head_params`` are unused (the generator loss's signature)."""
+    del backbone, head_params
+    x0 = micro["latents"].astype(jnp.float32)
+    n = diffusion_noise(key, micro["index"], x0.shape[1:], cfg.diffusion)
+    cond = losses.drop_conditions(_cond(micro), n["drop_embed"], n["drop_latent"])
+    x_t = x0 + n["sigma"][:, None, None, None, None] * n["eps"]
+    denoised = generate(models.unet, param_groups.merge(gen_params, frozen), x_t, n["sigma"], cond)
+    loss = losses.diffusion_loss(denoised, x0, n["sigma"])
+    return loss, {"g_loss": loss, "cond_dropped": jnp.mean((n["drop_embed"] | n["drop_latent"]).astype(jnp.float32))}
+
+
+def denoising_losses(unet: nn.Module, params: Any, micro: dict, sigmas: Any, key: jax.Array) -> jax.Array:
+    """The held-out measure of a diffusion model: the EDM-weighted denoising loss of one micro-batch at
+    each fixed noise level of ``sigmas`` [n], no conditioning dropout, eps from ``fold_in(key, index)``
+    (the same noise for every level and every call). ``params``: the full UNet tree. -> [len(sigmas)]."""
+    x0 = micro["latents"].astype(jnp.float32)
+    eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x0.shape[1:]))(micro["index"])
+
+    def one(sigma):  # one UNet in the program, whatever the number of levels
+        s = jnp.full((x0.shape[0],), sigma, jnp.float32)
+        return losses.diffusion_loss(generate(unet, params, x0 + sigma * eps, s, _cond(micro)), x0, s)
+
+    return jax.lax.map(one, jnp.asarray(sigmas, jnp.float32))
 
 
 # ----------------------------------------------------------------------------- accumulation and updates
@@ -248,22 +338,31 @@ def _step_key(state: TrainState, which: int) -> jax.Array:
 def generator_grads(
     state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig
 ) -> tuple[Any, dict]:
-    """Mean generator gradient over the micro-batches (UNet parameters only; heads and backbone are inputs)."""
-    loss_fn = functools.partial(generator_loss_fn, models=models, cfg=cfg)
-    return accumulate_grads(loss_fn, state.generator, batch, backbone, state.heads, _step_key(state, 0))
+    """Mean gradient of the objective's generator loss over the micro-batches (the UNet's trained
+    parameters only; frozen parameters, heads and backbone are inputs)."""
+    fn = generator_loss_fn if cfg.objective == "sfv" else diffusion_loss_fn
+    loss_fn = functools.partial(fn, models=models, cfg=cfg)
+    return accumulate_grads(loss_fn, state.generator, batch, state.frozen, backbone, state.heads, _step_key(state, 0))
 
 
 def generator_update(
     state: TrainState, grads: Any, metrics: dict, *, cfg: StepConfig, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """SM3 update of the generator and its EMA. A non-finite loss or gradient leaves the state unchanged
-    (``g_finite`` = 0, ``skipped`` + 1)."""
+    """Optimizer update of the generator and its EMA. A non-finite loss or gradient leaves the state
+    unchanged (``g_finite`` = 0, ``skipped`` + 1). Without a discriminator step (the diffusion objective)
+    the iteration counter advances here."""
 
     def ema(new_params, keep=False):
         return state.ema if keep else ema_update(state.ema, new_params, cfg.ema_rate)
 
     finite, params, opt, gnorm, ema = _apply(tx, grads, state.gen_opt, state.generator, metrics["g_loss"], ema)
-    state = state.replace(generator=params, gen_opt=opt, ema=ema, skipped=state.skipped + (~finite).astype(jnp.int32))
+    state = state.replace(
+        generator=params,
+        gen_opt=opt,
+        ema=ema,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        step=state.step if cfg.has_discriminator else state.step + 1,
+    )
     return state, {**metrics, "g_grad_norm": gnorm, "g_finite": finite.astype(jnp.float32)}
 
 
@@ -272,13 +371,13 @@ def discriminator_grads(
 ) -> tuple[Any, dict]:
     """Mean discriminator gradient over the micro-batches (head parameters only)."""
     loss_fn = functools.partial(discriminator_loss_fn, models=models, cfg=cfg)
-    return accumulate_grads(loss_fn, state.heads, batch, state.generator, backbone, _step_key(state, 1))
+    return accumulate_grads(loss_fn, state.heads, batch, state.unet_params(), backbone, _step_key(state, 1))
 
 
 def discriminator_update(
     state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """SM3 update of the heads, then the iteration counter advances."""
+    """Optimizer update of the heads, then the iteration counter advances."""
     finite, heads, opt, gnorm, _ = _apply(tx, grads, state.disc_opt, state.heads, metrics["d_loss"])
     state = state.replace(
         heads=heads, disc_opt=opt, step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32)
@@ -302,8 +401,9 @@ class StepShardings:
 class JittedSteps:
     """The generator step and the discriminator step, each as two jitted functions: gradients (the
     accumulation loop; ``g_grads`` / ``d_grads``), then the update with the state buffers donated
-    (``g_update`` / ``d_update``). (One jit with both the accumulation loop and donated outputs makes
-    XLA:CPU's copy insertion take minutes to compile.)
+    (``g_update`` / ``d_update``). The diffusion objective has no discriminator step (``d_grads`` and
+    ``d_update`` are None; :meth:`step` runs what the objective has). (One jit with both the accumulation
+    loop and donated outputs makes XLA:CPU's copy insertion take minutes to compile.)
 
     With ``shardings`` the jits get explicit in/out shardings (gradients come out sharded like the
     parameters, metrics replicated) and the calls run inside ``context()`` (the mesh and logical-axis
@@ -327,14 +427,18 @@ class JittedSteps:
             self.g_grads, self.d_grads = jax.jit(g_grads), jax.jit(d_grads)
             self.g_update = jax.jit(g_update, donate_argnums=0)
             self.d_update = jax.jit(d_update, donate_argnums=0)
-            return
-        st, rep = sh.state, sh.replicated
-        self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
-        self.d_grads = jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.heads, rep))
-        self.g_update = jax.jit(
-            g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0
-        )
-        self.d_update = jax.jit(d_update, in_shardings=(st, st.heads, rep), out_shardings=(st, rep), donate_argnums=0)
+        else:
+            st, rep = sh.state, sh.replicated
+            self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
+            self.d_grads = jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.heads, rep))
+            self.g_update = jax.jit(
+                g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0
+            )
+            self.d_update = jax.jit(
+                d_update, in_shardings=(st, st.heads, rep), out_shardings=(st, rep), donate_argnums=0
+            )
+        if not self.cfg.has_discriminator:
+            self.d_grads = self.d_update = None
 
     def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
         with self.context():
@@ -343,3 +447,39 @@ class JittedSteps:
     def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
         with self.context():
             return self.d_update(state, *self.d_grads(state, batch, backbone))
+
+    def compile(self, state: Any, batch: Any, backbone: Any) -> None:
+        """Compile every step program for these arguments (arrays or ``jax.ShapeDtypeStruct``s with the
+        steps' shardings) without running anything; the calls then find them in jit's cache. A
+        multi-process run compiles first and meets at a barrier, so that no process waits in a
+        collective while another is still compiling."""
+        with self.context():
+            g_grads = jax.eval_shape(self.g_grads, state, batch, backbone)
+            self.g_grads.lower(state, batch, backbone).compile()
+            self.g_update.lower(state, *self._like(g_grads, "generator")).compile()
+            if self.d_grads is not None:
+                d_grads = jax.eval_shape(self.d_grads, state, batch, backbone)
+                self.d_grads.lower(state, batch, backbone).compile()
+                self.d_update.lower(state, *self._like(d_grads, "heads")).compile()
+
+    def _like(self, grads_and_metrics: tuple, field: str) -> tuple:
+        """Abstract (gradients, metrics) with the shardings the update step takes them in."""
+        grads, metrics = grads_and_metrics
+        if self.shardings is None:
+            return grads, metrics
+        sh = self.shardings
+
+        def put(a, s):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+        grads = jax.tree.map(put, grads, getattr(sh.state, field))
+        return grads, jax.tree.map(lambda a: put(a, sh.replicated), metrics)
+
+    def step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+        """One training iteration of the objective: the generator step, then (sfv) the discriminator step.
+        Returns the new state and the device metrics of both."""
+        state, metrics = self.generator_step(state, batch, backbone)
+        if self.d_grads is not None:
+            state, d_metrics = self.discriminator_step(state, batch, backbone)
+            metrics = {**metrics, **d_metrics}
+        return state, metrics

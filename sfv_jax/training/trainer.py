@@ -1,13 +1,21 @@
-"""The SF-V trainer, top to bottom: config check -> logging -> data -> models -> steps -> restore -> loop.
+"""The trainer, top to bottom: config check -> logging -> data -> models -> steps -> restore -> loop.
+
+One trainer for both objectives (``config.objective``): ``sfv`` (SF-V's generator and discriminator
+steps) and ``diffusion`` (SVD's denoising loss: fine-tuning SVD, training a teacher); the objective is
+the steps' pure loss function and the parameters it trains (``sfv_jax.training.steps``), and
+``config.trainable`` picks the UNet parameters that train (``sfv_jax.training.param_groups``).
 
 ``train(config, workdir)`` is what ``python -m sfv_jax.main --config configs/NAME.py --workdir DIR`` runs.
 The workdir gets
-  ``checkpoints/<step>/``      orbax: generator, EMA, discriminator heads, both optimizer states, step,
+  ``checkpoints/<step>/``      orbax: generator, EMA, discriminator heads, both optimizer states, the
+                               frozen UNet parameters (``trainable=temporal``), step,
                                RNG key, skipped-update count (``state``) and the data position (``meta``);
                                saved asynchronously, the last ``keep_checkpoints`` kept; a run started on
                                a workdir that has checkpoints resumes from the latest one.
   ``events.out.tfevents.*``    TensorBoard scalars (clu): losses, gradient norms, steps/s, skipped updates.
-  ``samples/step_XXXXXXX.mp4`` one-step SF-V samples of the EMA generator on a fixed conditioning frame.
+  ``samples/step_XXXXXXX.mp4`` samples of the EMA generator on a fixed conditioning frame: SF-V's sampler
+                               (sfv) or the teacher's Euler sampler with guidance (diffusion), at
+                               ``sample.steps`` steps.
   ``config.json``              the run's config (what ``python -m sfv_jax.export`` reads).
   ``train_summary.json``       final step, wall time, first step (compilation) time, steps/s after it
                                (samples and checkpoints included), last metrics.
@@ -48,6 +56,7 @@ from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
+from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
 
 # the pieces, importable from here as one trainer API (``trainer.make_layout``, ``trainer.restore``, ...)
@@ -194,9 +203,11 @@ def train(
     )
     unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
     tables = []
+    trained, frozen = param_groups.split(unet_params, config.trainable)
     for name, params in (
-        ("generator (UNet)", unet_params),
-        ("discriminator heads", head_params),
+        (f"generator (UNet, trained: {config.trainable})", trained),
+        *([("UNet (frozen part)", frozen)] if frozen else []),
+        *([("discriminator heads", head_params)] if head_params else []),
         ("VAE (frozen)", vae_params),
         ("image encoder (frozen)", clip_params),
     ):
@@ -217,6 +228,12 @@ def train(
     steps = lay.steps(config)
     state = init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
     del unet_params, head_params
+
+    if jax.process_count() > 1:  # every process compiles its steps, then they start together
+        t0 = time.time()
+        steps.compile(state, lay.abstract_batch(config), backbone)
+        logging.info("steps compiled in %.0f s; waiting for the other processes", time.time() - t0)
+        sharding.barrier("steps compiled")
 
     # ------------------------------------------------------------------ restore
     mngr = checkpoint_manager(workdir, config)
@@ -247,14 +264,14 @@ def train(
     gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
     def write_sample(state, step: int) -> None:
-        # one device: the EMA as it is. A mesh: the EMA is gathered and every process samples on its first
-        # device alone, like the pipeline's other inputs (same result everywhere; process 0 writes)
+        # one device: the EMA (with the frozen parameters) as it is. A mesh: it is gathered and every process
+        # samples on its first device alone, like the pipeline's other inputs (same result everywhere;
+        # process 0 writes)
+        ema = state.unet_params("ema")
         sampler.unet_params = (
-            state.ema
+            ema
             if plan.mesh.devices.size == 1
-            else jax.device_put(
-                jax.tree.map(lambda x: x.addressable_data(0), gather(state.ema)), jax.local_devices()[0]
-            )
+            else jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), gather(ema)), jax.local_devices()[0])
         )
         frames = sampler(
             sample_frame,
@@ -265,7 +282,9 @@ def train(
             fps=d.fps,
             motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
             noise_aug_strength=d.noise_aug_strength,
-            sampler="sfv",
+            sampler="sfv" if config.objective == "sfv" else "svd",
+            min_guidance_scale=config.sample.min_guidance,
+            max_guidance_scale=config.sample.max_guidance,
             seed=config.seed,
         )
         if lead:
@@ -283,8 +302,8 @@ def train(
 
     def check_finite(done: int) -> None:
         """Look at the pending steps' finite flags (one device -> host transfer); warn, maybe halt."""
-        flags = jax.device_get([(m["g_finite"], m["d_finite"]) for _, m in pending])
-        bad = [s for (s, _), (g, dd) in zip(pending, flags, strict=True) if g < 1 or dd < 1]
+        flags = jax.device_get([[v for k, v in m.items() if k.endswith("_finite")] for _, m in pending])
+        bad = [s for (s, _), f in zip(pending, flags, strict=True) if min(f) < 1]
         if bad:
             logging.warning(
                 "step%s %s: non-finite loss or gradient, update skipped",
@@ -303,10 +322,9 @@ def train(
     with StopRequested() as stop:
         for done in range(first + 1, config.total_steps + 1):
             batch = plan.global_batch(next(batches), lay.global_micro)
-            state, g_metrics = steps.generator_step(state, batch, backbone)
-            state, d_metrics = steps.discriminator_step(state, batch, backbone)
+            state, step_metrics = steps.step(state, batch, backbone)
             position = batches.position
-            pending.append((done, {**g_metrics, **d_metrics}))
+            pending.append((done, step_metrics))
             if done == first + 1:
                 jax.block_until_ready(state.step)
                 t_first = t_log = time.time()  # the first step includes compiling the steps

@@ -1,0 +1,53 @@
+"""Fine-tuning SVD itself with its diffusion objective (``objective="diffusion"``): full SVD at its native
+1024x576, 14 frames at 7 FPS (``svd_finetune.py:xt``: SVD-XT, 25 frames), micro-batch 1 per device,
+FSDP over every device, AdamW (lr 1e-5, 500 warm-up steps, gradient clipping at 1.0, weight decay 0.01),
+EDM loss with ln sigma ~ N(0.7, 1.6^2), conditioning-frame noise augmentation drawn per sample
+(ln strength ~ N(-3.0, 0.5^2)), 5% conditioning dropout each for the image embedding, both and the
+conditioning latent (classifier-free guidance), EMA 0.999. ``--config.trainable=temporal`` trains only
+the temporal layers (SVD_Xtend's memory-saving mode).
+
+Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stable-video-diffusion-img2vid
+--out checkpoints/svd``; your clips: ``python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips
+--fps 7 --height 576 --width 1024``):
+  python -m sfv_jax.main --config configs/svd_finetune.py --workdir runs/svd_finetune \
+      --config.init_from=checkpoints/svd --config.data.kind=folder --config.data.path=data/clips
+  python -m sfv_jax.main --config configs/svd_finetune.py:xt ...     (SVD-XT; init_from the XT folder)
+Memory check first (CPU compile; planner figures per device in the README's "Fine-tuning SVD"):
+  python -m sfv_jax.tools.memory --config configs/svd_finetune.py --mesh fsdp=8
+  python -m sfv_jax.tools.memory --config configs/svd_finetune.py --mesh fsdp=8 --config.trainable=temporal
+Export the EMA for sampling: python -m sfv_jax.export --workdir runs/svd_finetune --out checkpoints/svd_ft
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sfv_jax.configs import sfv_svd
+from sfv_jax.models import presets
+
+
+def get_config(variant: str = "svd") -> ml_collections.ConfigDict:
+    if variant not in ("svd", "xt"):
+        raise ValueError(f"configs/svd_finetune.py:{variant}: the variant is 'svd' (14 frames) or 'xt' (25 frames)")
+    c = sfv_svd.get_config()
+    preset = "svd" if variant == "svd" else "svd_xt"
+    c.objective = "diffusion"
+    c.total_steps = 20_000
+    c.sample_every_steps = 1000
+    # the architecture when init_from is not given (random init, the memory planner); init_from's otherwise
+    c.model.unet = dict(presets.UNETS[preset])
+    c.model.vae = dict(presets.VAES[preset])
+    c.model.image_encoder = dict(presets.IMAGE_ENCODERS[preset])
+    c.data.height, c.data.width = 576, 1024
+    c.data.num_frames = presets.UNETS[preset]["num_frames"]
+    c.data.micro_batch = 1
+    c.data.accum_steps = 1
+    c.data.noise_aug = "lognormal"
+    c.opt.optimizer = "adamw"
+    c.opt.generator_lr = 1e-5
+    c.opt.warmup_steps = 500
+    c.opt.clip_norm = 1.0
+    c.opt.ema_rate = 0.999
+    c.sample.height, c.sample.width = 576, 1024
+    c.sample.steps = 25  # the teacher's Euler sampler, guidance 1 -> 3
+    return c
