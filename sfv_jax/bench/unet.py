@@ -69,8 +69,20 @@ def bench_unet(args) -> dict:
         f"[bench] pytorch: {tch.median_s:.4f} s median of {args.repeats} on {device} "
         f"(all {[round(t, 4) for t in tch.times_s]})"
     )
-    print(f"unet_flax_s={flax.median_s:.4f} unet_torch_s={tch.median_s:.4f} ratio_flax_over_torch={ratio:.3f}")
-    return {"flax_s": flax.median_s, "torch_s": tch.median_s, "ratio": ratio}
+    flops = common.flops(compiled)
+    print(
+        f"unet_flax_s={flax.median_s:.4f} unet_torch_s={tch.median_s:.4f} ratio_flax_over_torch={ratio:.3f} "
+        f"flops={flops:.4g} flax_tflops_per_s={flops / flax.median_s / 1e12:.2f}"
+    )
+    return {
+        "flax_s": flax.median_s,
+        "torch_s": tch.median_s,
+        "ratio": ratio,
+        "compile_s": compile_s,
+        "flops": flops,
+        "flax_tflops_per_s": flops / flax.median_s / 1e12,
+        "attention": args.attention,
+    }
 
 
 def add_parser(sub) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 
 def _devices_needed(argv: list[str]) -> int | None:
@@ -64,126 +63,19 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
             _flags.append("--xla_cpu_enable_concurrency_optimized_scheduler=false")
         os.environ["XLA_FLAGS"] = " ".join(_flags)
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sfv_jax import console  # noqa: E402  (after the device simulation above; before TensorFlow)
-from sfv_jax.models.build import abstract_params  # noqa: E402
 from sfv_jax.parallel import sharding  # noqa: E402
 from sfv_jax.training import trainer  # noqa: E402
-from sfv_jax.training.discriminator import backbone_subset  # noqa: E402
+from sfv_jax.training.memory_plan import GB, plan_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("mesh", None, "mesh as AXIS=SIZE[,AXIS=SIZE] over data, fsdp, tensor (default: the config's)")
 flags.DEFINE_float("device_gb", 80.0, "device memory to compare the peak with, in GB (1e9 bytes)")
 flags.mark_flags_as_required(["config"])
-
-GB = 1e9
-
-
-def _shard_bytes(abstract) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    total = 0
-    for x in jax.tree.leaves(abstract):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * x.dtype.itemsize
-    return total
-
-
-def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
-    """Compile the train steps for ``config`` on the mesh and return the per-device memory figures."""
-    if mesh_spec:
-        config.mesh.update(sharding.parse_mesh(mesh_spec))
-    n = math.prod(s for s in config.mesh.to_dict().values() if s > 0)
-    devices = jax.devices()
-    if any(s == -1 for s in config.mesh.to_dict().values()):
-        n = len(devices)
-    if len(devices) < n:
-        devices = jax.devices("cpu")
-    if len(devices) < n:
-        raise sharding.ShardingError(
-            f"--mesh needs {n} devices; {len(devices)} present (set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={n} before JAX starts)"
-        )
-    notes = []
-    if devices[0].platform == "cpu":
-        notes.append("XLA:CPU compile with its memory-minimising scheduler (estimates of a GPU compile)")
-        if config.model.get("attention_impl") == "cudnn":  # not compilable here: the same O(tokens) memory
-            config.model.attention_impl = "chunked"
-            notes.append("cuDNN flash attention planned as 'chunked' (both keep O(tokens) memory)")
-    plan = sharding.Plan.from_config(config, devices[:n])
-    unet, vae, clip = trainer.build_modules(config, svd_defaults=True)
-    lay = trainer.make_layout(config, plan, unet, vae, clip)
-    steps = lay.steps(config)
-    state, batch = lay.abstract_state, lay.abstract_batch(config)
-    backbone = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        backbone_subset(state.unet_params()) if lay.backbone_shardings else {},
-        lay.backbone_shardings,
-    )
-    log(
-        f"mesh {plan.describe()} on {devices[0].platform}; {lay.global_micro} samples per accumulation step x "
-        f"{config.data.accum_steps}; {config.data.num_frames} x {config.data.height} x {config.data.width}; "
-        f"compute {config.model.dtype}, remat {config.model.remat_policy}; objective {config.objective}, "
-        f"trainable {config.trainable}"
-    )
-    resident = {
-        "generator": _shard_bytes(state.generator),
-        "frozen": _shard_bytes(state.frozen),
-        "ema": _shard_bytes(state.ema),
-        "generator_opt": _shard_bytes(state.gen_opt),
-        "heads": _shard_bytes(state.heads),
-        "heads_opt": _shard_bytes(state.disc_opt),
-        "backbone": _shard_bytes(backbone),
-        "batch": _shard_bytes(batch),
-    }
-    out = {"mesh": plan.shape, "platform": devices[0].platform, "resident": resident, "steps": {}, "notes": notes}
-    for note in notes:
-        log(f"note: {note}")
-    g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
-    calls = {
-        "g_grads": (steps.g_grads, (state, batch, backbone)),
-        "g_update": (steps.g_update, (state, *_with(g_grads_abs, lay.state_shardings.generator, plan))),
-    }
-    if steps.d_grads is not None:  # SF-V's discriminator step
-        d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
-        calls["d_grads"] = (steps.d_grads, (state, batch, backbone))
-        calls["d_update"] = (steps.d_update, (state, *_with(d_grads_abs, lay.state_shardings.heads, plan)))
-    resident_total = sum(resident.values())
-    carried = {name: _shard_bytes(args[1]) if name.endswith("update") else 0 for name, (_, args) in calls.items()}
-    for name, (fn, args) in calls.items():
-        t0 = time.time()
-        log(f"compiling {name} ...")
-        with plan.context():
-            compiled = fn.lower(*args).compile()
-        m = compiled.memory_analysis()
-        fig = {
-            "resident": resident_total,
-            "gradients_in": carried[name],
-            "outputs": int(m.output_size_in_bytes),
-            "aliased": int(m.alias_size_in_bytes),
-            "temporaries": int(m.temp_size_in_bytes),
-            "code": int(m.generated_code_size_in_bytes),
-        }
-        fig["peak"] = fig["resident"] + fig["gradients_in"] + fig["outputs"] - fig["aliased"] + fig["temporaries"]
-        out["steps"][name] = fig
-        log(
-            f"  {name}: peak {fig['peak'] / GB:.3f} GB (temporaries {fig['temporaries'] / GB:.3f}) "
-            f"compiled in {time.time() - t0:.0f} s"
-        )
-    frozen = abstract_params(vae), abstract_params(clip)
-    out["frozen_encoders_first_device"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
-    out["peak_bytes_per_device"] = max(f["peak"] for f in out["steps"].values())
-    return out
-
-
-def _with(grads_and_metrics, grad_shardings, plan):
-    grads, metrics = grads_and_metrics
-    grads = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), grads, grad_shardings)
-    metrics = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated), metrics)
-    return grads, metrics
 
 
 def main(argv: list[str]) -> int:

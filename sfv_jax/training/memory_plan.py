@@ -1,0 +1,129 @@
+"""The memory planner's figures: a training config's per-device memory on a mesh, from the compiled
+steps' memory analysis (no weights; ``sfv-memory`` is the command, ``sfv-bench train`` puts the figure
+for the device it runs on beside the measured peak).
+
+It builds the run's layout (modules, shardings) from the config with ``jax.eval_shape`` only, compiles
+the jitted train steps (generator gradients / update and, for SF-V, discriminator gradients / update)
+ahead of time on abstract inputs that carry their shardings, and reads each executable's memory
+analysis: outputs, donated (aliased) buffers and XLA's temporaries, per device. Everything the trainer
+keeps between steps (trained and frozen parameters, EMA, optimizer states, frozen backbone, the batch)
+is *resident*; a step's peak is resident + the gradients it receives (update steps) + outputs - aliased
++ temporaries; the run's peak is the largest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+
+from sfv_jax.models.build import abstract_params
+from sfv_jax.parallel import sharding
+from sfv_jax.training import trainer
+from sfv_jax.training.discriminator import backbone_subset
+
+GB = 1e9
+
+
+def shard_bytes(abstract) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(abstract):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
+
+
+def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
+    """Compile the train steps for ``config`` on the mesh and return the per-device memory figures."""
+    if mesh_spec:
+        config.mesh.update(sharding.parse_mesh(mesh_spec))
+    n = math.prod(s for s in config.mesh.to_dict().values() if s > 0)
+    devices = jax.devices()
+    if any(s == -1 for s in config.mesh.to_dict().values()):
+        n = len(devices)
+    if len(devices) < n:
+        devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise sharding.ShardingError(
+            f"--mesh needs {n} devices; {len(devices)} present (set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={n} before JAX starts)"
+        )
+    notes = []
+    if devices[0].platform == "cpu":
+        notes.append("XLA:CPU compile with its memory-minimising scheduler (estimates of a GPU compile)")
+        if config.model.get("attention_impl") == "cudnn":  # not compilable here: the same O(tokens) memory
+            config.model.attention_impl = "chunked"
+            notes.append("cuDNN flash attention planned as 'chunked' (both keep O(tokens) memory)")
+    plan = sharding.Plan.from_config(config, devices[:n])
+    unet, vae, clip = trainer.build_modules(config, svd_defaults=True)
+    lay = trainer.make_layout(config, plan, unet, vae, clip)
+    steps = lay.steps(config)
+    state, batch = lay.abstract_state, lay.abstract_batch(config)
+    backbone = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        backbone_subset(state.unet_params()) if lay.backbone_shardings else {},
+        lay.backbone_shardings,
+    )
+    log(
+        f"mesh {plan.describe()} on {devices[0].platform}; {lay.global_micro} samples per accumulation step x "
+        f"{config.data.accum_steps}; {config.data.num_frames} x {config.data.height} x {config.data.width}; "
+        f"compute {config.model.dtype}, remat {config.model.remat_policy}; objective {config.objective}, "
+        f"trainable {config.trainable}"
+    )
+    resident = {
+        "generator": shard_bytes(state.generator),
+        "frozen": shard_bytes(state.frozen),
+        "ema": shard_bytes(state.ema),
+        "generator_opt": shard_bytes(state.gen_opt),
+        "heads": shard_bytes(state.heads),
+        "heads_opt": shard_bytes(state.disc_opt),
+        "backbone": shard_bytes(backbone),
+        "batch": shard_bytes(batch),
+    }
+    out = {"mesh": plan.shape, "platform": devices[0].platform, "resident": resident, "steps": {}, "notes": notes}
+    for note in notes:
+        log(f"note: {note}")
+    g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
+    calls = {
+        "g_grads": (steps.g_grads, (state, batch, backbone)),
+        "g_update": (steps.g_update, (state, *_with(g_grads_abs, lay.state_shardings.generator, plan))),
+    }
+    if steps.d_grads is not None:  # SF-V's discriminator step
+        d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
+        calls["d_grads"] = (steps.d_grads, (state, batch, backbone))
+        calls["d_update"] = (steps.d_update, (state, *_with(d_grads_abs, lay.state_shardings.heads, plan)))
+    resident_total = sum(resident.values())
+    carried = {name: shard_bytes(args[1]) if name.endswith("update") else 0 for name, (_, args) in calls.items()}
+    for name, (fn, args) in calls.items():
+        t0 = time.time()
+        log(f"compiling {name} ...")
+        with plan.context():
+            compiled = fn.lower(*args).compile()
+        m = compiled.memory_analysis()
+        fig = {
+            "resident": resident_total,
+            "gradients_in": carried[name],
+            "outputs": int(m.output_size_in_bytes),
+            "aliased": int(m.alias_size_in_bytes),
+            "temporaries": int(m.temp_size_in_bytes),
+            "code": int(m.generated_code_size_in_bytes),
+        }
+        fig["peak"] = fig["resident"] + fig["gradients_in"] + fig["outputs"] - fig["aliased"] + fig["temporaries"]
+        out["steps"][name] = fig
+        log(
+            f"  {name}: peak {fig['peak'] / GB:.3f} GB (temporaries {fig['temporaries'] / GB:.3f}) "
+            f"compiled in {time.time() - t0:.0f} s"
+        )
+    frozen = abstract_params(vae), abstract_params(clip)
+    out["frozen_encoders_first_device"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
+    out["peak_bytes_per_device"] = max(f["peak"] for f in out["steps"].values())
+    return out
+
+
+def _with(grads_and_metrics, grad_shardings, plan):
+    grads, metrics = grads_and_metrics
+    grads = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), grads, grad_shardings)
+    metrics = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated), metrics)
+    return grads, metrics
