@@ -19,6 +19,7 @@ PKG = REPO / "sfv_jax"
 # Layers, lowest first: a module imports from its own layer's package or from lower layers only.
 LAYERS = {
     "timing": 0,
+    "paths": 0,
     "models": 1,
     "testing": 2,
     "diffusion": 2,

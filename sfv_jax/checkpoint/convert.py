@@ -50,6 +50,7 @@ from sfv_jax.checkpoint.components import (
     read_config,
 )
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
+from sfv_jax.paths import output_overlaps
 
 CONTAINERS = frozenset(
     {
@@ -290,6 +291,8 @@ def convert_folder(
     src = Path(src)
     if not src.exists():
         raise CheckpointError(f"{src}: does not exist")
+    if problem := output_overlaps("--out", out, {"--src": src}):
+        raise CheckpointError(problem)
     if component is None and src.is_dir() and is_pipeline_folder(src):
         return convert_pipeline(src, out, variant=variant, dtype=dtype, overwrite=overwrite, progress=progress)
     if component is None:
@@ -356,6 +359,8 @@ def export_folder(
     """converted sfv_jax checkpoint (a component or a whole pipeline) -> diffusers / transformers
     folder that ``from_pretrained`` loads."""
     src = Path(src)
+    if problem := output_overlaps("--out", out, {"--src": src}):
+        raise CheckpointError(problem)
     if not is_converted(src):
         raise CheckpointError(f"{src}: not a converted sfv_jax checkpoint (no {META_FILE})")
     meta = json.loads((src / META_FILE).read_text())

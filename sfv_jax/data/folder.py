@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sfv_jax.data import clips
+from sfv_jax.paths import output_overlaps
 
 BUILD_INFO = "sfv_build.json"
 
@@ -162,10 +163,12 @@ def build_folder_dataset(
     for flag, v in (("--fps", fps), ("--height", height), ("--width", width), ("--min-frames", min_frames)):
         if not v or v <= 0:
             raise DatasetError(f"{flag} must be positive, got {v!r}")
+    if problem := output_overlaps("--out", out, {"--videos": videos}):
+        raise DatasetError(problem)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out}: is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
-    if out == videos or videos in out.parents:
-        raise DatasetError(f"--out {out}: must not be inside --videos {videos}")
     tmp = out.with_name(f".{out.name}.building-{uuid.uuid4().hex[:8]}")
     try:
         config = VideoFolderConfig(

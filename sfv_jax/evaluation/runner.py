@@ -39,6 +39,7 @@ from sfv_jax import timing
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.evaluation import protocol
 from sfv_jax.evaluation.fvd import FEATURE_DIM, FeatureStats, I3DFeatures, fvd_from_stats
+from sfv_jax.paths import output_overlaps
 
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode", "resize", "i3d")
 
@@ -188,8 +189,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
     """Run (or resume) the evaluation; returns the table rows (also written to ``workdir``)."""
 
     workdir = Path(workdir)
-    table_rows = rows(config)
     e = config.eval
+    inputs = {
+        "--config.eval.sfv_model": e.sfv_model,
+        "--config.eval.teacher_model": e.teacher_model,
+        "--config.data.path": config.data.path,
+        "--config.data.tfds_data_dir": config.data.tfds_data_dir,
+    }
+    if problem := output_overlaps("--workdir", workdir, inputs):
+        raise EvalConfigError(problem)
+    table_rows = rows(config)
     for flag in ("num_videos", "chunk_size", "batch_size", "i3d_batch_size"):
         if int(e[flag]) < 1:
             raise EvalConfigError(f"--config.eval.{flag}={e[flag]} must be >= 1")

@@ -32,6 +32,7 @@ from sfv_jax.data import clips, latent_store
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.parallel import sharding
+from sfv_jax.paths import output_overlaps
 from sfv_jax.training import trainer as train
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,9 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     d, out = config.data, Path(out).absolute()
     if d.kind not in PIXEL_KINDS:
         raise DataConfigError(f"--config.data.kind={d.kind}: encode a pixel dataset, one of {PIXEL_KINDS}")
+    inputs = {"--config.data.path": d.path, "--config.data.tfds_data_dir": d.tfds_data_dir}
+    if problem := output_overlaps("--out", out, {**inputs, "--config.init_from": config.init_from}):
+        raise DataConfigError(problem)
     source = ClipSource(config)
     n = len(source) if len(source) else limit
     if not n:

@@ -23,6 +23,7 @@ import ml_collections
 from sfv_jax.checkpoint import components, convert
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.parallel import sharding
+from sfv_jax.paths import output_overlaps
 from sfv_jax.training import trainer as train
 
 WEIGHTS = ("ema", "generator")
@@ -68,6 +69,8 @@ def export_run(
     """Write the pipeline folder; returns its path."""
     workdir = Path(workdir)
     config = run_config(workdir)
+    if problem := output_overlaps("--out", out, {"--workdir": workdir, "the run's init_from": config.init_from}):
+        raise CheckpointError(problem)
     unet_cfg, params, step = trained_unet(workdir, weights=weights, step=step, config=config)
     meta = {
         "format": components.FORMAT,
