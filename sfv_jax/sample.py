@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sfv_jax import console
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif", ".png"):
-        return console.fail(f"--out {out}: unsupported extension (use .mp4, .gif or .png)")
+    extra = [out.with_suffix(sfx) for flag, sfx in ((args.gif, ".gif"), (args.strip, ".png")) if flag]
+    try:  # every output checked before the video is generated
+        for path in (out, *extra):
+            video_io.check_output(path, args.fps)
+    except video_io.VideoError as e:
+        return console.fail(f"--out / --fps: {e}")
     t0 = time.perf_counter()
     try:
         pipe = pretrained.load_pipeline(args.model, DTYPES[args.dtype])
@@ -82,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (CheckpointError, ImageError, ValueError) as e:
         return console.fail(e)
-    written = [video_io.write_video(out, frames, fps=args.fps)]
-    for flag, suffix in ((args.gif, ".gif"), (args.strip, ".png")):
-        if flag and out.suffix.lower() != suffix:
-            written.append(video_io.write_video(out.with_suffix(suffix), frames, fps=args.fps))
+    written = []
+    try:
+        for path in dict.fromkeys((out, *extra)):  # (--gif with a .gif --out: once)
+            written.append(video_io.write_video(path, frames, fps=args.fps))
+    except (video_io.VideoError, OSError) as e:  # the frames are kept: a fallback file beside the output
+        fallback = _save_fallback(out, frames)
+        return console.fail(f"writing {path} failed ({e}); the generated frames are saved in {fallback}")
     t = pipe.last_timings
     steps = int(t.get("unet_steps", 0))
     print(
@@ -97,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         + f"  (unet: {steps} step(s)); compile={t.get('compile', 0.0):.1f}; load={load_s:.1f}"
     )
     return 0
+
+
+def _save_fallback(out: Path, frames) -> Path:
+    """The frames as ``<out>.unsaved_frames.npy`` (uint8 [F, H, W, 3]), else in the working folder."""
+    data = video_io.to_uint8(frames)
+    for folder in (out.parent, Path.cwd()):
+        path = folder / f"{out.stem}.unsaved_frames.npy"
+        try:
+            np.save(path, data)
+            return path.absolute()
+        except OSError:
+            continue
+    raise OSError("the generated frames could not be saved anywhere")
 
 
 def run() -> None:

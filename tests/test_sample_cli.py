@@ -82,3 +82,50 @@ def test_cli_bad_inputs_fail_cleanly(tiny_pipeline_dirs, tmp_path):
     proc = _run("--model", str(converted), "--image", "x.png", "--out", str(tmp_path / "out.avi"))
     assert proc.returncode == 2 and "unsupported extension" in proc.stderr
     assert not out.exists()
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    """Bad --fps / --gif / --out combinations fail with `error:` before the model is even opened (the model
+    path here does not exist: an error about it would mean the work had started)."""
+    from sfv_jax import sample
+
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "file").write_text("x")
+    base = ["--model", str(tmp_path / "no_model"), "--image", "x.png"]
+    cases = [
+        (["--out", str(tmp_path / "a.mp4"), "--fps", "0"], "fps must be a positive number"),
+        (["--out", str(tmp_path / "a.mp4"), "--fps", "100", "--gif"], "GIF cannot play faster than 50"),
+        (["--out", str(tmp_path / "folder.mp4")], "is a folder"),
+        (["--out", str(tmp_path / "file" / "a.mp4")], "is a file, not a folder"),
+    ]
+    for args, message in cases:
+        assert sample.main([*base, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and "no_model" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.mp4"]
+
+
+def test_a_failed_write_keeps_the_frames(tmp_path, monkeypatch, capsys):
+    """A write that fails after the video was generated saves the frames beside --out and says where."""
+    from sfv_jax import sample
+    from sfv_jax.checkpoint import pretrained
+
+    frames = np.random.default_rng(0).random((3, 8, 8, 3)).astype(np.float32)
+
+    class FakePipe:
+        last_timings: dict = {}
+
+        def __call__(self, *a, **k):
+            return frames
+
+    def broken_write(path, frames, fps=7, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pretrained, "load_pipeline", lambda *a, **k: FakePipe())
+    monkeypatch.setattr(video_io, "write_video", broken_write)
+    out = tmp_path / "v.mp4"
+    assert sample.main(["--model", "m", "--image", "x.png", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    saved = tmp_path / "v.unsaved_frames.npy"
+    assert "No space left on device" in err and str(saved) in err
+    np.testing.assert_array_equal(np.load(saved), video_io.to_uint8(frames))

@@ -3,7 +3,8 @@
 Frames are channels-last numpy arrays: ``[F, H, W, 3]`` RGB, either uint8 or float in ``[0, 1]``.
 
 * :func:`to_uint8` -- float ``[0, 1]`` -> uint8 exactly as diffusers' ``numpy_to_pil`` does it.
-* :func:`write_video` -- ``.mp4`` (H.264, yuv420p), ``.gif`` or ``.png`` (a horizontal frame strip), atomically.
+* :func:`write_video` -- ``.mp4`` (H.264, yuv420p), ``.gif`` or ``.png`` (a horizontal frame strip), atomically;
+  :func:`check_output` -- what it would refuse, checked before the frames exist.
 * :func:`read_video` -- decode any video PyAV's bundled ffmpeg reads (mp4, webm, avi, mov, gif, ...).
 * :func:`video_info` -- frame count, fps, size, duration and codec without decoding the frames.
 * :func:`iter_frames` -- stream (seconds, frame) pairs without holding the video in memory.
@@ -60,6 +61,32 @@ def to_uint8(frames: Any) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
+def check_output(path: str | os.PathLike, fps: float = 7, *, crf: int = 18) -> Path:
+    """Everything :func:`write_video` would refuse about ``path`` and its options, checked before any work
+    (a command calls it before generating frames): the extension, ``fps`` (positive; at most 50 for a
+    GIF), ``crf``, and a path that is an existing folder or under a file. Returns the path."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in SUPPORTED_WRITE:
+        raise VideoError(f"{path}: unsupported extension {path.suffix!r}; supported: {', '.join(SUPPORTED_WRITE)}")
+    try:
+        fps_ok = math.isfinite(float(fps)) and fps > 0
+    except (TypeError, ValueError):
+        fps_ok = False
+    if not fps_ok:
+        raise VideoError(f"{path}: fps must be a positive number, got {fps!r}")
+    if ext == ".gif" and fps > MAX_GIF_FPS:
+        raise VideoError(f"{path}: GIF cannot play faster than {MAX_GIF_FPS:g} fps, got {fps!r}; write an .mp4")
+    if ext == ".mp4" and not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 51):
+        raise VideoError(f"{path}: crf must be an integer in 0..51, got {crf!r}")
+    if path.is_dir():
+        raise VideoError(f"{path}: is a folder; name the video file to write (e.g. {path / 'video'}{ext})")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise VideoError(f"{path}: cannot be written: {blocker} is a file, not a folder")
+    return path
+
+
 def write_video(path: str | os.PathLike, frames: Any, fps: float = 7, *, crf: int = 18) -> Path:
     """Write frames ``[F, H, W, 3]`` (float ``[0, 1]`` or uint8, see :func:`to_uint8`) to ``path``; return it.
 
@@ -80,20 +107,8 @@ def write_video(path: str | os.PathLike, frames: Any, fps: float = 7, *, crf: in
     The file is written to a temporary file in the same folder and then renamed over ``path``, so a
     failure never leaves a half-written file behind. Parent folders are created.
     """
-    path = Path(path)
+    path = check_output(path, fps, crf=crf)
     ext = path.suffix.lower()
-    if ext not in SUPPORTED_WRITE:
-        raise VideoError(f"{path}: unsupported extension {path.suffix!r}; supported: {', '.join(SUPPORTED_WRITE)}")
-    try:
-        fps_ok = math.isfinite(float(fps)) and fps > 0
-    except (TypeError, ValueError):
-        fps_ok = False
-    if not fps_ok:
-        raise VideoError(f"{path}: fps must be a positive number, got {fps!r}")
-    if ext == ".gif" and fps > MAX_GIF_FPS:
-        raise VideoError(f"{path}: GIF cannot play faster than {MAX_GIF_FPS:g} fps, got {fps!r}; write an .mp4")
-    if ext == ".mp4" and not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 51):
-        raise VideoError(f"{path}: crf must be an integer in 0..51, got {crf!r}")
     frames = to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{ext}")
