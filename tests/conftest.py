@@ -129,7 +129,15 @@ def tiny_folder_dataset(tmp_path_factory):
 # start the long subprocess tests at once and finish together; the rest fills in behind them. Within a
 # file the order is unchanged. (The layout test's installed copy trains the tiny config last, when the
 # shared compilation cache already holds its steps.)
-SLOW_FIRST = ("test_sharding.py", "test_training.py", "test_evaluate.py", "test_pipeline.py", "test_entry_points.py")
+SLOW_FIRST = (
+    "test_sharding.py",
+    "test_training.py",
+    "test_diffusion_objective.py",
+    "test_evaluate.py",
+    "test_device_check.py",
+    "test_pipeline.py",
+    "test_entry_points.py",
+)
 LAST = ("test_layout.py",)
 
 

@@ -277,6 +277,10 @@ def temporal_run():
     }
 
 
+TEMPORAL_RUN = pytest.mark.xdist_group("temporal_run")  # one worker computes the fixture
+
+
+@TEMPORAL_RUN
 def test_micro_batches_equal_one_batch(temporal_run):
     """2 accumulated micro-batches of 1 equal one micro-batch of 2 (per-sample noise and dropout from
     fold_in of the sample index): loss and gradients <= 1e-5."""
@@ -285,6 +289,7 @@ def test_micro_batches_equal_one_batch(temporal_run):
     assert abs(float(m["g_loss"]) - float(m1["g_loss"])) <= 1e-5 * abs(float(m1["g_loss"]))
 
 
+@TEMPORAL_RUN
 def test_temporal_trains_only_temporal_layers(temporal_run):
     """``trainable=temporal``: gradients, optimizer state and EMA exist for the temporal layers only; after
     a step every other parameter is bitwise what it was, every temporal one has moved."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,11 +178,14 @@ def straight_run(tmp_path_factory, tiny_folder_dataset):
 
 @TINY_RUN
 def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
-    """3 steps straight == 2 steps, stop, resume (new process state, restored checkpoint and data iterator)
-    to 3, training on a folder dataset built from mp4s (issue #6: a tiny run from a built dataset)."""
+    """3 steps straight == the same run stopped after 2 steps (its last checkpoint removed) and resumed
+    (restored checkpoint and data iterator) to 3, training on a folder dataset built from mp4s (issue #6:
+    a tiny run from a built dataset)."""
     data = _folder_data(tiny_folder_dataset)
     straight = straight_run[1]
-    train.train(_config(total_steps=2, keep_checkpoints=2, **data), tmp_path / "b")
+    # the straight run's workdir as it was after step 2: its step-3 checkpoint removed
+    shutil.copytree(straight_run[0], tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
     resumed = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
     assert int(straight.step) == int(resumed.step) == 3
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):

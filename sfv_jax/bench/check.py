@@ -47,6 +47,7 @@ def part_args(smoke: bool) -> dict[str, tuple]:
         width=None if smoke else 768,
         frames=None if smoke else 14,
         batch=1,
+        accum=2 if smoke else 1,  # smoke: the tiny config's own steps (CI's tests compiled them already)
         repeats=2 if smoke else 3,
         peak_tflops=None,
         no_torch=True,

@@ -42,7 +42,7 @@ def bench_train(args) -> dict:
         config.data.num_frames = 14
     config.data.height, config.data.width = args.height or config.data.height, args.width or config.data.width
     config.data.num_frames = args.frames or config.data.num_frames
-    config.data.micro_batch, config.data.accum_steps = args.batch, 1
+    config.data.micro_batch, config.data.accum_steps = args.batch, getattr(args, "accum", 1)
     config.objective, config.trainable = args.objective, args.trainable
     config.mesh.update(sharding.parse_mesh(args.mesh) if args.mesh else {"data": 1, "fsdp": -1, "tensor": 1})
     plan = sharding.Plan.from_config(config)
@@ -207,6 +207,7 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="default 768 (GPU or svd)")
     p.add_argument("--frames", type=int, default=None, help="default 14 (tiny: 4)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch per device")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per iteration")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s when not in the table")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch UNet forward+backward reference")
