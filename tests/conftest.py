@@ -53,6 +53,19 @@ def xla_flags_with(devices: int | None = None, *extra: str) -> str:
     return " ".join(flags)
 
 
+def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalar summaries in ``workdir``'s TensorBoard event files."""
+    import tensorflow as tf
+
+    out: dict[str, dict[int, float]] = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
+                    out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)

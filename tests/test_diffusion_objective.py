@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tensorboard_scalars
 
 from sfv_jax.configs import svd_finetune, tiny
 from sfv_jax.data import clips, video_io
@@ -338,12 +339,7 @@ RUN_OVERRIDES = {
 def run_config(seed: int = 0):
     c = tiny.get_config()
     c.seed = seed
-    for k, v in RUN_OVERRIDES.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(RUN_OVERRIDES)
     return c
 
 
@@ -418,20 +414,8 @@ def test_cli_resumes_bitwise_and_writes_teacher_samples(diffusion_run, tmp_path)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
     frames, fps = video_io.read_video(work / "samples" / f"step_{RUN_STEPS:07d}.mp4")
     assert frames.shape == (4, 16, 16, 3) and fps == 7
-    scalars = _scalars(work)
+    scalars = tensorboard_scalars(work)
     assert set(scalars["g_loss"]) == set(range(RESUME_FROM + 10, RUN_STEPS + 1, 10)) and "d_loss" not in scalars
     assert all(np.isfinite(v) for v in scalars["g_loss"].values())
     summary = json.loads((work / "train_summary.json").read_text())
     assert summary["step"] == RUN_STEPS and summary["steps_this_run"] == RUN_STEPS - RESUME_FROM
-
-
-def _scalars(workdir) -> dict[str, dict[int, float]]:
-    import tensorflow as tf
-
-    out: dict[str, dict[int, float]] = {}
-    for path in workdir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
-                    out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
-    return out

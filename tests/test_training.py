@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tensorboard_scalars
 
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.configs import tiny
@@ -151,12 +152,7 @@ def _config(**overrides):
     config.sample_every_steps = 0
     config.log_every_steps = 1
     config.checkpoint_every_steps = 1
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    config.update_from_flattened_dict(overrides)
     return config
 
 
@@ -235,18 +231,6 @@ def _main(workdir, *flags):
     return cmd, env
 
 
-def _scalars(workdir: Path) -> dict[str, dict[int, float]]:
-    import tensorflow as tf
-
-    out: dict[str, dict[int, float]] = {}
-    for path in workdir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for v in event.summary.value:
-                if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
-                    out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
-    return out
-
-
 def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     """``python -m sfv_jax.main``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
     a second run on the workdir resumes, and SIGTERM makes it checkpoint and exit 0."""
@@ -262,7 +246,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     mngr = train.checkpoint_manager(workdir)
     assert mngr.all_steps() == [2, 3]
-    scalars = _scalars(workdir)
+    scalars = tensorboard_scalars(workdir)
     for tag in (
         "g_loss",
         "g_adv",

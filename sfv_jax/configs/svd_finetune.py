@@ -29,9 +29,8 @@ from sfv_jax.models import presets
 def get_config(variant: str = "svd") -> ml_collections.ConfigDict:
     if variant not in ("svd", "xt"):
         raise ValueError(f"configs/svd_finetune.py:{variant}: the variant is 'svd' (14 frames) or 'xt' (25 frames)")
-    c = sfv_svd.get_config()
+    c = diffusion_recipe(sfv_svd.get_config(), lr=1e-5, warmup_steps=500)
     preset = "svd" if variant == "svd" else "svd_xt"
-    c.objective = "diffusion"
     c.total_steps = 20_000
     c.sample_every_steps = 1000
     # the architecture when init_from is not given (random init, the memory planner); init_from's otherwise
@@ -42,12 +41,20 @@ def get_config(variant: str = "svd") -> ml_collections.ConfigDict:
     c.data.num_frames = presets.UNETS[preset]["num_frames"]
     c.data.micro_batch = 1
     c.data.accum_steps = 1
+    c.sample.height, c.sample.width = 576, 1024
+    return c
+
+
+def diffusion_recipe(c: ml_collections.ConfigDict, *, lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
+    """The diffusion-objective training recipe on any config (this file's and ``toy_teacher``'s): SVD's
+    loss, per-sample lognormal noise augmentation, AdamW with warm-up and clipping at 1.0, EMA 0.999,
+    teacher samples at 25 Euler steps (guidance 1 -> 3)."""
+    c.objective = "diffusion"
     c.data.noise_aug = "lognormal"
     c.opt.optimizer = "adamw"
-    c.opt.generator_lr = 1e-5
-    c.opt.warmup_steps = 500
+    c.opt.generator_lr = lr
+    c.opt.warmup_steps = warmup_steps
     c.opt.clip_norm = 1.0
     c.opt.ema_rate = 0.999
-    c.sample.height, c.sample.width = 576, 1024
-    c.sample.steps = 25  # the teacher's Euler sampler, guidance 1 -> 3
+    c.sample.steps = 25
     return c

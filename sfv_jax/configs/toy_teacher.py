@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from sfv_jax.configs import tiny
+from sfv_jax.configs import svd_finetune, tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = tiny.get_config()
-    c.objective = "diffusion"
+    c = svd_finetune.diffusion_recipe(tiny.get_config(), lr=1e-3, warmup_steps=200)
     c.total_steps = 4000
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
@@ -27,12 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
     c.data.micro_batch = 2
     c.data.accum_steps = 4
-    c.data.noise_aug = "lognormal"
-    c.opt.optimizer = "adamw"
-    c.opt.generator_lr = 1e-3
-    c.opt.warmup_steps = 200
-    c.opt.clip_norm = 1.0
-    c.opt.ema_rate = 0.999
     c.sample.height, c.sample.width = 32, 32
-    c.sample.steps = 25
     return c
