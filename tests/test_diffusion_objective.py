@@ -231,6 +231,20 @@ def test_temporal_selection_on_full_svd():
     assert param_groups.merge(trained, frozen).keys() == abstract.keys()
 
 
+def test_svd_xt_diffusion_step_at_full_size():
+    """SVD-XT (25 frames) at 1024x576 through the whole diffusion step, abstractly (``jax.eval_shape`` of
+    the accumulated gradient on one device): gradients shaped like the trained parameters, one loss."""
+    c = svd_finetune.get_config("xt")
+    c.model.attention_impl = "chunked"  # (cuDNN: GPUs only)
+    c.mesh.fsdp = 1
+    lay = train.make_layout(c, sharding.Plan.from_config(c), *train.build_modules(c))
+    batch = lay.abstract_batch(c)
+    assert batch["latents"].shape == (1, 1, 25, 72, 128, 4)
+    grads, metrics = jax.eval_shape(lay.steps(c).g_grads, lay.abstract_state, batch, {})
+    assert jax.tree.map(lambda g: g.shape, grads) == jax.tree.map(lambda p: p.shape, lay.abstract_state.generator)
+    assert metrics["g_loss"].shape == ()
+
+
 def _flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -243,8 +257,10 @@ def _rel(got, want) -> float:
 
 
 def _diffusion_config(**kw):
+    """The tiny world at SVD-XT's 25 frames, diffusion objective, temporal layers only."""
     c = tiny.get_config()
     c.objective, c.trainable, c.data.noise_aug = "diffusion", "temporal", "lognormal"
+    c.data.num_frames = c.model.unet.num_frames = 25
     for k, v in kw.items():
         c.data[k] = v
     return c
@@ -252,8 +268,8 @@ def _diffusion_config(**kw):
 
 @pytest.fixture(scope="module")
 def temporal_run():
-    """One diffusion step (temporal layers only) of the tiny config: k = 2 micro-batches of 1, and the
-    gradient of the same 2 samples as one micro-batch of 2."""
+    """One diffusion step (temporal layers only) of the tiny config at 25 frames (SVD-XT's count): k = 2
+    micro-batches of 1, and the gradient of the same 2 samples as one micro-batch of 2."""
     config = _diffusion_config()
     key = jax.random.PRNGKey(config.seed)
     lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))

@@ -90,9 +90,12 @@ def bench_train(args) -> dict:
     measured_peak = stats.get("peak_bytes_in_use")
 
     # FLOPs: the steps as compiled (hardware: with recomputation) and without remat (model FLOPs)
-    model_cfg = config.copy_and_resolve_references()
-    model_cfg.model.remat_policy = "none"
-    plain = trainer.make_layout(model_cfg, plan, *trainer.build_modules(model_cfg)).steps(model_cfg)
+    if config.model.remat_policy == "none":  # the steps as they are (tracing them again costs seconds)
+        plain = steps
+    else:
+        model_cfg = config.copy_and_resolve_references()
+        model_cfg.model.remat_policy = "none"
+        plain = trainer.make_layout(model_cfg, plan, *trainer.build_modules(model_cfg)).steps(model_cfg)
     grads = [f for f in (steps.g_grads, steps.d_grads) if f is not None]
     plain_grads = [f for f in (plain.g_grads, plain.d_grads) if f is not None]
     with plan.context():
