@@ -88,12 +88,12 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
     g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
     calls = {
         "g_grads": (steps.g_grads, (state, batch, backbone)),
-        "g_update": (steps.g_update, (state, *_with(g_grads_abs, lay.state_shardings.generator, plan))),
+        "g_update": (steps.g_update, (state, *steps.update_args(g_grads_abs, "generator"))),
     }
     if steps.d_grads is not None:  # SF-V's discriminator step
         d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
         calls["d_grads"] = (steps.d_grads, (state, batch, backbone))
-        calls["d_update"] = (steps.d_update, (state, *_with(d_grads_abs, lay.state_shardings.heads, plan)))
+        calls["d_update"] = (steps.d_update, (state, *steps.update_args(d_grads_abs, "heads")))
     resident_total = sum(resident.values())
     carried = {name: shard_bytes(args[1]) if name.endswith("update") else 0 for name, (_, args) in calls.items()}
     for name, (fn, args) in calls.items():
@@ -120,10 +120,3 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
     out["frozen_encoders_first_device"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
     out["peak_bytes_per_device"] = max(f["peak"] for f in out["steps"].values())
     return out
-
-
-def _with(grads_and_metrics, grad_shardings, plan):
-    grads, metrics = grads_and_metrics
-    grads = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), grads, grad_shardings)
-    metrics = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated), metrics)
-    return grads, metrics

@@ -456,13 +456,13 @@ class JittedSteps:
         with self.context():
             g_grads = jax.eval_shape(self.g_grads, state, batch, backbone)
             self.g_grads.lower(state, batch, backbone).compile()
-            self.g_update.lower(state, *self._like(g_grads, "generator")).compile()
+            self.g_update.lower(state, *self.update_args(g_grads, "generator")).compile()
             if self.d_grads is not None:
                 d_grads = jax.eval_shape(self.d_grads, state, batch, backbone)
                 self.d_grads.lower(state, batch, backbone).compile()
-                self.d_update.lower(state, *self._like(d_grads, "heads")).compile()
+                self.d_update.lower(state, *self.update_args(d_grads, "heads")).compile()
 
-    def _like(self, grads_and_metrics: tuple, field: str) -> tuple:
+    def update_args(self, grads_and_metrics: tuple, field: str) -> tuple:
         """Abstract (gradients, metrics) with the shardings the update step takes them in."""
         grads, metrics = grads_and_metrics
         if self.shardings is None:
