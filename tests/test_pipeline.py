@@ -184,8 +184,14 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
     for i in (1, 2):
         x0 = denoise(x0 + sigmas[i] * noise[i], sigmas[i])
     assert rel_err(got, x0) <= 1e-5
+    # only trained levels unless asked: 4 steps would denoise at sigma_min (issue 17)
+    with pytest.raises(ValueError, match="1 to 3 steps.*never trained on"):
+        edm.sfv_sigmas(4)
+    np.testing.assert_allclose(edm.sfv_sigmas(4, untrained=True), [700.0, 70.54, 2.269, 0.002], rtol=2e-3)
     with pytest.raises(ValueError, match="1 to 4 steps"):
-        edm.sfv_sigmas(5)
+        edm.sfv_sigmas(5, untrained=True)
+    with pytest.raises(ValueError, match="1 to 3 steps"):
+        pipe(image, height=H, width=W, sampler="sfv", num_inference_steps=4)
 
 
 def test_schedule_matches_diffusers_scheduler():

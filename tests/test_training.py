@@ -103,6 +103,29 @@ def test_gradient_routing(setup):
     assert _equal(backbone_param_subset(state0.generator), backbone0)
 
 
+def test_grad_balance_only_adds_metrics(setup):
+    """loss.grad_balance: the generator's loss is unchanged; the adversarial and (lambda-weighted)
+    reconstruction gradient norms at x0_hat come out finite and positive."""
+    import dataclasses
+    import functools
+
+    steps, batch, backbone = setup["steps"], setup["batch"], setup["backbone"]
+    state = _dev(setup, setup["state"])
+    micro = jax.tree.map(lambda v: v[0], batch)
+    out = {}
+    for flag in (False, True):
+        fn = functools.partial(
+            train_steps.generator_loss_fn,
+            models=steps.models,
+            cfg=dataclasses.replace(steps.cfg, grad_balance=flag),
+        )
+        out[flag] = jax.jit(fn)(state.generator, micro, state.frozen, backbone, state.heads, jax.random.PRNGKey(5))
+    assert float(out[True][0]) == float(out[False][0])
+    assert "g_adv_out_grad" not in out[False][1]
+    for name in ("g_adv_out_grad", "g_recon_out_grad"):
+        assert np.isfinite(float(out[True][1][name])) and float(out[True][1][name]) > 0, name
+
+
 def _tree_rel(a, b) -> tuple[float, float]:
     """(max |a - b| / max |b|, ||a - b|| / ||b||) over the whole gradient tree. (Per leaf the relative error
     is meaningless for leaves whose exact gradient is 0, e.g. conv biases followed by a GroupNorm: their
@@ -255,14 +278,22 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
         "d_loss",
         "d_hinge",
         "d_r1",
+        "d_r1_share",
         "d_grad_norm",
         "skipped_updates",
+        *(f"d_{s}_{kind}" for s in ("real", "fake", "acc") for kind in ("spatial", "temporal")),
     ):
         assert sorted(scalars[tag]) == [1, 2, 3], tag
         assert all(np.isfinite(list(scalars[tag].values()))), tag
+    assert all(0 <= v <= 1 for v in scalars["d_acc_spatial"].values())
     assert "steps_per_sec" in scalars
     frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
+    # the sample's frame grid (real clip above it) and its diagnostics against the real clip
+    grid, _ = video_io.read_video(workdir / "samples" / "step_0000003.png")
+    assert grid.shape == (1, 2 * 16 + 1, 4 * 16 + 3, 3)
+    for tag in ("sample/motion_ratio", "sample/sharpness_ratio", "sample/frame0_psnr"):
+        assert sorted(scalars[tag]) == [3] and np.isfinite(scalars[tag][3]), tag
     summary = json.loads((workdir / "train_summary.json").read_text())
     assert summary["step"] == 3 and summary["skipped_updates"] == 0 and np.isfinite(summary["metrics"]["g_loss"])
 

@@ -64,6 +64,13 @@ COMPONENTS: dict[str, Component] = {
     )
 }
 PIPELINE_INDEX = "model_index.json"
+# the model_index.json of a pipeline folder this project writes itself (export of a random-init run, the toy world)
+PIPELINE_CLASSES = {
+    "_class_name": "StableVideoDiffusionPipeline",
+    "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+    "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
+    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+}
 # Sub-folders of a diffusers SVD folder that hold only configs; copied as they are.
 CONFIG_ONLY = ("feature_extractor", "scheduler")
 

@@ -1,6 +1,7 @@
 """FVD evaluation with the paper's protocol (Sec. 4.2, Tab. 1): UCF-101 first frames as conditioning,
 14 frames at 1024x576 and 7 fps, resized to 320x240, FVD (I3D) over 2048 videos against the real clips;
-SF-V at 1-4 steps and the SVD teacher at 25 / 16 / 8 / 4 steps (guidance 1 -> 3).
+SF-V at 1-4 steps (the 4th on the untrained sigma_min, as the paper: sampler "sfv_grid") and the SVD
+teacher at 25 / 16 / 8 / 4 steps (guidance 1 -> 3).
 
 Run (the SF-V export of a training run and the converted SVD; UCF-101 prepared once with
 `tfds build ucf101 --file_format=array_record --data_dir /data/tfds`):

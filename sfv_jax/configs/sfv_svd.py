@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.channels = 128
     c.disc.proj_dim = 64
     c.disc.groups = 32  # GroupNorm groups in the head bodies (4 channels each at 128 channels)
+    # sigma' / frame-index sinusoids: "paper" (c_noise itself: nearly constant over sigma') | "spread" ([0, 1000])
+    c.disc.cond_embedding = "paper"
 
     # the diffusion objective (objective="diffusion"): sigma ~ lognormal(p_mean, p_std), EDM weighting,
     # conditioning dropout for classifier-free guidance (the embedding alone, both, the latent alone)
@@ -95,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.r1_type = "features"  # "none" | "paper" | "features" | "approx"
     c.loss.r1_gamma = 1e-5
     c.loss.r1_alpha = 0.1
+    # log g_adv_out_grad / g_recon_out_grad: each generator term's gradient norm at x0_hat (one more
+    # discriminator backward pass per micro-batch)
+    c.loss.grad_balance = False
 
     c.opt = ml_collections.ConfigDict()
     # None: the objective's default (sfv: "sm3", the paper's; diffusion: "adamw"); or "sm3" | "adamw"

@@ -176,13 +176,20 @@ class ClipSource:
         s = clips.window_start(len(idx), f, rng) if rng is not None else 0
         return np.stack([clips.resize_crop(np.asarray(video[i]), self.height, self.width) for i in idx[s : s + f]])
 
+    def sample_clip(self) -> np.ndarray | None:
+        """uint8 [F, H, W, 3]: the real clip whose first frame is :meth:`sample_frame` (the trainer compares
+        its samples with it), or None for the latents kind (its folder keeps only the frame)."""
+        if self.kind == "synthetic":
+            return synthetic_clip(self.config.seed + 10_000_019, 0, self.num_frames, self.height, self.width)
+        if self.kind == "latents":
+            return None
+        return self.example(0, 0)["frames"]
+
     def sample_frame(self) -> np.ndarray:
         """uint8 [H, W, 3]: the trainer's fixed sample conditioning image (first frame of record 0)."""
-        if self.kind == "synthetic":
-            return synthetic_clip(self.config.seed + 10_000_019, 0, self.num_frames, self.height, self.width)[0]
         if self.kind == "latents":
             from PIL import Image
 
             with Image.open(Path(self.config.data.path) / SAMPLE_FRAME) as img:
                 return np.asarray(img.convert("RGB"))
-        return self.example(0, 0)["frames"][0]
+        return self.sample_clip()[0]

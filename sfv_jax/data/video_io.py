@@ -5,6 +5,7 @@ Frames are channels-last numpy arrays: ``[F, H, W, 3]`` RGB, either uint8 or flo
 * :func:`to_uint8` -- float ``[0, 1]`` -> uint8 exactly as diffusers' ``numpy_to_pil`` does it.
 * :func:`write_video` -- ``.mp4`` (H.264, yuv420p), ``.gif`` or ``.png`` (a horizontal frame strip), atomically;
   :func:`check_output` -- what it would refuse, checked before the frames exist.
+* :func:`frame_grid` -- several videos as one image: a row of frames per video (reports, TensorBoard).
 * :func:`read_video` -- decode any video PyAV's bundled ffmpeg reads (mp4, webm, avi, mov, gif, ...).
 * :func:`video_info` -- frame count, fps, size, duration and codec without decoding the frames.
 * :func:`iter_frames` -- stream (seconds, frame) pairs without holding the video in memory.
@@ -127,6 +128,21 @@ def write_video(path: str | os.PathLike, frames: Any, fps: float = 7, *, crf: in
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def frame_grid(videos: Any, *, gap: int = 1) -> np.ndarray:
+    """Videos ``[R, F, H, W, 3]`` (float ``[0, 1]`` or uint8; or a list of equal-shape videos) -> one uint8
+    image ``[R * H + (R - 1) * gap, F * W + (F - 1) * gap, 3]``: video r's frames left to right in row r,
+    separated by ``gap`` white pixels. ``write_video(path.png, grid[None])`` saves it."""
+    vids = [to_uint8(v) for v in videos]
+    if not vids or any(v.shape != vids[0].shape for v in vids):
+        raise VideoError(f"frame_grid: needs >= 1 videos of one shape, got {[v.shape for v in vids]}")
+    r, (f, h, w, c) = len(vids), vids[0].shape
+    out = np.full((r * h + (r - 1) * gap, f * w + (f - 1) * gap, c), 255, np.uint8)
+    for i, v in enumerate(vids):
+        for t in range(f):
+            out[i * (h + gap) : i * (h + gap) + h, t * (w + gap) : t * (w + gap) + w] = v[t]
+    return out
 
 
 def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:

@@ -44,11 +44,20 @@ def euler_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float 
     return np.concatenate([karras_sigmas(num_steps, sigma_min, sigma_max), np.zeros(1, np.float32)])
 
 
-def sfv_sigmas(num_steps: int, grid_size: int = SFV_GRID_SIZE) -> np.ndarray:
-    """The SF-V generator's noise levels for 1..grid_size steps: the highest ``num_steps`` levels of the
-    T_g-point Karras grid, high to low. T_g = 4: [700, 70.54, 2.269, 0.002][:num_steps]."""
-    if not 1 <= num_steps <= grid_size:
-        raise ValueError(f"the SF-V sampler takes 1 to {grid_size} steps (its {grid_size}-point grid), got {num_steps}")
+def sfv_sigmas(num_steps: int, grid_size: int = SFV_GRID_SIZE, *, untrained: bool = False) -> np.ndarray:
+    """The SF-V generator's noise levels for ``num_steps`` steps: the highest ``num_steps`` levels of the
+    T_g-point Karras grid, high to low. T_g = 4: [700, 70.54, 2.269, 0.002][:num_steps].
+
+    The generator trains on the T_g - 1 highest levels only (:func:`generator_sigma_levels`), so by
+    default 1..T_g - 1 steps are allowed; ``untrained=True`` also allows T_g steps, whose last one
+    denoises at sigma_min = 0.002, a level the generator never saw (the paper's 4-step row)."""
+    top = grid_size if untrained else grid_size - 1
+    if not 1 <= num_steps <= top:
+        hint = "" if untrained else f"; {grid_size} steps would denoise at sigma_min, a level it never trained on"
+        raise ValueError(
+            f"the SF-V sampler takes 1 to {top} steps (the trained levels of its {grid_size}-point grid{hint}), "
+            f"got {num_steps}"
+        )
     return karras_sigmas(grid_size)[:num_steps]
 
 

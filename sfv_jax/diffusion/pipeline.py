@@ -34,7 +34,10 @@ from jax.sharding import PartitionSpec as P
 from sfv_jax.diffusion import conditioning, edm, samplers
 from sfv_jax.models.vae import decode_latents
 
-SAMPLERS = ("svd", "sfv")
+# svd: the teacher's Euler sampler; sfv: the SF-V generator on its trained levels (1..T_g - 1 steps);
+# sfv_grid: the SF-V generator on the whole T_g grid (up to T_g steps, the last at the untrained sigma_min:
+# the paper's 4-step row)
+SAMPLERS = ("svd", "sfv", "sfv_grid")
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
 
 
@@ -255,7 +258,8 @@ class SVDPipeline:
 
         ``num_inference_steps``: default 25 for ``sampler="svd"`` (the teacher: Euler, guidance
         linspace(min_guidance_scale, max_guidance_scale, F), on when max > 1) and 1 for ``"sfv"`` (the
-        SF-V generator: 1-4 steps, no guidance). ``latents``: unit Gaussian noise (1, F, h, w, 4), scaled
+        SF-V generator: 1-3 steps, no guidance; ``"sfv_grid"``: 1-4, the 4th at an untrained level).
+        ``latents``: unit Gaussian noise (1, F, h, w, 4), scaled
         inside as diffusers scales it (with ``"sfv"`` and n > 1 steps the re-noising draws come from
         ``seed``). ``seed`` drives every random draw (noise augmentation, initial noise). Returns
         float32 frames (F, height, width, 3) in [0, 1]; per-stage seconds in ``last_timings``.
@@ -315,7 +319,10 @@ class SVDPipeline:
         ):
             raise ValueError(f"decode_chunk_size must be a positive integer or None, got {decode_chunk_size!r}")
         steps = num_inference_steps if num_inference_steps is not None else (25 if sampler == "svd" else 1)
-        sigmas = edm.euler_sigmas(steps) if sampler == "svd" else edm.sfv_sigmas(steps)
+        if sampler == "svd":
+            sigmas = edm.euler_sigmas(steps)
+        else:
+            sigmas = edm.sfv_sigmas(steps, untrained=sampler == "sfv_grid")
         h, w, ch = height // factor, width // factor, self.vae.config.latent_channels
         b = len(images)
         shape = (b, num_frames, h, w, ch)

@@ -37,6 +37,7 @@ import numpy as np
 
 from sfv_jax import timing
 from sfv_jax.checkpoint import pretrained
+from sfv_jax.diffusion import edm
 from sfv_jax.evaluation import protocol
 from sfv_jax.evaluation.fvd import FEATURE_DIM, FeatureStats, I3DFeatures, fvd_from_stats
 from sfv_jax.paths import output_overlaps
@@ -77,7 +78,12 @@ class Row:
 
 def rows(config: ml_collections.ConfigDict) -> list[Row]:
     e = config.eval
-    out = [Row("SF-V", e.sfv_model, "sfv", int(s)) for s in (e.sfv_steps if e.sfv_model else ())]
+    # 1..T_g - 1 steps on the generator's trained levels; the paper's T_g-step row ends at the untrained sigma_min
+    top = edm.SFV_GRID_SIZE - 1
+    out = [
+        Row("SF-V", e.sfv_model, "sfv" if int(s) <= top else "sfv_grid", int(s))
+        for s in (e.sfv_steps if e.sfv_model else ())
+    ]
     out += [Row("SVD", e.teacher_model, "svd", int(s)) for s in (e.teacher_steps if e.teacher_model else ())]
     if not out:
         raise EvalConfigError(
@@ -85,12 +91,12 @@ def rows(config: ml_collections.ConfigDict) -> list[Row]:
             "--config.eval.teacher_model (an SVD folder), with their step lists"
         )
     for r in out:
-        if r.sampler == "sfv" and not 1 <= r.steps <= 4:
+        if r.sampler != "svd" and not 1 <= r.steps <= edm.SFV_GRID_SIZE:
             raise EvalConfigError(f"--config.eval.sfv_steps: {r.steps} is not in 1..4 (the generator's grid)")
         if r.steps < 1:
             raise EvalConfigError(f"--config.eval.teacher_steps: {r.steps} must be >= 1")
         if not Path(r.model, "model_index.json").is_file():
-            flag = "sfv_model" if r.sampler == "sfv" else "teacher_model"
+            flag = "teacher_model" if r.sampler == "svd" else "sfv_model"
             raise EvalConfigError(f"--config.eval.{flag}={r.model}: not an SVD pipeline folder (no model_index.json)")
     return out
 

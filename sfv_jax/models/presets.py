@@ -108,6 +108,8 @@ VAES: dict[str, dict[str, Any]] = {
         "block_out_channels": [32, 32],
         "sample_size": 16,
     },
+    # the toy world's VAE (tools/toy_world.py): 32x32 frames -> 8x8 latents
+    "toy32": {**_TINY_VAE, "sample_size": 32},
     "small": {**_TINY_VAE, "down_block_types": ["DownEncoderBlock2D"] * 4, "block_out_channels": [32, 64, 128, 128]},
     "svd": {
         **_TINY_VAE,

@@ -11,7 +11,8 @@ is normalised on its own and micro-batching / sharding cannot change the result)
            residual / sqrt(2) -> LReLU -> conv1x1 to ``proj_dim``
   temporal per pixel, input reshaped to (B H W) x F x C: the same with convs of 3 frames (zero padded)
 Projection (Miyato & Koyama): logit = <phi(h), Affine(c)> / sqrt(proj_dim), per pixel and frame, with
-c = [image embedding, sinusoid(c_noise(sigma')), sinusoid(frame index)].
+c = [image embedding, sinusoid(c_noise(sigma')), sinusoid(frame index)] (``cond_embedding="paper"``;
+"spread" first maps both onto [0, 1000], see ``COND_EMBEDDINGS``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,27 @@ from sfv_jax.models.primitives import GroupNorm, conv, dense
 
 Dtype = Any
 HEAD_KINDS = ("both", "spatial", "temporal")
+# How sigma' and the frame index enter the 256-d sinusoids of the conditioning (config ``disc.cond_embedding``):
+#   paper   sinusoid(c_noise(sigma')) and sinusoid(frame index), as printed. c_noise = ln(sigma) / 4 spans
+#           [-1.55, 1.64] over SVD's whole sigma range against periods of 2 pi .. 2 pi 1e4, so most of the
+#           noise sinusoid is constant and Affine(c) barely sees sigma' (issue 17's review)
+#   spread  both inputs mapped onto [0, 1000] first (the UNet's timestep range): c_noise linearly from
+#           [c_noise(sigma_min), c_noise(sigma_max)], the frame index from [0, F - 1]
+COND_EMBEDDINGS = ("paper", "spread")
 _COND_SINUSOID = 256
+_SPREAD = 1000.0
+
+
+def cond_inputs(sigma: jax.Array, num_frames: int, embedding: str) -> tuple[jax.Array, jax.Array]:
+    """The scalars the conditioning sinusoids embed: (noise input [B], frame input [F]), float32."""
+    c = edm.c_noise(jnp.asarray(sigma, jnp.float32))
+    frames = jnp.arange(num_frames, dtype=jnp.float32)
+    if embedding == "paper":
+        return c, frames
+    if embedding == "spread":
+        lo, hi = (float(edm.c_noise(jnp.float32(s))) for s in (edm.SIGMA_MIN, edm.SIGMA_MAX))
+        return _SPREAD * (c - lo) / (hi - lo), _SPREAD * frames / max(num_frames - 1, 1)
+    raise ValueError(f"discriminator cond_embedding {embedding!r} is not one of {COND_EMBEDDINGS}")
 
 
 def _lrelu(x: jax.Array) -> jax.Array:
@@ -108,16 +129,23 @@ class DiscriminatorHeads(nn.Module):
     channels: int = 128
     proj_dim: int = 64
     groups: int = 32  # GroupNorm groups of the head bodies (gcd with ``channels``)
+    cond_embedding: str = "paper"  # COND_EMBEDDINGS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def logit_kinds(self, num_logits: int) -> list[str]:
+        """The kind ("spatial" | "temporal") of each of the ``num_logits`` maps the heads return."""
+        kinds = ("spatial", "temporal") if self.heads == "both" else (self.heads,)
+        return [k for k in kinds for _ in range(num_logits // len(kinds))]
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], image_embeds: jax.Array, sigma: jax.Array) -> list[jax.Array]:
         if self.heads not in HEAD_KINDS:
             raise ValueError(f"discriminator heads {self.heads!r} is not one of {HEAD_KINDS}")
         b, f = features[0].shape[:2]
-        noise_emb = timestep_embedding(edm.c_noise(jnp.asarray(sigma, jnp.float32)).reshape(b), _COND_SINUSOID)
-        frame_emb = timestep_embedding(jnp.arange(f), _COND_SINUSOID)
+        noise_in, frame_in = cond_inputs(jnp.asarray(sigma).reshape(b), f, self.cond_embedding)
+        noise_emb = timestep_embedding(noise_in, _COND_SINUSOID)
+        frame_emb = timestep_embedding(frame_in, _COND_SINUSOID)
         cond = jnp.concatenate(
             [
                 jnp.broadcast_to(image_embeds.astype(noise_emb.dtype)[:, None], (b, f, image_embeds.shape[-1])),

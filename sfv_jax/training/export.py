@@ -107,12 +107,6 @@ def export_run(
             "image_encoder",
             source="random init",
         )
-        index = {
-            "_class_name": "StableVideoDiffusionPipeline",
-            "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
-            "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
-            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        }
-        (tmp / components.PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / components.PIPELINE_INDEX).write_text(json.dumps(components.PIPELINE_CLASSES, indent=2) + "\n")
         (tmp / components.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out).absolute()

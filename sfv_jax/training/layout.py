@@ -132,7 +132,9 @@ def make_layout(
         )
     boxed = abstract_params(unet, boxed=True)
     unet_abs, unet_sh = nn.meta.unbox(boxed), plan.param_shardings(boxed)
-    heads = DiscriminatorHeads(config.disc.heads, config.disc.channels, config.disc.proj_dim, config.disc.groups)
+    heads = DiscriminatorHeads(
+        config.disc.heads, config.disc.channels, config.disc.proj_dim, config.disc.groups, config.disc.cond_embedding
+    )
     if config.objective == "sfv":
         head_boxed = jax.eval_shape(
             functools.partial(

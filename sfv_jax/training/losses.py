@@ -62,6 +62,32 @@ def generator_loss(
     return adv + recon_weight * recon, {"adv": adv, "recon": recon}
 
 
+def head_statistics(
+    real_logits: Sequence[jax.Array], fake_logits: Sequence[jax.Array], kinds: Sequence[str]
+) -> dict[str, jax.Array]:
+    """A GAN's health per head kind (``kinds[i]`` names head i: "spatial" | "temporal"): the mean real and
+    fake logits and the accuracy 0.5 * (P[D(real) < 0] + P[D(fake) > 0]) over pixels, frames, samples
+    and that kind's heads (0.5: chance; 1: the discriminator wins everywhere). Keys ``d_real_<kind>``,
+    ``d_fake_<kind>``, ``d_acc_<kind>``."""
+    out = {}
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        real = _mean_over_heads([jnp.mean(_up(real_logits[i])) for i in idx])
+        fake = _mean_over_heads([jnp.mean(_up(fake_logits[i])) for i in idx])
+        acc = _mean_over_heads(
+            [
+                0.5
+                * (
+                    jnp.mean((real_logits[i] < 0).astype(jnp.float32))
+                    + jnp.mean((fake_logits[i] > 0).astype(jnp.float32))
+                )
+                for i in idx
+            ]
+        )
+        out.update({f"d_real_{kind}": real, f"d_fake_{kind}": fake, f"d_acc_{kind}": acc})
+    return out
+
+
 def logit_sum(logits: Sequence[jax.Array]) -> jax.Array:
     """Per-sample scalar D output that R1 differentiates: each head's mean over its pixels and frames,
     averaged over heads -> [B] (so a sample's penalty does not depend on the batch it is in)."""

@@ -13,7 +13,7 @@ from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.build import COMPUTE_DTYPES
 from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
-from sfv_jax.training.discriminator import HEAD_KINDS
+from sfv_jax.training.discriminator import COND_EMBEDDINGS, HEAD_KINDS
 
 # When opt.nonfinite="halt" looks at the steps' finite flags: at log steps (the host never waits for the
 # device in between; a halt then names every non-finite step since the last check) or after every step.
@@ -55,6 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
     need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}")
     need(config.disc.heads in HEAD_KINDS, "disc.heads", f"must be one of {HEAD_KINDS}")
+    need(config.disc.cond_embedding in COND_EMBEDDINGS, "disc.cond_embedding", f"must be one of {COND_EMBEDDINGS}")
     need(config.loss.r1_type in losses.R1_TYPES, "loss.r1_type", f"must be one of {losses.R1_TYPES}")
     need(
         config.opt.nonfinite in train_steps.NONFINITE_POLICIES,

@@ -79,6 +79,7 @@ class StepConfig:
     r1_type: str  # losses.R1_TYPES
     r1_gamma: float
     r1_alpha: float  # approximate R1 perturbation
+    grad_balance: bool  # log the adversarial / reconstruction gradient norms at the generator's output
     ema_rate: float
     nonfinite: str  # NONFINITE_POLICIES
 
@@ -195,10 +196,22 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     x0_hat = generate(
         models.unet, gen_params, x0 + n["sigma_g"][:, None, None, None, None] * n["eps_g"], n["sigma_g"], cond
     )
-    fake = x0_hat + n["sigma_d"][:, None, None, None, None] * n["eps_d"]
-    logits = discriminator_logits(models.unet, backbone, models.heads, head_params, fake, n["sigma_d"], cond)
-    loss, aux = losses.generator_loss(logits, x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0))
-    return loss, {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
+
+    def d(x0_hat):
+        fake = x0_hat + n["sigma_d"][:, None, None, None, None] * n["eps_d"]
+        return discriminator_logits(models.unet, backbone, models.heads, head_params, fake, n["sigma_d"], cond)
+
+    loss, aux = losses.generator_loss(d(x0_hat), x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0))
+    metrics = {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
+    if cfg.grad_balance:
+        # which term drives the generator: each term's gradient norm at its output x0_hat (one more
+        # backward pass through the discriminator; not through the generator)
+        out = jax.lax.stop_gradient(x0_hat)
+        g_adv = jax.grad(lambda x: losses.generator_adversarial_loss(d(x)))(out)
+        g_rec = jax.grad(lambda x: losses.pseudo_huber_loss(x, x0, _huber_c(cfg, x0)))(out)
+        metrics["g_adv_out_grad"] = optax.tree.norm(g_adv)
+        metrics["g_recon_out_grad"] = cfg.recon_weight * optax.tree.norm(g_rec)
+    return loss, metrics
 
 
 def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *, models: Models, cfg: StepConfig):
@@ -215,7 +228,9 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
     def d(x):
         return discriminator_logits(models.unet, backbone, models.heads, head_params, x, n["sigma_d"], cond)
 
-    hinge = losses.discriminator_hinge_loss(d(real), d(fake))
+    real_logits, fake_logits = d(real), d(fake)
+    hinge = losses.discriminator_hinge_loss(real_logits, fake_logits)
+    stats = losses.head_statistics(real_logits, fake_logits, models.heads.logit_kinds(len(real_logits)))
     if cfg.r1_type == "paper":
         r1 = losses.r1_penalty(d, real)
     elif cfg.r1_type == "features":
@@ -230,7 +245,9 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
     else:
         raise ValueError(f"r1_type {cfg.r1_type!r} is not one of {losses.R1_TYPES}")
     loss = hinge + cfg.r1_gamma * r1
-    return loss, {"d_loss": loss, "d_hinge": hinge, "d_r1": r1}
+    # gamma * R1 against the hinge: whether R1 regularises at all (sfv_method_notes: ~1e-8 with the paper's gamma)
+    r1_share = cfg.r1_gamma * r1 / jnp.maximum(hinge, 1e-12)
+    return loss, {"d_loss": loss, "d_hinge": hinge, "d_r1": r1, "d_r1_share": r1_share, **jax.lax.stop_gradient(stats)}
 
 
 def diffusion_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...], cfg: DiffusionConfig) -> dict:

@@ -12,10 +12,13 @@ The workdir gets
                                RNG key, skipped-update count (``state``) and the data position (``meta``);
                                saved asynchronously, the last ``keep_checkpoints`` kept; a run started on
                                a workdir that has checkpoints resumes from the latest one.
-  ``events.out.tfevents.*``    TensorBoard scalars (clu): losses, gradient norms, steps/s, skipped updates.
+  ``events.out.tfevents.*``    TensorBoard scalars (clu): losses, gradient norms, the discriminator's mean real /
+                               fake logits and accuracy per head kind, steps/s, skipped updates.
   ``samples/step_XXXXXXX.mp4`` samples of the EMA generator on a fixed conditioning frame: SF-V's sampler
                                (sfv) or the teacher's Euler sampler with guidance (diffusion), at
-                               ``sample.steps`` steps.
+                               ``sample.steps`` steps; ``step_XXXXXXX.png`` its frame grid (the real
+                               clip of that frame above it; also the TensorBoard image ``sample/frames``)
+                               and the scalars ``sample/motion_ratio``, ``sharpness_ratio``, ``frame0_psnr``.
   ``config.json``              the run's config (what ``python -m sfv_jax.export`` reads).
   ``train_summary.json``       final step, wall time, first step (compilation) time, steps/s after it
                                (samples and checkpoints included), last metrics.
@@ -50,7 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from sfv_jax.data import video_io
+from sfv_jax.data import video_io, video_metrics
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource
@@ -128,6 +131,27 @@ def make_batch(
     default ``micro_batch``) in train_steps' ``[k, m, ...]`` layout, sample ``position + i * m + r`` at
     ``[i, r]``; ``rows`` (default all) are the r this process loads (``Plan.local_rows``). Numpy."""
     return Loader(config, encoder, global_micro=global_micro, rows=rows).batch(position)
+
+
+def write_sample_diagnostics(writer, workdir: Path, step: int, sample: np.ndarray, real: np.ndarray | None) -> None:
+    """Beside the sample's mp4: its frame grid (``samples/step_X.png`` and the TensorBoard image
+    ``sample/frames``; the real clip of the same conditioning frame in the first row when it has the
+    sample's shape) and, against that real clip, the scalars ``sample/motion_ratio`` (motion(sample) /
+    motion(real): ~0 when the generator copies the conditioning frame), ``sample/sharpness_ratio`` and
+    ``sample/frame0_psnr`` (fidelity to the conditioning frame)."""
+    same = real is not None and real.shape == sample.shape
+    grid = video_io.frame_grid([real, sample] if same else [sample])
+    video_io.write_video(workdir / "samples" / f"step_{step:07d}.png", grid[None])
+    writer.write_images(step, {"sample/frames": grid[None]})
+    if real is None:
+        return
+    scalars = {"sample/motion_ratio": video_metrics.motion(sample[None]) / max(video_metrics.motion(real[None]), 1e-9)}
+    if same:
+        scalars["sample/sharpness_ratio"] = video_metrics.sharpness(sample[None]) / max(
+            video_metrics.sharpness(real[None]), 1e-9
+        )
+        scalars["sample/frame0_psnr"] = min(video_metrics.psnr(sample[0], real[0]), 100.0)
+    writer.write_scalars(step, scalars)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -259,7 +283,7 @@ def train(
             mngr.wait_until_finished()
 
     # ------------------------------------------------------------------ samples
-    sample_frame = source.sample_frame()
+    sample_frame, sample_real = source.sample_frame(), source.sample_clip()
     sampler = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
     gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
 
@@ -290,6 +314,7 @@ def train(
         if lead:
             path = video_io.write_video(workdir / "samples" / f"step_{step:07d}.mp4", frames, fps=d.fps)
             logging.info("sample written to %s", path)
+            write_sample_diagnostics(writer, workdir, step, video_io.to_uint8(frames), sample_real)
 
     # ------------------------------------------------------------------ loop
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
