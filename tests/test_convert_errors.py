@@ -142,3 +142,45 @@ def test_config_dict_ignores_unused_keys():
     assert model.config.block_out_channels == (32, 64)
     with pytest.raises(ValueError, match="num_attention_heads"):
         pretrained.unet_from_config({**presets.UNETS["tiny_a"], "num_attention_heads": [1, 2, 3]})
+
+
+def test_bad_weight_values_refused_through_the_cli(folder, tmp_path, capsys):
+    """Non-finite values, an int8 tensor where the model has floats and values beyond float16's range are
+    refused, each tensor named, exit 2, nothing written (issue 19: they used to convert and sample silently)."""
+
+    def edit(t):
+        t["conv_in.weight"][0, 0, 0, 0] = np.nan
+        t["conv_in.bias"] = t["conv_in.bias"].astype(np.int8)
+        t["conv_out.bias"][0] = np.inf
+        t["conv_out.weight"][0, 0, 0, 0] = 1e6
+
+    _rewrite(folder, edit)
+    out = tmp_path / "converted"
+    assert convert_cli.main(["--src", str(folder), "--out", str(out), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "4 weight tensor(s) refused" in err, err
+    assert "conv_in.weight: 1 of" in err and "not finite" in err
+    assert "conv_in.bias: int8 tensor where the model has float weights" in err
+    assert "conv_out.bias: 1 of" in err
+    assert "conv_out.weight: values up to 1e+06 do not fit float16" in err
+    assert not out.exists()
+    # the same checks when the folder is loaded directly (a training run's init_from)
+    with pytest.raises(CheckpointError, match="conv_in.weight: 1 of"):
+        pretrained.load_unet(folder, progress=False)
+
+
+def test_nonfinite_converted_weights_refused(folder, tmp_path):
+    """A converted folder whose weights hold a NaN (say, an export of a diverged run) is refused on load."""
+    import jax
+
+    from sfv_jax.checkpoint import convert
+
+    out = convert.convert_folder(folder, tmp_path / "converted", progress=False)
+    _, params = pretrained.load_unet(out)
+    leaves, tree = jax.tree.flatten(jax.tree.map(np.array, params))
+    leaves[0][...] = np.nan
+    convert.save_converted(
+        tmp_path / "bad", jax.tree.unflatten(tree, leaves), json.loads((out / "config.json").read_text()), "unet"
+    )
+    with pytest.raises(CheckpointError, match="values are not finite"):
+        pretrained.load_unet(tmp_path / "bad")

@@ -128,6 +128,37 @@ def check_compatible(shapes: Mapping[str, tuple[int, ...]], plan: Mapping[str, E
         raise CheckpointError("\n".join(lines))
 
 
+def tensor_problem(key: str, arr: np.ndarray, dtype: Any) -> str | None:
+    """Why the weight ``key`` cannot become a float parameter of ``dtype`` (None keeps its own dtype), or
+    None: an integer or bool tensor (casting would change its meaning: an int8 weight's values become
+    garbage, not weights), non-finite values (a NaN weight makes black videos without a word), or values
+    outside ``dtype``'s range (they would become inf)."""
+    a = np.asarray(arr)
+    if a.dtype.kind in "iub":
+        return f"{key}: {a.dtype} tensor where the model has float weights (quantised or not a weight?)"
+    if a.dtype.kind not in "fV":
+        return f"{key}: dtype {a.dtype} is not a float"
+    x = a.astype(np.float32) if a.dtype.kind == "V" else a  # bfloat16 & co.
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = x.size - int(finite.sum())
+        return f"{key}: {bad} of {x.size} values are not finite (NaN or inf)"
+    if dtype is not None and x.size:
+        big, limit = float(np.abs(x).max()), float(jnp.finfo(dtype).max)
+        if big > limit:
+            return f"{key}: values up to {big:.3g} do not fit {jnp.dtype(dtype).name} (max {limit:.3g})"
+    return None
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """One CheckpointError listing (up to 50 of) the tensors' problems, if there are any."""
+    if problems:
+        lines = [f"{what}: {len(problems)} weight tensor(s) refused"] + [f"  {p}" for p in problems[:50]]
+        if len(problems) > 50:
+            lines.append(f"  ... and {len(problems) - 50} more")
+        raise CheckpointError("\n".join(lines))
+
+
 def _progress(n: int, desc: str, enabled: bool):
     return tqdm(total=n, desc=desc, unit="tensor", disable=not enabled, delay=1.0, file=sys.stderr)
 
@@ -143,19 +174,26 @@ def torch_to_flax(
     """Map a PyTorch state dict (numpy arrays; lazily read is fine) onto the Flax parameter tree.
 
     ``abstract_params``: unboxed ``jax.eval_shape`` params of the target module. Returns a nested dict
-    of numpy arrays cast to ``dtype`` (``None`` keeps each tensor's dtype).
+    of numpy arrays cast to ``dtype`` (``None`` keeps each tensor's dtype). Every tensor is checked first
+    (:func:`tensor_problem`): integer / bool tensors, non-finite values and values beyond ``dtype``'s range
+    are refused with one CheckpointError naming each tensor.
     """
     plan = layout(abstract_params)
     shapes = getattr(source, "shapes", None) or {k: tuple(np.shape(v)) for k, v in source.items()}
     check_compatible(shapes, plan, what)
-    flat = {}
+    flat, problems = {}, []
     with _progress(len(plan), f"converting {what}", progress) as bar:
         for key, entry in plan.items():
             arr = np.asarray(source[key])
+            if problem := tensor_problem(key, arr, dtype):
+                problems.append(problem)
+                bar.update()
+                continue
             if entry.perm is not None:
                 arr = arr.transpose(entry.perm)
             flat[entry.flax_path] = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
             bar.update()
+    raise_problems(problems, what)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -250,9 +288,19 @@ def load_converted(folder: str | os.PathLike, abstract_params: Mapping) -> dict:
         )
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(folder / "params", abstract_params)
+            params = ckptr.restore(folder / "params", abstract_params)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{folder}: the converted checkpoint does not match the model config: {e}") from None
+    # a converted folder is ours, but its weights may come from a diverged run: the same value checks
+    # (the dtypes are the abstract tree's, so only finiteness can fail here)
+    problems = []
+    for path, leaf in traverse_util.flatten_dict(dict(params)).items():
+        shards = [s.data for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf]
+        bad = sum(int(np.size(x) - np.isfinite(np.asarray(x)).sum()) for x in shards)  # this process's part
+        if bad:
+            problems.append(f"{torch_key(path)}: {bad} values are not finite (NaN or inf)")
+    raise_problems(problems, str(folder))
+    return params
 
 
 def export_diffusers(

@@ -1,11 +1,13 @@
-"""A toy SVD teacher trained from random weights with the diffusion objective on the embedded synthetic
-moving-shapes videos, at a size a 2-core CPU trains: the toy UNet preset, 32x32 frames (16x16 latents),
-14 frames at 7 FPS, batch 8 (2 x 4 accumulation), AdamW lr 1e-3 with 200 warm-up steps. The toy-scale
-reproduction of SF-V distils from it.
+"""The toy SVD teacher: the toy UNet trained with the diffusion objective on the embedded synthetic
+moving-shapes videos at a size a 2-core CPU trains: 32x32 frames (8x8x4 latents of the toy world's trained
+VAE), 14 frames at 7 FPS, batch 8, AdamW lr 1e-3 with 200 warm-up steps, EMA 0.995. It starts from the
+toy world's pipeline folder (trained VAE, fixed random image encoder, random UNet); the toy-scale SF-V
+reproduction distils from its export.
 
-Run:
-  python -m sfv_jax.main --config configs/toy_teacher.py --workdir runs/toy_teacher
-  python -m sfv_jax.export --workdir runs/toy_teacher --out checkpoints/toy_teacher
+Run (the toy world first, then the teacher, then its export; each resumable):
+  python -m sfv_jax.tools.toy_world --workdir runs/toy_vae --out runs/toy_init
+  python -m sfv_jax.main --config configs/toy_teacher.py --workdir runs/toy_teacher --config.init_from=runs/toy_init
+  python -m sfv_jax.export --workdir runs/toy_teacher --out runs/toy_teacher_export
 Quick check of the objective (the held-out denoising loss falls): --config.total_steps=100
 """
 
@@ -18,13 +20,16 @@ from sfv_jax.configs import svd_finetune, tiny
 
 def get_config() -> ml_collections.ConfigDict:
     c = svd_finetune.diffusion_recipe(tiny.get_config(), lr=1e-3, warmup_steps=200)
+    c.opt.ema_rate = 0.995  # a short run: the EMA averages the last ~200 steps
     c.total_steps = 4000
     c.log_every_steps = 50
-    c.checkpoint_every_steps = 500
-    c.sample_every_steps = 1000
+    c.checkpoint_every_steps = 250
+    c.keep_checkpoints = 2
+    c.sample_every_steps = 500
+    # the architectures come from init_from (the toy world's folder); these are used without it
     c.model.unet["num_frames"] = 14
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
-    c.data.micro_batch = 2
-    c.data.accum_steps = 4
+    c.data.micro_batch = 8
+    c.data.accum_steps = 1
     c.sample.height, c.sample.width = 32, 32
     return c
