@@ -64,6 +64,7 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
         assert all(r["seconds_per_video"][s] > 0 for s in ("unet", "vae_decode", "i3d"))
     md = (workdir / "fvd_table.md").read_text()
     assert "| SF-V | 1 |" in md and "| SVD | 2 |" in md and "smoke test" in md
+    assert rows[0]["fingerprint"] == protocol.model_fingerprint(converted) and f"`{rows[0]['fingerprint']}`" in md
 
     # the cache: the generated videos at the FVD size, features per chunk; the real statistics
     sfv_folder = next((workdir / "rows").glob("SF-V-*"))
@@ -92,6 +93,28 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
     rerun = json.loads((workdir / "fvd_table.json").read_text())["rows"]
     assert rerun[1] == rows[1] and abs(rerun[0]["fvd"] - rows[0]["fvd"]) <= 1e-2 * rows[0]["fvd"]
     assert "real videos" not in log.read_text()  # the reference set was not rebuilt
+
+
+def test_cache_key_follows_the_model_not_its_path(tiny_pipeline_dirs, tmp_path):
+    """Another model written to the same path gets new cache folders (issue 19: the path alone was the key,
+    so a replaced model "scored" the old FVD)."""
+    import shutil
+
+    from sfv_jax.configs import eval_tiny
+    from sfv_jax.evaluation.runner import Row
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dirs[2], model)
+    config = eval_tiny.get_config()
+    before = Row("SF-V", str(model), "sfv", 1)
+    assert Row("SF-V", str(model), "sfv", 1).key(config) == before.key(config)  # stable
+    weights = next(p for p in (model / "unet").rglob("*") if p.is_file() and p.suffix != ".json")
+    weights.write_bytes(weights.read_bytes() + b"\0")  # other weights, same path
+    after = Row("SF-V", str(model), "sfv", 1)
+    assert after.fingerprint != before.fingerprint and after.key(config) != before.key(config)
+    config_file = model / "unet" / "config.json"
+    config_file.write_text(config_file.read_text().replace("{", '{"changed": 1, ', 1))
+    assert Row("SF-V", str(model), "sfv", 1).fingerprint != after.fingerprint
 
 
 def test_bad_configs_fail_cleanly(tiny_pipeline_dirs, tiny_folder_dataset, tmp_path):

@@ -55,6 +55,21 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """A short hash that changes when the model in ``folder`` changes (so its cached rows are recomputed):
+    every file's relative path, size and modification time, and the full text of its JSON files (configs,
+    the converted format's metadata). Cheap: the weights are not read."""
+    root = Path(folder).resolve()
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        entry = [str(path.relative_to(root)), st.st_size, st.st_mtime_ns]
+        if path.suffix == ".json":
+            entry.append(path.read_text(errors="replace"))
+        entries.append(entry)
+    return digest(entries)
+
+
 def data_identity(config: ml_collections.ConfigDict) -> dict:
     """What defines the reference set: the dataset, the clip geometry, N and the selection seed."""
     return {

@@ -15,7 +15,9 @@ resizes them to 320x240 and computes FVD against the real clips. UNet and end-to
 measured per row on one video (batch 1, one device, after a warm-up; median of ``eval.latency_repeats``),
 as the paper's latency column. Everything is cached under ``--workdir``: the reference statistics, each
 chunk of generated videos and features, each row's result; a rerun (also after a kill, with another
-number of devices or hosts) computes only what is missing. Multi-host: every process generates its own
+number of devices or hosts) computes only what is missing. A row's cache folder is keyed by its
+settings and the model's fingerprint (files' sizes, times and JSON texts: another model written to the
+same path is recomputed; the table shows each row's fingerprint). Multi-host: every process generates its own
 chunks on its local devices; ``--workdir`` must be a shared file system; process 0 writes the table:
 ``DIR/fvd_table.md`` and ``DIR/fvd_table.json``.
 """
@@ -23,6 +25,7 @@ chunks on its local devices; ``--workdir`` must be a shared file system; process
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -58,10 +61,16 @@ class Row:
     sampler: str
     steps: int
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The model folder's :func:`protocol.model_fingerprint` (part of the cache key and the table)."""
+        return protocol.model_fingerprint(self.model)
+
     def key(self, config: ml_collections.ConfigDict) -> str:
         e = config.eval
         settings = {
             "model": str(Path(self.model).resolve()),
+            "fingerprint": self.fingerprint,
             "sampler": self.sampler,
             "steps": self.steps,
             "data": protocol.data_identity(config),
@@ -167,6 +176,7 @@ def finish_row(config: ml_collections.ConfigDict, row: Row, folder: Path, refere
     return {
         "model": row.name,
         "path": row.model,
+        "fingerprint": row.fingerprint,
         "sampler": row.sampler,
         "steps": row.steps,
         "fvd": fvd_from_stats(stats, reference.stats),
@@ -308,11 +318,12 @@ def markdown_table(results: list[dict], config: ml_collections.ConfigDict, refer
         f"Device: {jax.device_count()} x {dev.device_kind} ({dev.platform}), {jax.process_count()} process(es); "
         f"dtype {e.dtype}. Latency: one video, batch 1, one device.",
         "",
-        "| Model | Steps | FVD ↓ | UNet latency (s) | End-to-end latency (s) |",
-        "|---|---|---|---|---|",
+        "| Model | Steps | FVD ↓ | UNet latency (s) | End-to-end latency (s) | Model fingerprint |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} | {r['steps']} | {r['fvd']:.1f} | {r['unet_latency_s']:.3f} | {r['e2e_latency_s']:.3f} |"
+        f"| {r['model']} | {r['steps']} | {r['fvd']:.1f} | {r['unet_latency_s']:.3f} | {r['e2e_latency_s']:.3f} "
+        f"| `{r['fingerprint']}` |"
         for r in results
     ]
     lines += [
