@@ -23,6 +23,7 @@ import pytest
 from conftest import tensorboard_scalars
 
 from sfv_jax.checkpoint import pretrained
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.configs import tiny
 from sfv_jax.data import video_io
 from sfv_jax.data.latents import ClipEncoder
@@ -218,6 +219,65 @@ def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
     assert meta["data_iterator"]["records"] == 5
     summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
     assert summary["step"] == 3 and summary["steps_this_run"] == 1
+
+
+def _corrupt(checkpoint) -> None:
+    """Truncate the largest file of a checkpoint folder (a write cut short)."""
+    biggest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
+
+
+@TINY_RUN
+def test_unreadable_latest_checkpoint_resumes_from_the_previous(tmp_path, tiny_folder_dataset, straight_run):
+    """A damaged latest checkpoint (issue 19): named in one warning, moved aside (kept), the run resumes from
+    the newest readable one and ends bitwise where the uninterrupted run ended. checkpoint_fallback=False
+    stops with an error naming it instead."""
+    config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
+    shutil.copytree(straight_run[0], tmp_path / "b")
+    _corrupt(tmp_path / "b" / "checkpoints" / "3")
+    strict = tmp_path / "strict"
+    shutil.copytree(tmp_path / "b", strict)
+
+    config.checkpoint_fallback = False
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 cannot be read .*checkpoint_fallback=True"):
+        train.train(config, strict)
+    assert (strict / "checkpoints" / "3").is_dir()  # nothing moved without the fallback
+
+    config.checkpoint_fallback = True
+    resumed = train.train(config, tmp_path / "b")
+    assert (tmp_path / "b" / "unreadable_checkpoints" / "3").is_dir()
+    assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps_this_run"] == 1  # from step 2
+    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
+        assert _equal(getattr(straight_run[1], field), getattr(resumed, field)), field
+
+
+@TINY_RUN
+def test_resume_with_another_config_is_refused_before_writing(tmp_path, tiny_folder_dataset, straight_run):
+    """Changing what shapes or means something on resume is refused, listing the keys, and nothing in the
+    workdir changes (config.json included); total_steps, intervals and the mesh stay changeable."""
+    from sfv_jax.training.run_config import ConfigError, resume_conflicts
+
+    work = tmp_path / "b"
+    shutil.copytree(straight_run[0], work)
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
+    config.disc.channels, config.loss.recon_weight = 64, 0.5
+    with pytest.raises(ConfigError, match=r"2 setting\(s\)[\s\S]*disc.channels: 32 -> 64[\s\S]*loss.recon_weight"):
+        train.train(config, work)
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    saved = json.loads((work / "config.json").read_text())
+    safe = _config(total_steps=9, keep_checkpoints=4, log_every_steps=5, **_folder_data(tiny_folder_dataset))
+    safe.mesh.data = 1
+    assert resume_conflicts(saved, safe) == []
+
+
+def test_workdir_that_is_a_file_refused(tmp_path):
+    from sfv_jax.training.run_config import ConfigError
+
+    (tmp_path / "w").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        train.train(_config(total_steps=1), tmp_path / "w")
+    assert (tmp_path / "w").read_text() == "x"
 
 
 def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkeypatch):

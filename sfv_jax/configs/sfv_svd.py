@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    # a rerun whose latest checkpoint cannot be read moves it to WORKDIR/unreadable_checkpoints/ and resumes
+    # from the newest readable one (False: stop with an error naming it)
+    c.checkpoint_fallback = True
     c.sample_every_steps = 2000
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
     # "sfv": SF-V (generator + discriminator); "diffusion": SVD's own denoising loss (configs/svd_finetune.py)

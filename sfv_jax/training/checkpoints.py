@@ -3,6 +3,9 @@ data position (``meta``); restored straight into the target shardings (any mesh 
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
 
 import jax
@@ -10,6 +13,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags
 
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.parallel import sharding
 from sfv_jax.training import steps as train_steps
 
 
@@ -54,3 +59,32 @@ def restore(mngr, like: train_steps.TrainState, step: int | None = None) -> tupl
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     )
     return out["state"], out["meta"]
+
+
+def restore_newest_readable(
+    mngr, state: train_steps.TrainState, workdir: Path, fallback: bool
+) -> tuple[train_steps.TrainState, dict]:
+    """Restore the newest checkpoint that can be read. One that cannot is named with the reason and moved
+    to ``workdir/unreadable_checkpoints/<step>`` (kept, not deleted), and the previous one is tried;
+    ``fallback=False`` stops with a CheckpointError instead."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return restore(mngr, state, step)
+        except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged checkpoint)
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            where = Path(mngr.directory) / str(step)
+            if not fallback:
+                raise CheckpointError(
+                    f"checkpoint {where} cannot be read ({reason}); --config.checkpoint_fallback=True resumes "
+                    f"from the newest readable one"
+                ) from None
+            aside = workdir / "unreadable_checkpoints" / f"{step}"
+            if jax.process_index() == 0:
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(where, aside if not aside.exists() else aside.with_name(f"{step}.{int(time.time())}"))
+            sharding.barrier(f"checkpoint {step} set aside")
+            mngr.reload()
+            logging.warning(
+                "checkpoint %s cannot be read (%s): moved to %s; trying the previous one", where, reason, aside
+            )
+    raise CheckpointError(f"{mngr.directory}: no checkpoint can be read (the unreadable ones are in {aside.parent})")

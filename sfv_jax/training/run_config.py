@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -115,3 +118,81 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     walk(config.to_dict(), "")
     return out
+
+
+# What a rerun on a workdir that has checkpoints may change (prefixes of dotted keys): run length,
+# logging / checkpoint / sample cadence and their look, loader threads, the non-finite policy, and the
+# mesh (a checkpoint restores onto any mesh). Anything else changes shapes or semantics and is refused.
+RESUME_SAFE = (
+    "total_steps",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "sample_every_steps",
+    "sample.",
+    "mesh.",
+    "data.workers",
+    "data.prefetch",
+    "opt.nonfinite",
+    "opt.halt_check",
+    "checkpoint_fallback",
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """``key: saved -> new`` for every key outside :data:`RESUME_SAFE` where ``config`` differs from the
+    run's saved ``config.json`` (a dict), sorted."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    keys = sorted(set(old) | set(new))
+    missing = object()
+    return [
+        f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+        for k in keys
+        if not k.startswith(RESUME_SAFE) and old.get(k, missing) != new.get(k, missing)
+    ]
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuse, before anything is written, a ``--workdir`` that is not a usable folder, or one whose
+    checkpoints were made with a config that differs from ``config`` outside ``RESUME_SAFE`` (each
+    differing key listed)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: exists and is not a folder")
+    probe = workdir if workdir.exists() else next(p for p in workdir.parents if p.exists())
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {probe} is not writable")
+    saved_path = workdir / "config.json"
+    if not (saved_path.is_file() and _has_checkpoints(workdir)):
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--workdir {workdir}: its config.json cannot be read ({e}); it has checkpoints") from None
+    if conflicts := resume_conflicts(saved, config):
+        raise ConfigError(
+            f"--workdir {workdir}: its checkpoints were made with another config; resuming would change "
+            f"{len(conflicts)} setting(s) that change shapes or meaning (nothing was written; use a new "
+            f"--workdir, or change only {', '.join(RESUME_SAFE)}):\n  " + "\n  ".join(conflicts)
+        )

@@ -63,7 +63,7 @@ from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
 
 # the pieces, importable from here as one trainer API (``trainer.make_layout``, ``trainer.restore``, ...)
-from sfv_jax.training.checkpoints import checkpoint_manager, default_sharding, restore
+from sfv_jax.training.checkpoints import checkpoint_manager, default_sharding, restore, restore_newest_readable
 from sfv_jax.training.layout import (
     Layout,
     build_modules,
@@ -73,7 +73,15 @@ from sfv_jax.training.layout import (
     make_layout,
     make_optimizers,
 )
-from sfv_jax.training.run_config import HALT_CHECKS, ConfigError, check_config, config_get, flat_hparams
+from sfv_jax.training.run_config import (
+    HALT_CHECKS,
+    ConfigError,
+    check_config,
+    check_workdir,
+    config_get,
+    flat_hparams,
+    write_atomic_text,
+)
 
 __all__ = [
     "HALT_CHECKS",
@@ -194,15 +202,17 @@ def train(
     t_start = time.time()
     check_config(config)
     halt_every_step = config.opt.halt_check == "every_step"
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ workdir (refused before anything is written)
     workdir = Path(workdir).absolute()
+    check_workdir(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
+    if lead:
+        write_atomic_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    # ------------------------------------------------------------------ logging
     # TensorBoard events only (process 0); the console gets one readable line per log step (below)
     writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))] if lead else [])
     writer.write_hparams(flat_hparams(config))
-    if lead:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     d = config.data
 
     # ------------------------------------------------------------------ dataset (opened first: a bad path fails fast)
@@ -263,7 +273,8 @@ def train(
     mngr = checkpoint_manager(workdir, config)
     position, data_state = 0, None
     if mngr.latest_step() is not None:
-        state, meta = restore(mngr, state)  # into the shardings of the fresh state (any mesh saved it)
+        # into the shardings of the fresh state (any mesh saved it); an unreadable checkpoint is set aside
+        state, meta = restore_newest_readable(mngr, state, workdir, config.checkpoint_fallback)
         position, data_state = int(meta["data_position"]), meta.get("data_iterator")
         logging.info("resumed from %s at step %d (data position %d)", mngr.directory, int(state.step), position)
     first = int(state.step)  # from here on the host counts the steps: no wait for the device
