@@ -74,4 +74,26 @@ def run_absl(main: Callable[[list[str]], int]) -> None:
         quiet_logging()
         return main(args)
 
-    app.run(wrapped, argv=argv)
+    app.run(wrapped, argv=argv, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the command line's mistakes as ``error: ...`` and exit 2 instead of a
+    traceback (a ``--config.KEY`` the config does not have) or absl's FATAL line (a bad value, a missing
+    required flag)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(fail(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+        given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        key = str(e).strip("\"'")
+        named = next((g for g in given if g.split(".")[-1] == key or g.endswith(f".{key}")), None)
+        sys.exit(
+            fail(
+                f"{named or '--config.' + key}: the config has no key {key!r} (an override can only set a key the "
+                f"config file defines; check the spelling and the config's get_config())"
+            )
+        )

@@ -65,3 +65,34 @@ def test_commands_name_the_dev_extras_when_torch_is_missing(monkeypatch, capsys)
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "torch not installed" in err and ".[dev]" in err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--workdir", "W", "--config.disc.nosuch=1"], "error: --config.disc.nosuch: the config has no key 'nosuch'"),
+        (["--workdir", "W", "--config.total_steps=abc"], "error: flag --config.total_steps=abc: invalid literal"),
+        ([], "error: flag --workdir=None: Flag --workdir must have a value"),
+    ],
+)
+def test_command_line_mistakes_are_errors_not_tracebacks(tmp_path, flags, message):
+    """A --config override of a key the config lacks, a bad value, a missing flag: ``error: ...``, exit 2,
+    no traceback, nothing written (issue 19: the unknown key was a traceback, the others absl's FATAL line)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = [a.replace("W", str(tmp_path / "run")) for a in flags]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", *argv],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr and "FATAL" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -5,10 +5,10 @@ with the diffusion objective (``configs/toy_teacher.py``).
 
     python -m sfv_jax.tools.toy_world --workdir runs/toy_vae --out runs/toy_init [--steps 1500] [--seed 0]
 
-The VAE is SVD's architecture (``models.presets.VAES["toy32"]``: 3 levels, 32x32 frames -> 8x8x4
-latents, temporal decoder) trained by ``training.vae_objective`` (squared error + KL) with AdamW on
-clips of ``--frames`` frames; its ``scaling_factor`` is set to 1 / std of the posterior means on the
-training clips, so that the scaled latents have unit std as every SVD noise level assumes. The image
+The VAE is SVD's architecture (``models.presets.VAES["toy32"]``: 3 levels of 64 / 64 / 128 channels,
+32x32 frames -> 8x8x4 latents, temporal decoder) trained by ``training.vae_objective`` (squared error +
+KL) with AdamW (warm-up, cosine decay, clipping at 1) on clips of ``--frames`` frames; its
+``scaling_factor`` is set to 1 / std of the posterior means on the training clips, so that the scaled latents have unit std as every SVD noise level assumes. The image
 encoder is the toy CLIP preset with fixed random weights (seed ``--seed``): a random projection of the
 conditioning image is conditioning enough for the toy world; training it would need a second objective.
 Resumable: the VAE's state is saved in ``--workdir`` every ``--save-every`` steps; a rerun continues.
@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="the VAE's training state (resumable)")
     p.add_argument("--out", required=True, help="the pipeline folder to write (must not exist)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=4, help="clips per step")
+    p.add_argument("--batch", type=int, default=2, help="clips per step")
     p.add_argument("--frames", type=int, default=7, help="frames per training clip (the decoder mixes 3 at a time)")
     p.add_argument("--unet-frames", type=int, default=14, help="the random UNet's num_frames (the videos' length)")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="the synthetic dataset's seed (the trainer's data.seed)")
