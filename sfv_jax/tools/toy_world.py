@@ -8,7 +8,8 @@ with the diffusion objective (``configs/toy_teacher.py``).
 The VAE is SVD's architecture (``models.presets.VAES["toy32"]``: 3 levels of 64 / 64 / 128 channels,
 32x32 frames -> 8x8x4 latents, temporal decoder) trained by ``training.vae_objective`` (squared error +
 KL) with AdamW (warm-up, cosine decay, clipping at 1) on clips of ``--frames`` frames; its
-``scaling_factor`` is set to 1 / std of the posterior means on the training clips, so that the scaled latents have unit std as every SVD noise level assumes. The image
+``scaling_factor`` is set to 1 / std of the posterior means on the training clips, so that the scaled
+latents have unit std as every SVD noise level assumes. The image
 encoder is the toy CLIP preset with fixed random weights (seed ``--seed``): a random projection of the
 conditioning image is conditioning enough for the toy world; training it would need a second objective.
 Resumable: the VAE's state is saved in ``--workdir`` every ``--save-every`` steps; a rerun continues.
