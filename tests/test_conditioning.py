@@ -192,3 +192,18 @@ def test_check_size():
         cond.check_size(0, -8)
     with pytest.raises(cond.ImageError, match=r"width=1020"):
         cond.check_size(576, 1020)
+
+
+def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (mode I / I;16) becomes 8-bit grey by value / 257 (issue 19: convert("RGB")
+    clipped everything above 255 to white)."""
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    path = tmp_path / "deep.png"
+    PIL.Image.fromarray(ramp).save(path)
+    with PIL.Image.open(path) as im:
+        assert im.mode.startswith("I")  # how Pillow opens it
+    got = np.asarray(cond.load_image(path))
+    assert got.shape == (8, 8, 3) and (got[..., 0] == got[..., 2]).all()
+    np.testing.assert_array_equal(got[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    with pytest.raises(cond.ImageError, match="floating-point image"):
+        cond.load_image(PIL.Image.fromarray(np.zeros((4, 4), np.float32)))

@@ -40,7 +40,7 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
     """Load ``image`` as an RGB PIL image (files like ``diffusers.utils.load_image``: EXIF orientation applied).
 
     Accepts a file path, a PIL image of any mode (converted with ``convert("RGB")``; alpha is dropped, not
-    composited), or a uint8 numpy array of shape [H, W] (gray), [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA).
+    composited; 16-bit grey scaled to 8 bits, see :func:`to_rgb`), or a uint8 numpy array of shape [H, W] (gray), [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA).
     Raises ``ImageError`` naming the file / shape / dtype on a missing or unreadable file, a non-uint8 array, a wrong
     shape, or an empty image.
     """
@@ -51,11 +51,11 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
         try:
             with PIL.Image.open(path) as im:
                 im.load()
-                pil = PIL.ImageOps.exif_transpose(im).convert("RGB")
+                pil = to_rgb(PIL.ImageOps.exif_transpose(im))
         except (PIL.UnidentifiedImageError, OSError) as e:
             raise ImageError(f"cannot read image file {str(path)!r} (not an image or corrupt): {e}") from e
     elif isinstance(image, PIL.Image.Image):
-        pil = image.convert("RGB")  # as given: diffusers' pipeline does not re-orient PIL inputs
+        pil = to_rgb(image)  # as given: diffusers' pipeline does not re-orient PIL inputs
     elif isinstance(image, np.ndarray):
         pil = _array_to_pil(image)
     else:
@@ -65,6 +65,20 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
     if pil.width == 0 or pil.height == 0:
         raise ImageError(f"empty image: size {pil.width}x{pil.height} (width x height)")
     return pil
+
+
+def to_rgb(pil: PIL.Image.Image) -> PIL.Image.Image:
+    """``pil.convert("RGB")``, except for high-bit-depth grey images (16-bit PNGs open as mode "I" or
+    "I;16"), whose ``convert`` clips every value above 255 to white: they are scaled to 8 bits
+    (65535 -> 255) first. Float images ("F") are refused (their range is unknown)."""
+    if pil.mode == "F":
+        raise ImageError("a floating-point image (mode F): save it as an 8- or 16-bit image")
+    if pil.mode.startswith("I"):
+        a = np.asarray(pil).astype(np.int64)
+        if pil.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = np.rint(np.clip(a, 0, 65535) / 257.0)
+        return PIL.Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return pil.convert("RGB")
 
 
 def _array_to_pil(a: np.ndarray) -> PIL.Image.Image:
