@@ -40,7 +40,8 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
     """Load ``image`` as an RGB PIL image (files like ``diffusers.utils.load_image``: EXIF orientation applied).
 
     Accepts a file path, a PIL image of any mode (converted with ``convert("RGB")``; alpha is dropped, not
-    composited; 16-bit grey scaled to 8 bits, see :func:`to_rgb`), or a uint8 numpy array of shape [H, W] (gray), [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA).
+    composited; 16-bit grey scaled to 8 bits, see :func:`to_rgb`), or a uint8 numpy array of shape [H, W]
+    (gray), [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA).
     Raises ``ImageError`` naming the file / shape / dtype on a missing or unreadable file, a non-uint8 array, a wrong
     shape, or an empty image.
     """
