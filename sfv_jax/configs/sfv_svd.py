@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"  # "synthetic" | "folder" | "latents" | "ucf101" (sfv_jax.data.sources)
+    c.data.synthetic_detail = 1.0  # kind=synthetic: the background gratings' frequency scale (toy world: 0.35)
     c.data.path = ml_collections.FieldReference(None, field_type=str)  # folder / latents dataset folder
     c.data.split = "train"
     c.data.tfds_name = "ucf101"  # kind=ucf101: any TFDS video dataset with a "video" feature works

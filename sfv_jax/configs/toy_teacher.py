@@ -16,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from sfv_jax.configs import svd_finetune, tiny
+from sfv_jax.data.synthetic import TOY_DETAIL
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the architectures come from init_from (the toy world's folder); these are used without it
     c.model.unet["num_frames"] = 14
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
+    c.data.synthetic_detail = TOY_DETAIL  # the toy VAE's data: gratings its 8x8 latents can hold
     c.data.micro_batch = 8
     c.data.accum_steps = 1
     c.sample.height, c.sample.width = 32, 32

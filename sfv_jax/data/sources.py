@@ -132,7 +132,9 @@ class ClipSource:
         "motion_score", "record"}``; latents: the stored arrays and ``record``."""
         position = int(position)
         if self.kind == "synthetic":
-            frames = synthetic_clip(self.config.seed, position, self.num_frames, self.height, self.width)
+            frames = synthetic_clip(
+                self.config.seed, position, self.num_frames, self.height, self.width, self.config.data.synthetic_detail
+            )
             return {"frames": frames, "motion_score": clips.motion_score(frames), "record": position}
         n = len(self.records)
         r = int(record)
@@ -180,7 +182,14 @@ class ClipSource:
         """uint8 [F, H, W, 3]: the real clip whose first frame is :meth:`sample_frame` (the trainer compares
         its samples with it), or None for the latents kind (its folder keeps only the frame)."""
         if self.kind == "synthetic":
-            return synthetic_clip(self.config.seed + 10_000_019, 0, self.num_frames, self.height, self.width)
+            return synthetic_clip(
+                self.config.seed + 10_000_019,
+                0,
+                self.num_frames,
+                self.height,
+                self.width,
+                self.config.data.synthetic_detail,
+            )
         if self.kind == "latents":
             return None
         return self.example(0, 0)["frames"]

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 
+TOY_DETAIL = 0.35  # the toy world's texture detail (tools/toy_world.py, configs/toy_teacher.py)
 
-def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, waves: int = 3) -> np.ndarray:
-    """A smooth colour texture: a sum of random oriented sinusoid gratings per channel -> [..., 3] in [0, 1]."""
+
+def _texture(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, waves: int = 3, detail: float = 1.0
+) -> np.ndarray:
+    """A smooth colour texture: a sum of random oriented sinusoid gratings per channel -> [..., 3] in [0, 1]
+    (2..9 cycles per frame, times ``detail``)."""
     out = np.zeros(yy.shape + (3,), np.float32)
     for _ in range(waves):
-        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(2, 9), rng.uniform(0, 2 * np.pi)
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(2, 9) * detail, rng.uniform(0, 2 * np.pi)
         color = rng.uniform(0.1, 1.0, 3).astype(np.float32)
         wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) * 2 * np.pi + phase)
         out += (0.5 + 0.5 * wave)[..., None] * color
@@ -35,8 +40,10 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (v >= -0.5) & (v <= 1.0 - np.sqrt(3.0) * np.abs(u) * 0.9)
 
 
-def synthetic_clip(seed: int, index: int, num_frames: int, height: int, width: int) -> np.ndarray:
-    """Clip ``index`` of the synthetic dataset ``seed``: uint8 [num_frames, height, width, 3]."""
+def synthetic_clip(seed: int, index: int, num_frames: int, height: int, width: int, detail: float = 1.0) -> np.ndarray:
+    """Clip ``index`` of the synthetic dataset ``seed``: uint8 [num_frames, height, width, 3]. ``detail``
+    scales the background gratings' frequencies (2..9 cycles per frame at 1.0; the toy world uses 0.35:
+    at 32x32 frames and 8x8 latents, 9 cycles are beyond what a latent pixel grid of 8 can hold)."""
     rng = np.random.default_rng([seed, index])
     yy, xx = np.meshgrid(
         np.linspace(0, 1, height, dtype=np.float32), np.linspace(0, 1, width, dtype=np.float32), indexing="ij"
@@ -59,7 +66,7 @@ def synthetic_clip(seed: int, index: int, num_frames: int, height: int, width: i
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     aspect = width / height
     for t in range(num_frames):
-        img = _texture(np.random.default_rng(bg_params), yy + drift[0] * t, xx + drift[1] * t)
+        img = _texture(np.random.default_rng(bg_params), yy + drift[0] * t, xx + drift[1] * t, detail=detail)
         for s in shapes:
             # position bounces inside [r, 1 - r] (reflection of the straight-line path)
             p = s["pos"] + s["vel"] * t

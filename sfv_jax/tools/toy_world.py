@@ -34,7 +34,7 @@ from flax import serialization
 from sfv_jax.checkpoint import components, convert
 from sfv_jax.console import fail
 from sfv_jax.data import video_metrics
-from sfv_jax.data.synthetic import synthetic_clip
+from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
 from sfv_jax.models import build, presets
 from sfv_jax.paths import output_overlaps
 from sfv_jax.training import vae_objective
@@ -43,9 +43,9 @@ HELD_OUT_SEED = 1_000_003  # the synthetic dataset seed of the held-out clips (t
 STATE_FILE = "vae_state.msgpack"
 
 
-def clips(seed: int, start: int, n: int, frames: int, size: int) -> np.ndarray:
+def clips(seed: int, start: int, n: int, frames: int, size: int, detail: float = TOY_DETAIL) -> np.ndarray:
     """Synthetic clips start..start+n-1 of dataset ``seed``: uint8 [n, frames, size, size, 3]."""
-    return np.stack([synthetic_clip(seed, i, frames, size, size) for i in range(start, start + n)])
+    return np.stack([synthetic_clip(seed, i, frames, size, size, detail) for i in range(start, start + n)])
 
 
 def to_model(video: np.ndarray) -> jax.Array:
