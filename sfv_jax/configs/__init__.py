@@ -4,6 +4,7 @@
   tiny         SF-V at toy size on a CPU (random-init tiny models, synthetic videos): the main job
   svd_finetune SVD's own diffusion objective on full SVD (``svd_finetune:xt``: SVD-XT, 25 frames)
   toy_teacher  the diffusion objective at toy size: the teacher the toy SF-V reproduction distils
+  toy_sfv      SF-V distilled from the toy teacher (toy world, 32x32x14)
   eval_ucf101  the paper's FVD protocol (UCF-101, 2048 videos)
   eval_tiny    the FVD protocol at toy size (the smoke evaluation)
 

@@ -1,0 +1,40 @@
+"""SF-V distilled from the toy teacher (the toy world's 32x32x14 clips, 8x8 latents): the paper's objective
+and heads at toy size, for a 2-core CPU. The generator and the discriminator backbone start from the
+teacher's UNet (``init_from``: the teacher's export), as SF-V starts from SVD.
+
+Run (after configs/toy_teacher.py and its export):
+  python -m sfv_jax.main --config configs/toy_sfv.py --workdir runs/toy_sfv \\
+      --config.init_from=runs/toy_teacher_export
+
+Differences from the paper's settings (configs/sfv_svd.py), all overridable: the toy sizes; SM3 as the
+paper, with learning rates 1e-4 / 1e-3 and 20 warm-up steps (a 1.3 M-parameter UNet and a
+few hundred steps instead of 1.5 B and 50 K); the head sizes of configs/tiny.py; the GAN-balance
+metrics on.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sfv_jax.configs import tiny
+from sfv_jax.data.synthetic import TOY_DETAIL
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = tiny.get_config()
+    c.total_steps = 300
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 100
+    c.sample_every_steps = 100
+    # the architectures come from init_from (the teacher's export)
+    c.model.unet = c.model.vae = c.model.image_encoder = None
+    c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
+    c.data.synthetic_detail = TOY_DETAIL
+    c.data.micro_batch = 4
+    c.data.accum_steps = 1
+    c.sample.height, c.sample.width = 32, 32
+    c.opt.generator_lr = 1e-4
+    c.opt.discriminator_lr = 1e-3
+    c.opt.warmup_steps = 20
+    c.loss.grad_balance = True
+    return c
