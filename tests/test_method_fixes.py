@@ -141,3 +141,15 @@ def test_frame_grid(tmp_path):
     assert video_io.read_video(path)[0].shape == (1, *grid.shape)
     with pytest.raises(video_io.VideoError, match="one shape"):
         video_io.frame_grid([a, a[:2]])
+
+
+def test_reconstruction_only_ablation_drops_the_adversarial_term():
+    """loss.adv_weight (issue 17's "reconstruction only" row): 0 leaves lambda * L_recon; 1 is Eq. 10."""
+    rng = np.random.default_rng(2)
+    fake = [jnp.asarray(rng.standard_normal((2, 3, 4, 4)), jnp.float32)]
+    x0_hat, x0 = (jnp.asarray(rng.standard_normal((2, 3, 4, 4, 2)), jnp.float32) for _ in range(2))
+    kw = dict(recon_weight=0.1, huber_c=0.03)
+    full, aux = losses.generator_loss(fake, x0_hat, x0, **kw)
+    only, _ = losses.generator_loss(fake, x0_hat, x0, **kw, adv_weight=0.0)
+    assert float(full) == float(aux["adv"] + 0.1 * aux["recon"])
+    assert float(only) == pytest.approx(0.1 * float(aux["recon"]), rel=1e-7)

@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.recon_weight = 0.1
+    c.loss.adv_weight = 1.0  # the adversarial term's weight (0: the reconstruction-only ablation)
     c.loss.huber_c = ml_collections.FieldReference(None, field_type=float)  # None: 0.00054 sqrt(d)
     c.loss.generator_grid = 4
     c.loss.discriminator_levels = 1000

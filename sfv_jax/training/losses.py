@@ -54,12 +54,19 @@ def pseudo_huber_loss(x0_hat: jax.Array, x0: jax.Array, c: float) -> jax.Array:
 
 
 def generator_loss(
-    fake_logits: Sequence[jax.Array], x0_hat: jax.Array, x0: jax.Array, *, recon_weight: float, huber_c: float
+    fake_logits: Sequence[jax.Array],
+    x0_hat: jax.Array,
+    x0: jax.Array,
+    *,
+    recon_weight: float,
+    huber_c: float,
+    adv_weight: float = 1.0,
 ) -> tuple[jax.Array, dict]:
-    """Eq. 10: L^G = L_adv^G + lambda * L_recon. Returns (loss, {"adv", "recon"})."""
+    """Eq. 10: L^G = L_adv^G + lambda * L_recon (``adv_weight`` 0: the reconstruction-only ablation).
+    Returns (loss, {"adv", "recon"})."""
     adv = generator_adversarial_loss(fake_logits)
     recon = pseudo_huber_loss(x0_hat, x0, huber_c)
-    return adv + recon_weight * recon, {"adv": adv, "recon": recon}
+    return adv_weight * adv + recon_weight * recon, {"adv": adv, "recon": recon}
 
 
 def head_statistics(

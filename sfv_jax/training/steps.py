@@ -71,6 +71,7 @@ class StepConfig:
     objective: str  # OBJECTIVES
     diffusion: DiffusionConfig
     recon_weight: float  # lambda, Eq. 10
+    adv_weight: float  # the adversarial term's weight in Eq. 10 (1: the paper; 0: reconstruction only)
     huber_c: float | None  # Eq. 9; None: 0.00054 * sqrt(elements per sample)
     generator_grid: int  # T_g
     discriminator_levels: int  # T_d
@@ -201,7 +202,9 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
         fake = x0_hat + n["sigma_d"][:, None, None, None, None] * n["eps_d"]
         return discriminator_logits(models.unet, backbone, models.heads, head_params, fake, n["sigma_d"], cond)
 
-    loss, aux = losses.generator_loss(d(x0_hat), x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0))
+    loss, aux = losses.generator_loss(
+        d(x0_hat), x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0), adv_weight=cfg.adv_weight
+    )
     metrics = {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
     if cfg.grad_balance:
         # which term drives the generator: each term's gradient norm at its output x0_hat (one more
