@@ -39,6 +39,7 @@ LAYERS = {
     "export": 8,
     "evaluate": 8,
     "demo": 8,
+    "reproduce": 8,
 }
 
 

@@ -1,0 +1,117 @@
+"""The toy-scale reproduction's protocol (issue 17; ``python -m sfv_jax.reproduce``): its rows, its real
+clips and each row's metrics. The paper's Tables 1-3 at toy size: FVD with the project's I3D plus cheap
+metrics that the synthetic moving shapes make meaningful (``data.video_metrics``).
+
+Reference set: ``num_videos`` held-out toy-world clips (32x32, 14 frames, synthetic seed
+``REFERENCE_SEED + seed``); row video i is generated from reference clip i's first frame with noise seed
+``seed * 1_000_003 + i``, so every row sees the same images and noise. The "real" row is a second
+held-out set of the same size (``HELD_OUT_SEED + seed``): FVD's floor at this N.
+
+    rows = select_rows(["teacher", "sfv"])        # names or prefixes; None: all
+    real = reference_clips(seed, n)                # uint8 [n, 14, 32, 32, 3]
+    m = row_metrics(videos, real, features, real_stats)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sfv_jax.data import video_metrics
+from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
+from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures, fvd_from_stats
+
+REFERENCE_SEED = 2_000_003
+HELD_OUT_SEED = 3_000_017
+SIZE, FRAMES, FPS = 32, 14, 7
+TEACHER_STEPS = (1, 2, 4, 8, 16, 25)  # the paper's SVD baseline at toy size (guidance 1 -> 3)
+SFV_STEPS = (1, 2, 3)  # the generator's trained levels (T_g = 4)
+
+# SF-V training runs: config overrides on configs/toy_sfv.py. "sfv" is the paper's setting:
+# both heads, (P_mean, P_std) = (-1, -1), lambda 0.1, the features R1.
+RUNS: dict[str, dict[str, Any]] = {
+    "sfv": {},
+    "sfv_spatial": {"disc.heads": "spatial"},
+    "sfv_temporal": {"disc.heads": "temporal"},
+    "sfv_p-2_-1": {"loss.p_mean": -2.0, "loss.p_std": -1.0},
+    "sfv_p0_1": {"loss.p_mean": 0.0, "loss.p_std": 1.0},
+    "sfv_p1_1": {"loss.p_mean": 1.0, "loss.p_std": 1.0},
+    "sfv_recon_only": {"loss.adv_weight": 0.0},
+    "sfv_adv_only": {"loss.recon_weight": 0.0},
+    "sfv_r1_none": {"loss.r1_type": "none"},
+    "sfv_r1_paper": {"loss.r1_type": "paper"},
+    "sfv_r1_approx": {"loss.r1_type": "approx"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the report: ``kind`` "real" | "teacher" | "sfv", the SF-V ``run`` (RUNS) it samples."""
+
+    name: str
+    kind: str
+    steps: int
+    run: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_{self.steps}" if self.kind != "real" else "real"
+
+
+def all_rows() -> list[Row]:
+    rows = [Row("real", "real", 0)]
+    rows += [Row("teacher", "teacher", s) for s in TEACHER_STEPS]
+    rows += [Row("sfv", "sfv", s, "sfv") for s in SFV_STEPS]
+    rows += [Row(name, "sfv", 1, name) for name in RUNS if name != "sfv"]
+    return rows
+
+
+def select_rows(names: Sequence[str] | None) -> list[Row]:
+    """The rows whose name (or key, e.g. ``teacher_25``) is in ``names``, in report order; None: all.
+    Unknown names raise ValueError listing the known ones."""
+    rows = all_rows()
+    if not names:
+        return rows
+    known = {r.name for r in rows} | {r.key for r in rows}
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"unknown row(s) {unknown}; known: {sorted({r.name for r in rows})} (or name_steps)")
+    return [r for r in rows if r.name in names or r.key in names]
+
+
+def reference_clips(seed: int, n: int, *, held_out: bool = False) -> np.ndarray:
+    """uint8 [n, FRAMES, SIZE, SIZE, 3]: the reference clips (``held_out``: the second, independent set)."""
+    base = (HELD_OUT_SEED if held_out else REFERENCE_SEED) + seed
+    return np.stack([synthetic_clip(base, i, FRAMES, SIZE, SIZE, TOY_DETAIL) for i in range(n)])
+
+
+def noise_seeds(seed: int, n: int) -> list[int]:
+    return [seed * 1_000_003 + i for i in range(n)]
+
+
+def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batch: int = 8) -> np.ndarray:
+    """uint8 [n, FRAMES, SIZE, SIZE, 3]: the row's videos from ``images`` [n, SIZE, SIZE, 3]."""
+    kw = dict(height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=row.steps, fps=FPS)
+    if row.kind == "teacher":
+        kw.update(sampler="svd", min_guidance_scale=1.0, max_guidance_scale=3.0)
+    else:
+        kw.update(sampler="sfv")
+    out = []
+    for i in range(0, len(images), batch):
+        frames = pipe.generate(list(images[i : i + batch]), list(seeds[i : i + batch]), **kw)
+        out.append(np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def row_metrics(videos: np.ndarray, real: np.ndarray, features: I3DFeatures, real_stats: FeatureStats) -> dict:
+    """FVD against the reference statistics, and the cheap metrics against the reference clips: motion and
+    sharpness as ratios to the real clips' (1 = real), frame-0 PSNR against the conditioning frames."""
+    stats = FeatureStats.of(features(videos))
+    return {
+        "fvd": fvd_from_stats(stats, real_stats),
+        "motion": video_metrics.motion(videos) / video_metrics.motion(real),
+        "sharpness": video_metrics.sharpness(videos) / video_metrics.sharpness(real),
+        "frame0_psnr": min(video_metrics.frame0_fidelity(videos, real[:, 0]), 100.0),
+    }

@@ -1,0 +1,183 @@
+"""The toy-scale reproduction of the paper's Tables 1-3 (issue 17): distil SF-V from a toy teacher,
+evaluate every row and write a report.
+
+    python -m sfv_jax.reproduce --workdir DIR --teacher runs/toy_teacher_export [--seed S] [--num-videos N]
+        [--rows real,teacher,sfv,...] [--steps K] [--quick]
+
+Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``teacher`` at
+1, 2, 4, 8, 16, 25 Euler steps with guidance 1 -> 3, ``sfv`` at 1, 2, 3 steps, and the ablations at one
+step: ``sfv_spatial`` / ``sfv_temporal`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` /
+``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term), ``sfv_adv_only``
+(lambda = 0) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features).
+Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
+iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
+
+Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "num_videos", "rows": [{"name", "steps",
+"fvd", "motion", "sharpness", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
+one per grid row). Resumable: training runs resume from their checkpoints, finished exports and rows
+(``DIR/rows/<row>.json``) are kept, so a killed run recomputes only what is missing. ``--quick``: a
+smoke-sized run (8 videos, 4 training steps) that checks the machinery, not the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from sfv_jax import console
+from sfv_jax.checkpoint import pretrained
+from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.configs import toy_sfv
+from sfv_jax.data import video_io
+from sfv_jax.evaluation import toy_protocol as tp
+from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
+from sfv_jax.paths import output_overlaps
+from sfv_jax.training import export, trainer
+from sfv_jax.training.run_config import ConfigError
+
+GRID_VIDEOS = 4
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None) -> Path:
+    """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder."""
+    out = workdir / "models" / name
+    if out.is_dir():
+        return out
+    config = toy_sfv.get_config()
+    config.update_from_flattened_dict({**tp.RUNS[name], "init_from": str(teacher), "seed": seed})
+    if steps is not None:
+        config.total_steps = steps
+        config.checkpoint_every_steps = min(config.checkpoint_every_steps, steps)
+        config.sample_every_steps = steps
+    t0 = time.time()
+    print(f"[reproduce] training {name} ({config.total_steps} steps) in {workdir / 'train' / name}", flush=True)
+    trainer.train(config, workdir / "train" / name)
+    export.export_run(workdir / "train" / name, out)
+    print(f"[reproduce] {name}: trained and exported in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def evaluate_row(workdir: Path, row: tp.Row, model: Path | None, args, features, real, real_stats) -> dict:
+    path = workdir / "rows" / f"{row.key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    if row.kind == "real":
+        videos = tp.reference_clips(args.seed, args.num_videos, held_out=True)
+    else:
+        pipe = pretrained.load_pipeline(model, progress=False)
+        videos = tp.generate(pipe, row, real[:, 0], tp.noise_seeds(args.seed, args.num_videos))
+    result = {
+        "name": row.name,
+        "steps": row.steps,
+        "run": row.run,
+        **tp.row_metrics(videos, real, features, real_stats),
+    }
+    if row.kind == "real":
+        result["frame0_psnr"] = None  # other clips: no conditioning frame to compare with
+    result["wall_s"] = round(time.time() - t0, 1)
+    grid = video_io.frame_grid(list(videos[:GRID_VIDEOS]))
+    video_io.write_video(workdir / "grids" / f"{row.key}.png", grid[None])
+    _write_json(path, result)
+    print(
+        f"[reproduce] {row.key}: FVD {result['fvd']:.1f}, motion {result['motion']:.3f}, sharpness "
+        f"{result['sharpness']:.3f} ({result['wall_s']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def report_markdown(results: list[dict], args, command: str, wall_s: float) -> str:
+    lines = [
+        f"# SF-V toy-scale reproduction (seed {args.seed}, {args.num_videos} videos per row)",
+        "",
+        f"Command: `{command}` ({wall_s / 60:.1f} min). FVD with the project's I3D (frames resized to 224) "
+        f"against {args.num_videos} held-out real clips; motion and sharpness are ratios to the real clips' "
+        "(1 = real; motion ~0: the video does not move); frame-0 PSNR against the conditioning frame.",
+        "",
+        "| row | steps | FVD ↓ | motion | sharpness | frame-0 PSNR (dB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['steps']} | {r['fvd']:.1f} | {r['motion']:.3f} | {r['sharpness']:.3f} "
+        f"| {'-' if r['frame0_psnr'] is None else format(r['frame0_psnr'], '.1f')} |"
+        for r in results
+    ]
+    if args.num_videos <= 400:
+        lines += ["", f"FVD from {args.num_videos} <= 400 videos: rank-deficient covariances; compare rows only."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sfv_jax.reproduce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--teacher", required=True, help="the toy teacher's pipeline folder (an export of toy_teacher)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-videos", type=int, default=256)
+    p.add_argument("--rows", default=None, help="comma-separated row names or name_steps (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each SF-V run (default: toy_sfv's)")
+    p.add_argument("--quick", action="store_true", help="smoke size: 8 videos, 4 training steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_videos, args.steps = min(args.num_videos, 8), args.steps or 4
+    workdir, teacher = Path(args.workdir).absolute(), Path(args.teacher)
+    try:
+        rows = tp.select_rows(args.rows.split(",") if args.rows else None)
+    except ValueError as e:
+        return console.fail(f"--rows: {e}")
+    if args.num_videos < 2:
+        return console.fail(f"--num-videos={args.num_videos}: must be >= 2")
+    if args.steps is not None and args.steps < 1:
+        return console.fail(f"--steps={args.steps}: must be >= 1")
+    if not (teacher / "model_index.json").is_file():
+        return console.fail(f"--teacher {teacher}: not a pipeline folder (no model_index.json)")
+    if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}):
+        return console.fail(problem)
+    command = "python -m sfv_jax.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    try:
+        real = tp.reference_clips(args.seed, args.num_videos)
+        features = I3DFeatures()
+        stats_path = workdir / "reference" / f"real_stats_{args.seed}_{args.num_videos}.npz"
+        if not stats_path.is_file():
+            stats_path.parent.mkdir(parents=True, exist_ok=True)
+            FeatureStats.of(features(real)).save(stats_path)
+        real_stats = FeatureStats.load(stats_path)
+        results = []
+        for row in rows:
+            model = teacher if row.kind == "teacher" else None
+            if row.kind == "sfv":
+                model = train_run(workdir, row.run, teacher, args.seed, args.steps)
+            results.append(evaluate_row(workdir, row, model, args, features, real, real_stats))
+    except (ConfigError, CheckpointError, video_io.VideoError) as e:
+        return console.fail(e)
+    wall = time.time() - t0
+    report = {"seed": args.seed, "num_videos": args.num_videos, "command": command, "wall_s": round(wall, 1)}
+    _write_json(workdir / "report.json", {**report, "rows": results})
+    (workdir / "report.md").write_text(report_markdown(results, args, command, wall))
+    print(report_markdown(results, args, command, wall))
+    print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
+    return 0
+
+
+def run() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
