@@ -7,7 +7,7 @@ with the diffusion objective (``configs/toy_teacher.py``).
 
 The VAE is SVD's architecture (``models.presets.VAES["toy32"]``: 3 levels of 64 / 64 / 128 channels,
 32x32 frames -> 8x8x4 latents, temporal decoder) trained by ``training.vae_objective`` (squared error +
-KL) with AdamW (warm-up, cosine decay, clipping at 1) on clips of ``--frames`` frames; its
+1e-6 KL, SD's weight) with AdamW (warm-up, cosine decay, clipping at 1) on clips of ``--frames`` frames; its
 ``scaling_factor`` is set to 1 / std of the posterior means on the training clips, so that the scaled
 latents have unit std as every SVD noise level assumes. The image
 encoder is the toy CLIP preset with fixed random weights (seed ``--seed``): a random projection of the
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-frames", type=int, default=14, help="the random UNet's num_frames (the videos' length)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument(
+        "--kl-weight", type=float, default=1e-6, help="KL weight per latent element (SD's VAE: 1e-6)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="the synthetic dataset's seed (the trainer's data.seed)")
     p.add_argument("--eval-clips", type=int, default=32)
