@@ -3,6 +3,7 @@ an input path is refused before anything is written, with or without ``--overwri
 resolved first). Every command that writes a folder checks it here.
 
     problem = output_overlaps("--out", out, {"--src": src})   # None, or the message to raise
+    problem = folder_problem("--workdir", workdir)              # a file, or not writable
 """
 
 from __future__ import annotations
@@ -38,4 +39,16 @@ def output_overlaps(
             f"{out_flag} {out} {how} {flag} {path} ({o} vs {i}): an output must not overlap an input, "
             f"with or without --overwrite (nothing was written); choose another {out_flag}"
         )
+    return None
+
+
+def folder_problem(flag: str, path: str | os.PathLike) -> str | None:
+    """The message if ``path`` cannot be a command's output folder (it is a file, or neither it nor its
+    nearest existing parent can be written), else None: checked before any work."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return f"{flag} {p}: exists and is not a folder"
+    probe = p if p.exists() else next(q for q in p.parents if q.exists())
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        return f"{flag} {p}: {probe} is not a writable folder"
     return None

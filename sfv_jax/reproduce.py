@@ -34,7 +34,7 @@ from sfv_jax.configs import toy_sfv
 from sfv_jax.data import video_io
 from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps
 from sfv_jax.training import export, trainer
 from sfv_jax.training.run_config import ConfigError
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return console.fail(f"--steps={args.steps}: must be >= 1")
     if not (teacher / "model_index.json").is_file():
         return console.fail(f"--teacher {teacher}: not a pipeline folder (no model_index.json)")
-    if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}):
+    if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}) or folder_problem("--workdir", workdir):
         return console.fail(problem)
     command = "python -m sfv_jax.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()

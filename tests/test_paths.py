@@ -98,3 +98,26 @@ def test_encode_dataset_output_stays_out_of_its_dataset(tmp_path):
         encode_dataset(config, tmp_path / "clips" / "latents")
     assert not (tmp_path / "clips").exists()
     assert json.dumps(config.to_dict())  # untouched config
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """--workdir naming a file: every command that writes a work folder says so (issue 19: a traceback)."""
+    from sfv_jax import reproduce
+    from sfv_jax.paths import folder_problem
+    from sfv_jax.tools import toy_world
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert folder_problem("--workdir", afile) == f"--workdir {afile}: exists and is not a folder"
+    assert folder_problem("--workdir", tmp_path / "new" / "deeper") is None
+    assert toy_world.main(["--workdir", str(afile), "--out", str(tmp_path / "out")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model_index.json").write_text("{}")
+    assert reproduce.main(["--workdir", str(afile), "--teacher", str(teacher)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    config = eval_tiny.get_config()
+    with pytest.raises(runner.EvalConfigError, match="exists and is not a folder"):
+        runner.evaluate(config, afile)
+    assert afile.read_text() == "keep me" and not (tmp_path / "out").exists()

@@ -43,7 +43,7 @@ from sfv_jax.checkpoint import pretrained
 from sfv_jax.diffusion import edm
 from sfv_jax.evaluation import protocol
 from sfv_jax.evaluation.fvd import FEATURE_DIM, FeatureStats, I3DFeatures, fvd_from_stats
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps
 
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode", "resize", "i3d")
 
@@ -212,7 +212,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
         "--config.data.path": config.data.path,
         "--config.data.tfds_data_dir": config.data.tfds_data_dir,
     }
-    if problem := output_overlaps("--workdir", workdir, inputs):
+    if problem := output_overlaps("--workdir", workdir, inputs) or folder_problem("--workdir", workdir):
         raise EvalConfigError(problem)
     table_rows = rows(config)
     for flag in ("num_videos", "chunk_size", "batch_size", "i3d_batch_size"):

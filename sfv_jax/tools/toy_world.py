@@ -36,7 +36,7 @@ from sfv_jax.console import fail
 from sfv_jax.data import video_metrics
 from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
 from sfv_jax.models import build, presets
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps
 from sfv_jax.training import vae_objective
 
 HELD_OUT_SEED = 1_000_003  # the synthetic dataset seed of the held-out clips (training uses --data-seed)
@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-frames", type=int, default=14, help="the random UNet's num_frames (the videos' length)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument(
-        "--kl-weight", type=float, default=1e-6, help="KL weight per latent element (SD's VAE: 1e-6)"
-    )
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight per latent element (SD's VAE: 1e-6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0, help="the synthetic dataset's seed (the trainer's data.seed)")
     p.add_argument("--eval-clips", type=int, default=32)
@@ -175,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).absolute()
     if out.exists():
         return fail(f"--out {out}: exists; pass a new folder")
-    if problem := output_overlaps("--out", out, {"--workdir": Path(args.workdir)}):
+    if problem := output_overlaps("--out", out, {"--workdir": Path(args.workdir)}) or folder_problem(
+        "--workdir", args.workdir
+    ):
         return fail(problem)
     for flag in ("steps", "batch", "frames", "unet_frames", "size", "eval_clips", "log_every", "save_every"):
         if getattr(args, flag) < 1:

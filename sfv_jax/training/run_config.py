@@ -14,6 +14,7 @@ from sfv_jax.data import clips
 from sfv_jax.data.sources import KINDS as DATA_KINDS
 from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.build import COMPUTE_DTYPES
+from sfv_jax.paths import folder_problem
 from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import COND_EMBEDDINGS, HEAD_KINDS
@@ -178,11 +179,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Refuse, before anything is written, a ``--workdir`` that is not a usable folder, or one whose
     checkpoints were made with a config that differs from ``config`` outside ``RESUME_SAFE`` (each
     differing key listed)."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir}: exists and is not a folder")
-    probe = workdir if workdir.exists() else next(p for p in workdir.parents if p.exists())
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir}: {probe} is not writable")
+    if problem := folder_problem("--workdir", workdir):
+        raise ConfigError(problem)
     saved_path = workdir / "config.json"
     if not (saved_path.is_file() and _has_checkpoints(workdir)):
         return
