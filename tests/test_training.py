@@ -394,6 +394,48 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and _all_finite(state)
 
 
+@TINY_RUN
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_a_random_moment_then_rerun_matches_the_straight_run(
+    tmp_path, tiny_folder_dataset, straight_run, seed
+):
+    """Fault injection (issue 19 item 7): the straight run's config through the CLI, SIGKILLed at a seeded
+    random moment after its first checkpoint started to be written (so mid-step, mid-save or between);
+    the rerun resumes from a complete checkpoint and ends bitwise where the uninterrupted run ended."""
+    import random
+
+    workdir = tmp_path / "killed"
+    flags = [
+        "--config.total_steps=3",
+        "--config.keep_checkpoints=2",
+        "--config.sample_every_steps=0",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1",
+        "--config.data.kind=folder",
+        f"--config.data.path={tiny_folder_dataset}",
+    ]
+    cmd, env = _main(workdir, *flags)
+    delay = random.Random(seed).uniform(0.0, 4.0)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir()):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        time.sleep(delay)
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(timeout=60)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    mngr = train.checkpoint_manager(workdir)
+    assert mngr.latest_step() == 3
+    final, meta = train.restore(mngr, straight_run[1], 3)
+    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
+        assert _equal(getattr(final, field), getattr(straight_run[1], field)), (seed, delay, field)
+    assert meta["data_position"] == 3 * 2
+
+
 def test_cli_rejects_bad_config(tmp_path):
     cmd, env = _main(tmp_path, "--config.opt.nonfinite=sometimes")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
