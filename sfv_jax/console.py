@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO / WARNING start-up lines
@@ -25,10 +26,28 @@ EXIT_USAGE = 2
 _QUIET = ("/orbax/", "/jax/_src/", "/clu/local", "/clu/platform", "/clu/metric_writers", "/absl/logging")
 
 
+DEBUG_ENV = "SFV_DEBUG"  # set (or --debug on any command line): fail() prints the traceback too
+
+
 def fail(message: object) -> int:
-    """Print ``error: <message>`` to stderr; returns the exit status for bad input (2)."""
+    """Print ``error: <message>`` to stderr; returns the exit status for bad input (2). With ``--debug``
+    (or ``SFV_DEBUG=1``) the traceback of the exception being handled is printed above it."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0") and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def take_debug_flag(argv: list[str]) -> list[str]:
+    """``argv`` without ``--debug``; if it was there, ``SFV_DEBUG=1`` for :func:`fail`."""
+    if "--debug" in argv:
+        os.environ[DEBUG_ENV] = "1"
+    return [a for a in argv if a != "--debug"]
+
+
+def run_main(main: Callable[[list[str]], int]) -> None:
+    """An argparse command's console script: ``--debug`` taken out, then ``sys.exit(main(argv))``."""
+    sys.exit(main(take_debug_flag(sys.argv[1:])))
 
 
 class _QuietLibraries(logging.Filter):
@@ -66,7 +85,7 @@ def run_absl(main: Callable[[list[str]], int]) -> None:
     from absl import app
 
     try:
-        argv = resolve_config_flags(sys.argv)
+        argv = resolve_config_flags(take_debug_flag(sys.argv))
     except configs.ConfigNotFound as e:
         sys.exit(fail(e))
 

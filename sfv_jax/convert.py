@@ -10,7 +10,6 @@ The key mapping and the converted format: :mod:`sfv_jax.checkpoint.convert`.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from sfv_jax import console
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script."""
-    sys.exit(main())
+    console.run_main(main)
 
 
 if __name__ == "__main__":

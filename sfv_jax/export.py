@@ -10,7 +10,6 @@ What is written: :mod:`sfv_jax.training.export`.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sfv_jax import console
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script."""
-    sys.exit(main())
+    console.run_main(main)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script."""
-    sys.exit(main())
+    console.run_main(main)
 
 
 if __name__ == "__main__":

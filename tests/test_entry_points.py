@@ -96,3 +96,22 @@ def test_command_line_mistakes_are_errors_not_tracebacks(tmp_path, flags, messag
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr and "FATAL" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_adds_the_traceback(tmp_path):
+    """--debug (any command) prints the traceback above the error line; without it only the line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "sfv_jax.convert", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("SFV_DEBUG", None)
+    plain = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    debug = subprocess.run([*cmd, "--debug"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and plain.stderr.startswith("error: ")
+    assert "Traceback (most recent call last)" in debug.stderr and "CheckpointError" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 from sfv_jax import console
 from sfv_jax.data.folder import DatasetError, build_folder_dataset
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script."""
-    sys.exit(main())
+    console.run_main(main)
 
 
 if __name__ == "__main__":

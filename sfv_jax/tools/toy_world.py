@@ -31,6 +31,7 @@ import optax
 from flax import linen as nn
 from flax import serialization
 
+from sfv_jax import console
 from sfv_jax.checkpoint import components, convert
 from sfv_jax.console import fail
 from sfv_jax.data import video_metrics
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The console script."""
-    sys.exit(main())
+    console.run_main(main)
 
 
 if __name__ == "__main__":
