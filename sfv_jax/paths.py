@@ -4,12 +4,13 @@ resolved first). Every command that writes a folder checks it here.
 
     problem = output_overlaps("--out", out, {"--src": src})   # None, or the message to raise
     problem = folder_problem("--workdir", workdir)              # a file, or not writable
+    write_atomic(path, lambda tmp: tmp.write_text(text))         # never a half-written file at path
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -52,3 +53,13 @@ def folder_problem(flag: str, path: str | os.PathLike) -> str | None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         return f"{flag} {p}: {probe} is not a writable folder"
     return None
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path

@@ -34,7 +34,7 @@ from sfv_jax.configs import toy_sfv
 from sfv_jax.data import video_io
 from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
-from sfv_jax.paths import folder_problem, output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import export, trainer
 from sfv_jax.training.run_config import ConfigError
 
@@ -42,10 +42,7 @@ GRID_VIDEOS = 4
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None) -> Path:
@@ -67,7 +64,9 @@ def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | N
     return out
 
 
-def evaluate_row(workdir: Path, row: tp.Row, model: Path | None, args, features, real, real_stats) -> dict:
+def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, args, features, real, real_stats) -> dict:
+    """The row's metrics (cached in ``DIR/rows``). ``pipes``: the loaded pipeline of each model folder, shared
+    by its rows (the teacher's six reuse one pipeline and its compiled stages)."""
     path = workdir / "rows" / f"{row.key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -75,8 +74,9 @@ def evaluate_row(workdir: Path, row: tp.Row, model: Path | None, args, features,
     if row.kind == "real":
         videos = tp.reference_clips(args.seed, args.num_videos, held_out=True)
     else:
-        pipe = pretrained.load_pipeline(model, progress=False)
-        videos = tp.generate(pipe, row, real[:, 0], tp.noise_seeds(args.seed, args.num_videos))
+        if model not in pipes:
+            pipes[model] = pretrained.load_pipeline(model, progress=False)
+        videos = tp.generate(pipes[model], row, real[:, 0], tp.noise_seeds(args.seed, args.num_videos))
     result = {
         "name": row.name,
         "steps": row.steps,
@@ -157,19 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             stats_path.parent.mkdir(parents=True, exist_ok=True)
             FeatureStats.of(features(real)).save(stats_path)
         real_stats = FeatureStats.load(stats_path)
-        results = []
+        results, pipes = [], {}
         for row in rows:
             model = teacher if row.kind == "teacher" else None
             if row.kind == "sfv":
                 model = train_run(workdir, row.run, teacher, args.seed, args.steps)
-            results.append(evaluate_row(workdir, row, model, args, features, real, real_stats))
+            results.append(evaluate_row(workdir, row, pipes, model, args, features, real, real_stats))
     except (ConfigError, CheckpointError, video_io.VideoError) as e:
         return console.fail(e)
     wall = time.time() - t0
     report = {"seed": args.seed, "num_videos": args.num_videos, "command": command, "wall_s": round(wall, 1)}
     _write_json(workdir / "report.json", {**report, "rows": results})
-    (workdir / "report.md").write_text(report_markdown(results, args, command, wall))
-    print(report_markdown(results, args, command, wall))
+    text = report_markdown(results, args, command, wall)
+    write_atomic(workdir / "report.md", lambda p: p.write_text(text))
+    print(text)
     print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
     return 0
 

@@ -40,6 +40,7 @@ from sfv_jax.checkpoint.components import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
+    PIPELINE_CLASSES,
     PIPELINE_INDEX,
     Component,
     check_pipeline_folder,
@@ -271,6 +272,20 @@ def save_converted(
             "num_params": int(sum(np.size(x) for x in leaves)),
             "param_dtypes": sorted({str(np.dtype(x.dtype)) for x in leaves}),
         }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def save_converted_pipeline(
+    out: str | os.PathLike, parts: Mapping[str, tuple[Mapping, Mapping, str]], meta: dict, *, overwrite: bool = False
+) -> Path:
+    """Write a pipeline folder of components this project made itself (``parts``: component name ->
+    (params, diffusers config, source)), with the SVD ``model_index.json`` and ``meta``, atomically."""
+    out = Path(out).absolute()
+    with staged_folder(out, overwrite) as tmp:
+        for name, (params, config, source) in parts.items():
+            save_converted(tmp / name, params, config, name, source=source)
+        (tmp / PIPELINE_INDEX).write_text(json.dumps(PIPELINE_CLASSES, indent=2) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

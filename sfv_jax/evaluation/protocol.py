@@ -35,6 +35,7 @@ import numpy as np
 from sfv_jax.data import video_io
 from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
+from sfv_jax.paths import write_atomic
 
 DATA_KEYS = (
     "kind",
@@ -77,15 +78,6 @@ def data_identity(config: ml_collections.ConfigDict) -> dict:
         "num_videos": config.eval.num_videos,
         "seed": config.eval.seed,
     }
-
-
-def write_atomic(path: Path, write: Any) -> Path:
-    """``write(tmp_path)`` then rename onto ``path`` (never a half-written file at ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 @dataclasses.dataclass

@@ -43,7 +43,7 @@ from sfv_jax.checkpoint import pretrained
 from sfv_jax.diffusion import edm
 from sfv_jax.evaluation import protocol
 from sfv_jax.evaluation.fvd import FEATURE_DIM, FeatureStats, I3DFeatures, fvd_from_stats
-from sfv_jax.paths import folder_problem, output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
 
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode", "resize", "i3d")
 
@@ -272,7 +272,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
                     lat["unet_latency_s"],
                     lat["e2e_latency_s"],
                 )
-                protocol.write_atomic(folders[r] / "latency.json", lambda p: p.write_text(json.dumps(lat)))  # noqa: B023 (called at once)
+                write_atomic(folders[r] / "latency.json", lambda p: p.write_text(json.dumps(lat)))  # noqa: B023 (called at once)
             if any(todo.values()):
                 pipe.shard()
             for r in model_rows:
@@ -300,7 +300,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
             result_path = folders[r] / "result.json"
             if main and not result_path.is_file():
                 res = finish_row(config, r, folders[r], reference)
-                protocol.write_atomic(result_path, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
+                write_atomic(result_path, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
             _barrier(f"sfv_eval_{folders[r].name}_result")
             results.append(json.loads(result_path.read_text()))
     if main:
@@ -364,6 +364,6 @@ def write_tables(
             "processes": jax.process_count(),
         },
     }
-    protocol.write_atomic(workdir / "fvd_table.md", lambda p: p.write_text(text))
-    protocol.write_atomic(workdir / "fvd_table.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+    write_atomic(workdir / "fvd_table.md", lambda p: p.write_text(text))
+    write_atomic(workdir / "fvd_table.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
     print(text, flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sfv_jax.data import video_metrics
+from sfv_jax.data import video_io, video_metrics
 from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures, fvd_from_stats
 
@@ -101,8 +101,8 @@ def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batc
     out = []
     for i in range(0, len(images), batch):
         frames = pipe.generate(list(images[i : i + batch]), list(seeds[i : i + batch]), **kw)
-        out.append(np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+        out.extend(video_io.to_uint8(v) for v in frames)
+    return np.stack(out)
 
 
 def row_metrics(videos: np.ndarray, real: np.ndarray, features: I3DFeatures, real_stats: FeatureStats) -> dict:

@@ -18,8 +18,6 @@ Resumable: the VAE's state is saved in ``--workdir`` every ``--save-every`` step
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from sfv_jax.console import fail
 from sfv_jax.data import video_metrics
 from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
 from sfv_jax.models import build, presets
-from sfv_jax.paths import folder_problem, output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import vae_objective
 
 HELD_OUT_SEED = 1_000_003  # the synthetic dataset seed of the held-out clips (training uses --data-seed)
@@ -58,9 +56,8 @@ def to_uint8(video: jax.Array) -> np.ndarray:
 
 
 def _save_state(workdir: Path, state: dict) -> None:
-    tmp = workdir / (STATE_FILE + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(jax.tree.map(np.asarray, state)))
-    os.replace(tmp, workdir / STATE_FILE)
+    data = serialization.to_bytes(jax.tree.map(np.asarray, state))
+    write_atomic(workdir / STATE_FILE, lambda p: p.write_bytes(data))
 
 
 def _log(message: str) -> None:
@@ -136,20 +133,13 @@ def write_pipeline(out: Path, vae_cfg: dict, vae_params: dict, seed: int, frames
     clip_cfg = dict(presets.IMAGE_ENCODERS["toy"])
     unet, clip = build.unet_from_config(unet_cfg), build.image_encoder_from_config(clip_cfg)
     k_unet, k_clip = jax.random.split(jax.random.PRNGKey(seed))
-    with convert.staged_folder(out, overwrite=False) as tmp:
-        for name, model, key, cfg in (("unet", unet, k_unet, unet_cfg), ("image_encoder", clip, k_clip, clip_cfg)):
-            params = nn.meta.unbox(model.init(key, *build.init_args(model))["params"])
-            convert.save_converted(tmp / name, params, cfg, name, source=f"random init, seed {seed}")
-        convert.save_converted(tmp / "vae", vae_params, vae_cfg, "vae", source=meta["command"])
-        (tmp / components.PIPELINE_INDEX).write_text(json.dumps(components.PIPELINE_CLASSES, indent=2) + "\n")
-        (tmp / components.META_FILE).write_text(
-            json.dumps(
-                {"format": components.FORMAT, "version": components.FORMAT_VERSION, "component": "pipeline", **meta},
-                indent=2,
-            )
-            + "\n"
-        )
-    return out
+    parts = {
+        name: (nn.meta.unbox(model.init(key, *build.init_args(model))["params"]), cfg, f"random init, seed {seed}")
+        for name, model, key, cfg in (("unet", unet, k_unet, unet_cfg), ("image_encoder", clip, k_clip, clip_cfg))
+    }
+    parts["vae"] = (vae_params, vae_cfg, meta["command"])
+    pipeline_meta = {"format": components.FORMAT, "version": components.FORMAT_VERSION, "component": "pipeline"}
+    return convert.save_converted_pipeline(out, parts, {**pipeline_meta, **meta})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,16 +97,9 @@ def export_run(
     _, vae_params, clip_params, _, _ = train.init_params(
         config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed)
     )
-    with convert.staged_folder(Path(out), overwrite) as tmp:
-        convert.save_converted(tmp / "unet", params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step}")
-        convert.save_converted(tmp / "vae", vae_params, config.model.vae.to_dict(), "vae", source="random init")
-        convert.save_converted(
-            tmp / "image_encoder",
-            clip_params,
-            config.model.image_encoder.to_dict(),
-            "image_encoder",
-            source="random init",
-        )
-        (tmp / components.PIPELINE_INDEX).write_text(json.dumps(components.PIPELINE_CLASSES, indent=2) + "\n")
-        (tmp / components.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out).absolute()
+    parts = {
+        "unet": (params, unet_cfg, f"{workdir.absolute()} step {step}"),
+        "vae": (vae_params, config.model.vae.to_dict(), "random init"),
+        "image_encoder": (clip_params, config.model.image_encoder.to_dict(), "random init"),
+    }
+    return convert.save_converted_pipeline(out, parts, meta, overwrite=overwrite)

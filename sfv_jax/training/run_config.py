@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +160,6 @@ def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
         for k in keys
         if not k.startswith(RESUME_SAFE) and old.get(k, missing) != new.get(k, missing)
     ]
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _has_checkpoints(workdir: Path) -> bool:

@@ -59,6 +59,7 @@ from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
+from sfv_jax.paths import write_atomic
 from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
 
@@ -80,7 +81,6 @@ from sfv_jax.training.run_config import (
     check_workdir,
     config_get,
     flat_hparams,
-    write_atomic_text,
 )
 
 __all__ = [
@@ -208,7 +208,8 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     if lead:
-        write_atomic_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+        text = config.to_json_best_effort(indent=2) + "\n"
+        write_atomic(workdir / "config.json", lambda p: p.write_text(text))
     # ------------------------------------------------------------------ logging
     # TensorBoard events only (process 0); the console gets one readable line per log step (below)
     writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))] if lead else [])
