@@ -2,6 +2,7 @@
 
   sfv-export --workdir runs/sfv_svd --out checkpoints/sfv                          # EMA, latest step
   sfv-export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
+  sfv-export --workdir runs/toy_teacher --out toy_teacher --dtype bfloat16        # half the bytes
   sfv-sample --model checkpoints/sfv --image cat.png --out cat.mp4                 # one step
 
 What is written: :mod:`sfv_jax.training.export`.
@@ -13,6 +14,7 @@ import argparse
 
 from sfv_jax import console
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.models.build import DTYPES
 from sfv_jax.training.export import WEIGHTS, export_run
 
 
@@ -23,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw generator weights")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="store every component's weights in this dtype"
+    )
     args = p.parse_args(argv)
     try:
-        out = export_run(args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite)
+        out = export_run(
+            args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite, dtype=args.dtype
+        )
     except (CheckpointError, FileNotFoundError) as e:
         return console.fail(e)
     print(f"exported {args.weights} weights of {args.workdir} to {out}")

@@ -310,3 +310,26 @@ def test_synthetic_detail_scales_the_texture_only():
     np.testing.assert_array_equal(clips, np.stack([synthetic_clip(0, i, 4, 32, 32, 1.0) for i in range(4)]))
     smooth = np.stack([synthetic_clip(0, i, 4, 32, 32, TOY_DETAIL) for i in range(4)])
     assert video_metrics.sharpness(smooth) < 0.7 * video_metrics.sharpness(clips)  # measured 0.53 (edges stay)
+
+
+def test_synthetic_mean_colour_shifts_each_clip_only():
+    """data.synthetic_mean_colour (the toy world's 0.4): each clip's mean colour per channel becomes that
+    value, by one shift per clip and channel (the same pixels up to rounding and clipping); None is the
+    dataset as drawn. The trainer's source passes it through."""
+    from sfv_jax.data.sources import ClipSource
+    from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR, synthetic_clip
+
+    drawn = np.stack([synthetic_clip(3, i, 6, 32, 32, TOY_DETAIL) for i in range(6)]).astype(np.float64)
+    shifted = np.stack([synthetic_clip(3, i, 6, 32, 32, TOY_DETAIL, TOY_MEAN_COLOUR) for i in range(6)])
+    np.testing.assert_allclose(shifted.mean(axis=(1, 2, 3)) / 255, TOY_MEAN_COLOUR, atol=2e-3)
+    assert np.ptp(drawn.mean(axis=(1, 2, 3)), axis=0).min() > 10  # as drawn they differ (measured >= 13)
+    inside = (shifted > 0) & (shifted < 255)
+    delta = shifted.astype(np.float64) - drawn  # per clip and channel one constant, +-1 of rounding
+    for i in range(6):
+        for c in range(3):
+            d = delta[i][..., c][inside[i][..., c]]
+            assert np.ptp(d) <= 2, (i, c, np.ptp(d))
+    config = _config(kind="synthetic", height=32, width=32, num_frames=6, synthetic_detail=TOY_DETAIL)
+    config.data.synthetic_mean_colour = TOY_MEAN_COLOUR
+    want = synthetic_clip(config.seed, 5, 6, 32, 32, TOY_DETAIL, TOY_MEAN_COLOUR)
+    np.testing.assert_array_equal(ClipSource(config).example(5)["frames"], want)

@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"  # "synthetic" | "folder" | "latents" | "ucf101" (sfv_jax.data.sources)
     c.data.synthetic_detail = 1.0  # kind=synthetic: the background gratings' frequency scale (toy world: 0.35)
+    # kind=synthetic: each clip's mean colour per channel, in [0, 1] (None: as drawn; toy world: 0.4)
+    c.data.synthetic_mean_colour = ml_collections.FieldReference(None, field_type=float)
     c.data.path = ml_collections.FieldReference(None, field_type=str)  # folder / latents dataset folder
     c.data.split = "train"
     c.data.tfds_name = "ucf101"  # kind=ucf101: any TFDS video dataset with a "video" feature works

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from sfv_jax.configs import tiny
-from sfv_jax.data.synthetic import TOY_DETAIL
+from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.unet = c.model.vae = c.model.image_encoder = None
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
     c.data.synthetic_detail = TOY_DETAIL
+    c.data.synthetic_mean_colour = TOY_MEAN_COLOUR
     c.data.micro_batch = 4
     c.data.accum_steps = 1
     c.sample.height, c.sample.width = 32, 32

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from sfv_jax.configs import svd_finetune, tiny
-from sfv_jax.data.synthetic import TOY_DETAIL
+from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.unet["num_frames"] = 14
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
     c.data.synthetic_detail = TOY_DETAIL  # the toy VAE's data: gratings its 8x8 latents can hold
+    c.data.synthetic_mean_colour = TOY_MEAN_COLOUR
     c.data.micro_batch = 8
     c.data.accum_steps = 1
     c.sample.height, c.sample.width = 32, 32

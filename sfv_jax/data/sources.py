@@ -133,7 +133,13 @@ class ClipSource:
         position = int(position)
         if self.kind == "synthetic":
             frames = synthetic_clip(
-                self.config.seed, position, self.num_frames, self.height, self.width, self.config.data.synthetic_detail
+                self.config.seed,
+                position,
+                self.num_frames,
+                self.height,
+                self.width,
+                self.config.data.synthetic_detail,
+                self.config.data.synthetic_mean_colour,
             )
             return {"frames": frames, "motion_score": clips.motion_score(frames), "record": position}
         n = len(self.records)
@@ -189,6 +195,7 @@ class ClipSource:
                 self.height,
                 self.width,
                 self.config.data.synthetic_detail,
+                self.config.data.synthetic_mean_colour,
             )
         if self.kind == "latents":
             return None

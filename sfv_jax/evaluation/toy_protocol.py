@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sfv_jax.data import video_io, video_metrics
-from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
+from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR, synthetic_clip
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures, fvd_from_stats
 
 REFERENCE_SEED = 2_000_003
@@ -84,7 +84,7 @@ def select_rows(names: Sequence[str] | None) -> list[Row]:
 def reference_clips(seed: int, n: int, *, held_out: bool = False) -> np.ndarray:
     """uint8 [n, FRAMES, SIZE, SIZE, 3]: the reference clips (``held_out``: the second, independent set)."""
     base = (HELD_OUT_SEED if held_out else REFERENCE_SEED) + seed
-    return np.stack([synthetic_clip(base, i, FRAMES, SIZE, SIZE, TOY_DETAIL) for i in range(n)])
+    return np.stack([synthetic_clip(base, i, FRAMES, SIZE, SIZE, TOY_DETAIL, TOY_MEAN_COLOUR) for i in range(n)])
 
 
 def noise_seeds(seed: int, n: int) -> list[int]:

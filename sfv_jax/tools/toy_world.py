@@ -33,8 +33,9 @@ from sfv_jax import console
 from sfv_jax.checkpoint import components, convert
 from sfv_jax.console import fail
 from sfv_jax.data import video_metrics
-from sfv_jax.data.synthetic import TOY_DETAIL, synthetic_clip
+from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR, synthetic_clip
 from sfv_jax.models import build, presets
+from sfv_jax.models.build import DTYPES
 from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import vae_objective
 
@@ -42,9 +43,11 @@ HELD_OUT_SEED = 1_000_003  # the synthetic dataset seed of the held-out clips (t
 STATE_FILE = "vae_state.msgpack"
 
 
-def clips(seed: int, start: int, n: int, frames: int, size: int, detail: float = TOY_DETAIL) -> np.ndarray:
-    """Synthetic clips start..start+n-1 of dataset ``seed``: uint8 [n, frames, size, size, 3]."""
-    return np.stack([synthetic_clip(seed, i, frames, size, size, detail) for i in range(start, start + n)])
+def clips(seed: int, start: int, n: int, frames: int, size: int) -> np.ndarray:
+    """The toy world's synthetic clips start..start+n-1 of dataset ``seed``: uint8 [n, frames, size, size, 3]."""
+    return np.stack(
+        [synthetic_clip(seed, i, frames, size, size, TOY_DETAIL, TOY_MEAN_COLOUR) for i in range(start, start + n)]
+    )
 
 
 def to_model(video: np.ndarray) -> jax.Array:
@@ -106,6 +109,8 @@ def train_vae(args: argparse.Namespace, log=_log) -> tuple[dict, dict, dict]:
             _save_state(workdir, {"step": np.int64(s + 1), "params": params, "opt": opt})
     _save_state(workdir, {"step": np.int64(args.steps), "params": params, "opt": opt})
 
+    # what is shipped is measured: the weights as stored (--dtype), read back as float32
+    params = jax.tree.map(lambda x: jnp.asarray(x).astype(DTYPES[args.dtype]).astype(jnp.float32), params)
     recon_fn = jax.jit(lambda p, v: vae_objective.reconstruct(vae, p, v))
     std_fn = jax.jit(lambda p, v: vae_objective.latent_std(vae, p, v))
     train_clips = clips(args.data_seed, 0, args.eval_clips, args.frames, args.size)
@@ -127,9 +132,12 @@ def train_vae(args: argparse.Namespace, log=_log) -> tuple[dict, dict, dict]:
     return cfg, params, report
 
 
-def write_pipeline(out: Path, vae_cfg: dict, vae_params: dict, seed: int, frames: int, meta: dict) -> Path:
-    """The pipeline folder: the trained VAE, the fixed random toy image encoder and a random toy UNet."""
-    unet_cfg = {**presets.UNETS["toy"], "num_frames": frames}
+def write_pipeline(
+    out: Path, vae_cfg: dict, vae_params: dict, seed: int, frames: int, meta: dict, dtype: str = "float32"
+) -> Path:
+    """The pipeline folder: the trained VAE, the fixed random toy image encoder and a random toy UNet, each
+    stored in ``dtype``."""
+    unet_cfg = {**presets.UNETS["toy32"], "num_frames": frames}
     clip_cfg = dict(presets.IMAGE_ENCODERS["toy"])
     unet, clip = build.unet_from_config(unet_cfg), build.image_encoder_from_config(clip_cfg)
     k_unet, k_clip = jax.random.split(jax.random.PRNGKey(seed))
@@ -138,6 +146,7 @@ def write_pipeline(out: Path, vae_cfg: dict, vae_params: dict, seed: int, frames
         for name, model, key, cfg in (("unet", unet, k_unet, unet_cfg), ("image_encoder", clip, k_clip, clip_cfg))
     }
     parts["vae"] = (vae_params, vae_cfg, meta["command"])
+    parts = {k: (jax.tree.map(lambda x: x.astype(DTYPES[dtype]), p), c, src) for k, (p, c, src) in parts.items()}
     pipeline_meta = {"format": components.FORMAT, "version": components.FORMAT_VERSION, "component": "pipeline"}
     return convert.save_converted_pipeline(out, parts, {**pipeline_meta, **meta})
 
@@ -156,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight per latent element (SD's VAE: 1e-6)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="the stored weights' dtype (bfloat16: the shipped toy teacher fits its 20 MB); the VAE's scaling "
+        "factor and PSNR are measured with the weights as stored",
+    )
     p.add_argument("--data-seed", type=int, default=0, help="the synthetic dataset's seed (the trainer's data.seed)")
     p.add_argument("--eval-clips", type=int, default=32)
     p.add_argument("--log-every", type=int, default=50)
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_cfg, vae_params, report = train_vae(args)
     command = "python -m sfv_jax.tools.toy_world " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "seed": args.seed, "vae": report, "wall_time_s": round(time.time() - t0, 1)}
-    write_pipeline(out, vae_cfg, vae_params, args.seed, args.unet_frames, meta)
+    write_pipeline(out, vae_cfg, vae_params, args.seed, args.unet_frames, meta, args.dtype)
     print(f"wrote {out} ({meta['wall_time_s']:.0f} s)")
     return 0
 

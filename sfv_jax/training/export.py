@@ -7,8 +7,10 @@
 
 The UNet is the run's EMA generator (``--weights ema``, the paper's) or its raw generator weights; the
 VAE and image encoder are those the run was trained with: copied from ``init_from`` (converted first if
-it is a diffusers folder), or, for a randomly initialised run, re-created from its config and seed. The
-output is staged and renamed into place: an interrupted export leaves nothing at ``--out``.
+it is a diffusers folder), or, for a randomly initialised run, re-created from its config and seed.
+``dtype`` (``--dtype bfloat16``): every component's parameters are stored in that dtype (half the folder;
+the loaders cast to their ``param_dtype``); by default each is written as it is. The output is staged and
+renamed into place: an interrupted export leaves nothing at ``--out``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from sfv_jax.checkpoint import components, convert
+from sfv_jax.checkpoint import components, convert, pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
+from sfv_jax.models.build import DTYPES
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import output_overlaps
 from sfv_jax.training import trainer as train
@@ -63,10 +66,22 @@ def trained_unet(
     return unet_cfg, state.unet_params(weights), int(meta["step"])  # frozen parameters included
 
 
+def _cast(params: dict, dtype: str | None) -> dict:
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+
+
 def export_run(
-    workdir: str | Path, out: str | Path, *, weights: str = "ema", step: int | None = None, overwrite: bool = False
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    weights: str = "ema",
+    step: int | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
 ) -> Path:
-    """Write the pipeline folder; returns its path."""
+    """Write the pipeline folder; returns its path. ``dtype``: a key of ``models.build.DTYPES`` or None."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
     workdir = Path(workdir)
     config = run_config(workdir)
     if problem := output_overlaps("--out", out, {"--workdir": workdir, "the run's init_from": config.init_from}):
@@ -84,11 +99,17 @@ def export_run(
 
     def write(comp: components.Component, dest: Path) -> None:
         if comp.name == "unet":
-            convert.save_converted(dest, params, unet_cfg, "unet", source=f"{workdir.absolute()} step {step} {weights}")
-        elif components.is_converted(src / comp.subfolder):
+            source = f"{workdir.absolute()} step {step} {weights}"
+            convert.save_converted(dest, _cast(params, dtype), unet_cfg, "unet", source=source)
+        elif not components.is_converted(src / comp.subfolder):
+            kw = {} if dtype is None else {"dtype": DTYPES[dtype]}
+            convert.convert_folder(src / comp.subfolder, dest, component=comp.name, progress=False, **kw)
+        elif dtype is None:
             shutil.copytree(src / comp.subfolder, dest)
         else:
-            convert.convert_folder(src / comp.subfolder, dest, component=comp.name)
+            _, comp_params = pretrained.load(comp.name, src, param_dtype=DTYPES[dtype], progress=False)
+            cfg = components.read_config(src / comp.subfolder)
+            convert.save_converted(dest, comp_params, cfg, comp.name, source=f"{src / comp.subfolder} as {dtype}")
 
     if src is not None:
         return convert.write_pipeline(src, Path(out), overwrite, write, meta)
@@ -98,8 +119,8 @@ def export_run(
         config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed)
     )
     parts = {
-        "unet": (params, unet_cfg, f"{workdir.absolute()} step {step}"),
-        "vae": (vae_params, config.model.vae.to_dict(), "random init"),
-        "image_encoder": (clip_params, config.model.image_encoder.to_dict(), "random init"),
+        "unet": (_cast(params, dtype), unet_cfg, f"{workdir.absolute()} step {step}"),
+        "vae": (_cast(vae_params, dtype), config.model.vae.to_dict(), "random init"),
+        "image_encoder": (_cast(clip_params, dtype), config.model.image_encoder.to_dict(), "random init"),
     }
     return convert.save_converted_pipeline(out, parts, meta, overwrite=overwrite)
