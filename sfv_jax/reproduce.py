@@ -1,10 +1,14 @@
 """The toy-scale reproduction of the paper's Tables 1-3 (issue 17): distil SF-V from a toy teacher,
 evaluate every row and write a report.
 
-    python -m sfv_jax.reproduce --workdir DIR --teacher runs/toy_teacher_export [--seed S] [--num-videos N]
-        [--rows real,teacher,sfv,...] [--steps K] [--quick]
+    python -m sfv_jax.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--num-videos N]
+        [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
 
-Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``teacher`` at
+The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``). ``--demo`` is the
+README's main job: rows real, vae, teacher 1 and 25 steps, SF-V 1 step, 32 videos, a short SF-V run.
+
+Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that
+set through the teacher's VAE: the floor of every generated row), ``teacher`` at
 1, 2, 4, 8, 16, 25 Euler steps with guidance 1 -> 3, ``sfv`` at 1, 2, 3 steps, and the ablations at one
 step: ``sfv_spatial`` / ``sfv_temporal`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` /
 ``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term), ``sfv_adv_only``
@@ -14,18 +18,23 @@ iterations (default the config's), trained in ``DIR/train/<run>`` and exported t
 
 Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "num_videos", "rows": [{"name", "steps",
 "fvd", "motion", "sharpness", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
-one per grid row). Resumable: training runs resume from their checkpoints, finished exports and rows
-(``DIR/rows/<row>.json``) are kept, so a killed run recomputes only what is missing. ``--quick``: a
+one per grid row), and, once teacher 1 / 25 steps and SF-V 1 step are evaluated, ``DIR/side_by_side.mp4``
+and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos).
+Resumable: training runs resume from their checkpoints, finished exports and rows (``DIR/rows/<row>.json``,
+the first videos in ``<row>.npy``) are kept, so a killed run recomputes only what is missing. ``--quick``: a
 smoke-sized run (8 videos, 4 training steps) that checks the machinery, not the method.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from sfv_jax import console
 from sfv_jax.checkpoint import pretrained
@@ -39,6 +48,8 @@ from sfv_jax.training import export, trainer
 from sfv_jax.training.run_config import ConfigError
 
 GRID_VIDEOS = 4
+SIDE_BY_SIDE = (("teacher", 1), ("teacher", 25), ("sfv", 1))  # after the conditioning frame
+DEMO = {"rows": "real,vae,teacher_1,teacher_25,sfv_1", "num_videos": 32, "steps": 150}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -71,11 +82,13 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
     if path.is_file():
         return json.loads(path.read_text())
     t0 = time.time()
-    if row.kind == "real":
+    if model is not None and model not in pipes:
+        pipes[model] = pretrained.load_pipeline(model, progress=False)
+    if row.kind in ("real", "vae"):
         videos = tp.reference_clips(args.seed, args.num_videos, held_out=True)
+        if row.kind == "vae":
+            videos = tp.reconstruct(pipes[model], videos)
     else:
-        if model not in pipes:
-            pipes[model] = pretrained.load_pipeline(model, progress=False)
         videos = tp.generate(pipes[model], row, real[:, 0], tp.noise_seeds(args.seed, args.num_videos))
     result = {
         "name": row.name,
@@ -83,11 +96,14 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
         "run": row.run,
         **tp.row_metrics(videos, real, features, real_stats),
     }
-    if row.kind == "real":
+    if row.kind in ("real", "vae"):
         result["frame0_psnr"] = None  # other clips: no conditioning frame to compare with
     result["wall_s"] = round(time.time() - t0, 1)
     grid = video_io.frame_grid(list(videos[:GRID_VIDEOS]))
     video_io.write_video(workdir / "grids" / f"{row.key}.png", grid[None])
+    buf = io.BytesIO()
+    np.save(buf, videos[:GRID_VIDEOS])
+    write_atomic(workdir / "rows" / f"{row.key}.npy", lambda p: p.write_bytes(buf.getvalue()))
     _write_json(path, result)
     print(
         f"[reproduce] {row.key}: FVD {result['fvd']:.1f}, motion {result['motion']:.3f}, sharpness "
@@ -95,6 +111,17 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
         flush=True,
     )
     return result
+
+
+def side_by_side(workdir: Path, real) -> list[Path]:
+    """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows (4x
+    upscaled); [] while one of them is missing."""
+    paths = [workdir / "rows" / f"{name}_{steps}.npy" for name, steps in SIDE_BY_SIDE]
+    if not all(p.is_file() for p in paths):
+        return []
+    cond = real[:GRID_VIDEOS, :1]  # the conditioning frames, as 1-frame videos
+    grid = video_io.video_grid([cond, *(np.load(p) for p in paths)], scale=4)
+    return [video_io.write_video(workdir / f"side_by_side{ext}", grid, fps=tp.FPS) for ext in (".mp4", ".gif")]
 
 
 def report_markdown(results: list[dict], args, command: str, wall_s: float) -> str:
@@ -125,15 +152,32 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workdir", required=True)
-    p.add_argument("--teacher", required=True, help="the toy teacher's pipeline folder (an export of toy_teacher)")
+    p.add_argument(
+        "--teacher",
+        default=str(tp.TOY_TEACHER),
+        help="the toy teacher's pipeline folder (an export of configs/toy_teacher.py; default: the shipped one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-videos", type=int, default=256)
     p.add_argument("--rows", default=None, help="comma-separated row names or name_steps (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each SF-V run (default: toy_sfv's)")
-    p.add_argument("--quick", action="store_true", help="smoke size: 8 videos, 4 training steps")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke size: 8 videos, 4 training steps")
+    size.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"the main job: rows {DEMO['rows']}, {DEMO['num_videos']} videos, {DEMO['steps']} SF-V steps "
+        "(each unless given)",
+    )
+    given = set(argv if argv is not None else sys.argv[1:])
     args = p.parse_args(argv)
     if args.quick:
         args.num_videos, args.steps = min(args.num_videos, 8), args.steps or 4
+    if args.demo:
+        args.rows = args.rows or DEMO["rows"]
+        args.steps = args.steps or DEMO["steps"]
+        if "--num-videos" not in given and not any(a.startswith("--num-videos=") for a in given):
+            args.num_videos = DEMO["num_videos"]
     workdir, teacher = Path(args.workdir).absolute(), Path(args.teacher)
     try:
         rows = tp.select_rows(args.rows.split(",") if args.rows else None)
@@ -159,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         real_stats = FeatureStats.load(stats_path)
         results, pipes = [], {}
         for row in rows:
-            model = teacher if row.kind == "teacher" else None
+            model = teacher if row.kind in ("teacher", "vae") else None
             if row.kind == "sfv":
                 model = train_run(workdir, row.run, teacher, args.seed, args.steps)
             results.append(evaluate_row(workdir, row, pipes, model, args, features, real, real_stats))
@@ -170,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     _write_json(workdir / "report.json", {**report, "rows": results})
     text = report_markdown(results, args, command, wall)
     write_atomic(workdir / "report.md", lambda p: p.write_text(text))
+    videos = side_by_side(workdir, real)
     print(text)
     print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
+    if videos:
+        print(f"[reproduce] side by side (conditioning | teacher 1 step | teacher 25 steps | SF-V 1 step): {videos[0]}")
     return 0
 
 

@@ -15,7 +15,7 @@ from sfv_jax.evaluation import toy_protocol as tp
 
 def test_rows_and_selection():
     keys = [r.key for r in tp.all_rows()]
-    assert keys[:7] == ["real", *(f"teacher_{s}" for s in tp.TEACHER_STEPS)]
+    assert keys[:8] == ["real", "vae", *(f"teacher_{s}" for s in tp.TEACHER_STEPS)]
     assert {"sfv_1", "sfv_2", "sfv_3", "sfv_spatial_1", "sfv_temporal_1", "sfv_recon_only_1"} <= set(keys)
     assert [r.key for r in tp.select_rows(["teacher_25", "sfv"])] == ["teacher_25", "sfv_1", "sfv_2", "sfv_3"]
     assert all(r.run in tp.RUNS for r in tp.all_rows() if r.kind == "sfv")

@@ -233,3 +233,22 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
     for fn in (read_video, video_info):
         with pytest.raises(VideoError, match=r"a\.m4a: the file has no video stream"):
             fn(path)
+
+
+def test_video_grid_places_each_video_and_repeats_stills(tmp_path):
+    """video_grid: cell (r, c) is column c's video r, scaled by nearest neighbour; a 1-frame column (the
+    conditioning image) is shown on every frame; white gaps; mismatched columns are an error."""
+    rng = np.random.default_rng(0)
+    still = rng.integers(0, 256, (2, 1, 4, 5, 3), dtype=np.uint8)
+    video = rng.integers(0, 256, (2, 3, 4, 5, 3), dtype=np.uint8)
+    grid = video_io.video_grid([still, video], gap=1, scale=2)
+    assert grid.shape == (3, 2 * 8 + 1, 2 * 10 + 1, 3)
+    for t in range(3):
+        for r in range(2):
+            top = r * 9
+            np.testing.assert_array_equal(grid[t, top : top + 8 : 2, 0:10:2], still[r, 0])
+            np.testing.assert_array_equal(grid[t, top + 1 : top + 8 : 2, 11:21:2], video[r, t])
+    assert (grid[:, 8] == 255).all() and (grid[:, :, 10] == 255).all()
+    assert video_io.write_video(tmp_path / "g.gif", grid).is_file()
+    with pytest.raises(video_io.VideoError, match="video_grid"):
+        video_io.video_grid([still, video[:, :2, :3]])

@@ -145,6 +145,25 @@ def frame_grid(videos: Any, *, gap: int = 1) -> np.ndarray:
     return out
 
 
+def video_grid(columns: Any, *, gap: int = 2, scale: int = 1) -> np.ndarray:
+    """Side-by-side videos: ``columns`` [C][R, F, H, W, 3] (float ``[0, 1]`` or uint8; a still image is a
+    video of one frame, repeated) -> uint8 frames ``[F, R * h + (R - 1) * gap, C * w + (C - 1) * gap, 3]``
+    with ``h, w = H * scale, W * scale`` (nearest-neighbour): cell (r, c) shows column c's video r, the
+    gaps are white. ``write_video(path.mp4 | path.gif, grid)`` saves it."""
+    cols = [np.stack([to_uint8(v) for v in col]) for col in columns]
+    r, f = cols[0].shape[0], max(c.shape[1] for c in cols)
+    if any(c.shape[0] != r or c.shape[2:] != cols[0].shape[2:] or c.shape[1] not in (1, f) for c in cols):
+        shapes = [c.shape for c in cols]
+        raise VideoError(f"video_grid: columns of R videos of one size and 1 or F frames, got {shapes}")
+    h, w = cols[0].shape[2] * scale, cols[0].shape[3] * scale
+    out = np.full((f, r * h + (r - 1) * gap, len(cols) * w + (len(cols) - 1) * gap, 3), 255, np.uint8)
+    for j, col in enumerate(cols):
+        big = col.repeat(scale, axis=2).repeat(scale, axis=3)
+        for i in range(r):
+            out[:, i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = big[i]
+    return out
+
+
 def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB ``[H, W, 3]`` (H, W even) -> yuv420p planes Y, U, V flattened into ``[3 * H // 2, W]``.
 

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sfv_jax.data import video_io, video_metrics
 from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR, synthetic_clip
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures, fvd_from_stats
 
+# the shipped toy teacher (assets/toy_teacher/README.md: how it was made); the reproduction's default
+TOY_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "toy_teacher"
 REFERENCE_SEED = 2_000_003
 HELD_OUT_SEED = 3_000_017
 SIZE, FRAMES, FPS = 32, 14, 7
@@ -49,7 +54,8 @@ RUNS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One line of the report: ``kind`` "real" | "teacher" | "sfv", the SF-V ``run`` (RUNS) it samples."""
+    """One line of the report: ``kind`` "real" | "vae" | "teacher" | "sfv", the SF-V ``run`` (RUNS) it
+    samples. "vae": the held-out real clips through the teacher's VAE, the floor of every generated row."""
 
     name: str
     kind: str
@@ -58,11 +64,11 @@ class Row:
 
     @property
     def key(self) -> str:
-        return f"{self.name}_{self.steps}" if self.kind != "real" else "real"
+        return f"{self.name}_{self.steps}" if self.kind not in ("real", "vae") else self.name
 
 
 def all_rows() -> list[Row]:
-    rows = [Row("real", "real", 0)]
+    rows = [Row("real", "real", 0), Row("vae", "vae", 0)]
     rows += [Row("teacher", "teacher", s) for s in TEACHER_STEPS]
     rows += [Row("sfv", "sfv", s, "sfv") for s in SFV_STEPS]
     rows += [Row(name, "sfv", 1, name) for name in RUNS if name != "sfv"]
@@ -102,6 +108,24 @@ def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batc
     for i in range(0, len(images), batch):
         frames = pipe.generate(list(images[i : i + batch]), list(seeds[i : i + batch]), **kw)
         out.extend(video_io.to_uint8(v) for v in frames)
+    return np.stack(out)
+
+
+def reconstruct(pipe: Any, videos: np.ndarray, batch: int = 8) -> np.ndarray:
+    """uint8 videos -> the same through ``pipe``'s VAE (each frame encoded to its posterior mean, the clip
+    decoded by the temporal decoder), as every generated row's frames are decoded."""
+    vae = pipe.vae
+
+    @jax.jit
+    def one(params, x):  # [b, F, H, W, 3] in [-1, 1]
+        b, f = x.shape[:2]
+        z = vae.apply({"params": params}, x.reshape(-1, *x.shape[2:]), method=vae.encode)
+        return vae.apply({"params": params}, z.reshape(b, f, *z.shape[1:]), method=vae.decode)
+
+    out = []
+    for i in range(0, len(videos), batch):
+        x = jnp.asarray(videos[i : i + batch], jnp.float32) / 127.5 - 1.0
+        out.extend(video_io.to_uint8((np.asarray(v) + 1.0) / 2.0) for v in one(pipe.vae_params, x))
     return np.stack(out)
 
 
