@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14
     c.data.synthetic_detail = TOY_DETAIL  # the toy VAE's data: gratings its 8x8 latents can hold
     c.data.synthetic_mean_colour = TOY_MEAN_COLOUR
+    # the sampler's fixed 0.02 (as SF-V trains): launch/toy_teacher.sh trains on pre-encoded latents, which
+    # hold one augmentation per clip (SVD's per-sample lognormal strengths need on-the-fly encoding)
+    c.data.noise_aug = "fixed"
     c.data.micro_batch = 8
     c.data.accum_steps = 1
     c.sample.height, c.sample.width = 32, 32

@@ -36,6 +36,7 @@ from sfv_jax.paths import output_overlaps
 from sfv_jax.training import trainer as train
 
 FLAGS = flags.FLAGS
+PROGRESS_EVERY_S = 10.0
 config_flags.DEFINE_config_file(
     "config", None, "training config (its data and model sections are used)", lock_config=True
 )
@@ -76,7 +77,7 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     mine = list(range(pi, n, pc))
     ds = grain.MapDataset.source(mine).map(lambda r: source.example(r, r)).batch(batch_size)
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(d.workers)), prefetch_buffer_size=2)))
-    t0, done = time.time(), [0]
+    t0, done, logged = time.time(), [0], [0.0]
 
     def records():
         for b in it:
@@ -92,7 +93,9 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
                 }
             done[0] += len(b["record"])
             dt = time.time() - t0
-            logging.info("process %d: encoded %d/%d clips, %.2f clips/s", pi, done[0], len(mine), done[0] / dt)
+            if dt - logged[0] >= PROGRESS_EVERY_S or done[0] == len(mine):  # a line every 10 s, and the last
+                logged[0] = dt
+                logging.info("process %d: encoded %d/%d clips, %.2f clips/s", pi, done[0], len(mine), done[0] / dt)
 
     written = latent_store.write_shard(partial / latent_store.shard_name(pi, pc), records())
     seconds = time.time() - t0

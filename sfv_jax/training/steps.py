@@ -311,6 +311,9 @@ def accumulate_grads(loss_fn, params, batch: dict, *args) -> tuple[Any, dict]:
     traced once (no ``eval_shape`` of it for the carry: tracing the tiny UNet's step costs seconds)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     k = batch["index"].shape[0]
+    if k == 1:  # no loop: XLA:CPU runs a while-loop body ~4x slower (the toy UNet's gradient: 2.14 s vs 0.51 s)
+        g, metrics = grad_fn(params, jax.tree.map(lambda x: x[0], batch), *args)
+        return g, jax.tree.map(lambda m: m.astype(jnp.float32), metrics)
 
     def body(acc, micro):
         g, metrics = grad_fn(params, micro, *args)
