@@ -30,6 +30,6 @@ if [ ! -d "$RUNS/toy_teacher_export" ]; then
   "$PY" -m sfv_jax.main --config configs/toy_teacher.py --workdir "$RUNS/toy_teacher" \
     --config.init_from="$RUNS/toy_init" --config.data.kind=latents --config.data.path="$RUNS/toy_latents"
   step "exporting -> $RUNS/toy_teacher_export"
-  "$PY" -m sfv_jax.export --workdir "$RUNS/toy_teacher" --out "$RUNS/toy_teacher_export"
+  "$PY" -m sfv_jax.export --workdir "$RUNS/toy_teacher" --out "$RUNS/toy_teacher_export" --dtype bfloat16
 fi
 step "done: $RUNS/toy_teacher_export"
