@@ -196,6 +196,7 @@ def test_installed_package_runs_from_another_folder(tmp_path):
         check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(site), where
+    assert (Path(where).parent / "assets" / "toy_teacher" / "model_index.json").is_file()  # package data
 
     def run(*cmd):
         proc = subprocess.run(
