@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the toy teacher's pipeline folder (an export of configs/toy_teacher.py; default: the shipped one)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-videos", type=int, default=256)
+    p.add_argument("--num-videos", type=int, default=None, help="videos per row (default 256; --quick 8, --demo 32)")
     p.add_argument("--rows", default=None, help="comma-separated row names or name_steps (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each SF-V run (default: toy_sfv's)")
     size = p.add_mutually_exclusive_group()
@@ -169,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the main job: rows {DEMO['rows']}, {DEMO['num_videos']} videos, {DEMO['steps']} SF-V steps "
         "(each unless given)",
     )
-    given = set(argv if argv is not None else sys.argv[1:])
     args = p.parse_args(argv)
+    default_videos = 256
     if args.quick:
-        args.num_videos, args.steps = min(args.num_videos, 8), args.steps or 4
+        default_videos, args.steps = 8, args.steps or 4
+        args.num_videos = None if args.num_videos is None else min(args.num_videos, 8)
     if args.demo:
-        args.rows = args.rows or DEMO["rows"]
-        args.steps = args.steps or DEMO["steps"]
-        if "--num-videos" not in given and not any(a.startswith("--num-videos=") for a in given):
-            args.num_videos = DEMO["num_videos"]
+        default_videos = DEMO["num_videos"]
+        args.rows, args.steps = args.rows or DEMO["rows"], args.steps or DEMO["steps"]
+    args.num_videos = default_videos if args.num_videos is None else args.num_videos
     workdir, teacher = Path(args.workdir).absolute(), Path(args.teacher)
     try:
         rows = tp.select_rows(args.rows.split(",") if args.rows else None)

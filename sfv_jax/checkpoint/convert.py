@@ -252,11 +252,15 @@ def save_converted(
     *,
     source: str = "",
     overwrite: bool = False,
+    dtype: Any = None,
 ) -> Path:
-    """Write ``params`` (+ diffusers ``config``) as a converted sfv_jax checkpoint folder, atomically."""
+    """Write ``params`` (+ diffusers ``config``) as a converted sfv_jax checkpoint folder, atomically;
+    ``dtype`` (None: as they are) is the stored dtype (the loaders cast to their ``param_dtype``)."""
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), params)
     with staged_folder(out, overwrite) as tmp:
         leaves = jax.tree.leaves(params)
         with ocp.StandardCheckpointer() as ckptr:
@@ -277,14 +281,20 @@ def save_converted(
 
 
 def save_converted_pipeline(
-    out: str | os.PathLike, parts: Mapping[str, tuple[Mapping, Mapping, str]], meta: dict, *, overwrite: bool = False
+    out: str | os.PathLike,
+    parts: Mapping[str, tuple[Mapping, Mapping, str]],
+    meta: dict,
+    *,
+    overwrite: bool = False,
+    dtype: Any = None,
 ) -> Path:
     """Write a pipeline folder of components this project made itself (``parts``: component name ->
-    (params, diffusers config, source)), with the SVD ``model_index.json`` and ``meta``, atomically."""
+    (params, diffusers config, source)), with the SVD ``model_index.json`` and ``meta``, atomically;
+    ``dtype`` as :func:`save_converted`."""
     out = Path(out).absolute()
     with staged_folder(out, overwrite) as tmp:
         for name, (params, config, source) in parts.items():
-            save_converted(tmp / name, params, config, name, source=source)
+            save_converted(tmp / name, params, config, name, source=source, dtype=dtype)
         (tmp / PIPELINE_INDEX).write_text(json.dumps(PIPELINE_CLASSES, indent=2) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

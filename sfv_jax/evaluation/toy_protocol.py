@@ -114,13 +114,7 @@ def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batc
 def reconstruct(pipe: Any, videos: np.ndarray, batch: int = 8) -> np.ndarray:
     """uint8 videos -> the same through ``pipe``'s VAE (each frame encoded to its posterior mean, the clip
     decoded by the temporal decoder), as every generated row's frames are decoded."""
-    vae = pipe.vae
-
-    @jax.jit
-    def one(params, x):  # [b, F, H, W, 3] in [-1, 1]
-        b, f = x.shape[:2]
-        z = vae.apply({"params": params}, x.reshape(-1, *x.shape[2:]), method=vae.encode)
-        return vae.apply({"params": params}, z.reshape(b, f, *z.shape[1:]), method=vae.decode)
+    one = jax.jit(lambda params, x: pipe.vae.apply({"params": params}, x))  # [b, F, H, W, 3] in [-1, 1]
 
     out = []
     for i in range(0, len(videos), batch):

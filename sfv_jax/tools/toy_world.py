@@ -146,9 +146,8 @@ def write_pipeline(
         for name, model, key, cfg in (("unet", unet, k_unet, unet_cfg), ("image_encoder", clip, k_clip, clip_cfg))
     }
     parts["vae"] = (vae_params, vae_cfg, meta["command"])
-    parts = {k: (jax.tree.map(lambda x: x.astype(DTYPES[dtype]), p), c, src) for k, (p, c, src) in parts.items()}
     pipeline_meta = {"format": components.FORMAT, "version": components.FORMAT_VERSION, "component": "pipeline"}
-    return convert.save_converted_pipeline(out, parts, {**pipeline_meta, **meta})
+    return convert.save_converted_pipeline(out, parts, {**pipeline_meta, **meta}, dtype=DTYPES[dtype])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,10 +66,6 @@ def trained_unet(
     return unet_cfg, state.unet_params(weights), int(meta["step"])  # frozen parameters included
 
 
-def _cast(params: dict, dtype: str | None) -> dict:
-    return params if dtype is None else jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
-
-
 def export_run(
     workdir: str | Path,
     out: str | Path,
@@ -82,6 +78,7 @@ def export_run(
     """Write the pipeline folder; returns its path. ``dtype``: a key of ``models.build.DTYPES`` or None."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    store = None if dtype is None else DTYPES[dtype]
     workdir = Path(workdir)
     config = run_config(workdir)
     if problem := output_overlaps("--out", out, {"--workdir": workdir, "the run's init_from": config.init_from}):
@@ -100,16 +97,17 @@ def export_run(
     def write(comp: components.Component, dest: Path) -> None:
         if comp.name == "unet":
             source = f"{workdir.absolute()} step {step} {weights}"
-            convert.save_converted(dest, _cast(params, dtype), unet_cfg, "unet", source=source)
+            convert.save_converted(dest, params, unet_cfg, "unet", source=source, dtype=store)
         elif not components.is_converted(src / comp.subfolder):
-            kw = {} if dtype is None else {"dtype": DTYPES[dtype]}
+            kw = {} if store is None else {"dtype": store}
             convert.convert_folder(src / comp.subfolder, dest, component=comp.name, progress=False, **kw)
-        elif dtype is None:
+        elif store is None:
             shutil.copytree(src / comp.subfolder, dest)
         else:
-            _, comp_params = pretrained.load(comp.name, src, param_dtype=DTYPES[dtype], progress=False)
+            _, comp_params = pretrained.load(comp.name, src, progress=False)
             cfg = components.read_config(src / comp.subfolder)
-            convert.save_converted(dest, comp_params, cfg, comp.name, source=f"{src / comp.subfolder} as {dtype}")
+            source = f"{src / comp.subfolder} as {dtype}"
+            convert.save_converted(dest, comp_params, cfg, comp.name, source=source, dtype=store)
 
     if src is not None:
         return convert.write_pipeline(src, Path(out), overwrite, write, meta)
@@ -119,8 +117,8 @@ def export_run(
         config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed)
     )
     parts = {
-        "unet": (_cast(params, dtype), unet_cfg, f"{workdir.absolute()} step {step}"),
-        "vae": (_cast(vae_params, dtype), config.model.vae.to_dict(), "random init"),
-        "image_encoder": (_cast(clip_params, dtype), config.model.image_encoder.to_dict(), "random init"),
+        "unet": (params, unet_cfg, f"{workdir.absolute()} step {step}"),
+        "vae": (vae_params, config.model.vae.to_dict(), "random init"),
+        "image_encoder": (clip_params, config.model.image_encoder.to_dict(), "random init"),
     }
-    return convert.save_converted_pipeline(out, parts, meta, overwrite=overwrite)
+    return convert.save_converted_pipeline(out, parts, meta, overwrite=overwrite, dtype=store)

@@ -40,9 +40,7 @@ def vae_loss(
 
 def reconstruct(vae: nn.Module, params: Any, video: jax.Array) -> jax.Array:
     """Encode every frame (posterior mean, what SVD uses) and decode the clip: [B, F, H, W, 3] -> same."""
-    b, f = video.shape[:2]
-    mean = vae.apply({"params": params}, _frames(video), method=vae.encode)
-    return vae.apply({"params": params}, mean.reshape(b, f, *mean.shape[1:]), method=vae.decode)
+    return vae.apply({"params": params}, video)  # the model's __call__: exactly this
 
 
 def latent_std(vae: nn.Module, params: Any, video: jax.Array) -> jax.Array:
