@@ -49,7 +49,7 @@ from sfv_jax.training.run_config import ConfigError
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = (("teacher", 1), ("teacher", 25), ("sfv", 1))  # after the conditioning frame
-DEMO = {"rows": "real,vae,teacher_1,teacher_25,sfv_1", "num_videos": 32, "steps": 150}
+DEMO = {"rows": "real,vae,teacher_1,teacher_25,sfv_1", "num_videos": 32, "steps": 300}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -145,7 +145,8 @@ def report_markdown(results: list[dict], args, command: str, wall_s: float) -> s
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the ``--quick`` / ``--demo`` defaults resolved (``num_videos`` always set)."""
     p = argparse.ArgumentParser(
         prog="python -m sfv_jax.reproduce",
         description=__doc__.split("\n\n")[0],
@@ -178,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         default_videos = DEMO["num_videos"]
         args.rows, args.steps = args.rows or DEMO["rows"], args.steps or DEMO["steps"]
     args.num_videos = default_videos if args.num_videos is None else args.num_videos
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     workdir, teacher = Path(args.workdir).absolute(), Path(args.teacher)
     try:
         rows = tp.select_rows(args.rows.split(",") if args.rows else None)

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tensorboard_scalars
+from conftest import run_time_bound_env, tensorboard_scalars
 
 from sfv_jax.configs import svd_finetune, tiny
 from sfv_jax.data import clips, video_io
@@ -27,6 +31,7 @@ from sfv_jax.training import layout, losses, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training import trainer as train
 
+REPO = Path(__file__).resolve().parents[1]
 DIFF = train_steps.DiffusionConfig(p_mean=0.7, p_std=1.6, drop_embed=0.1, drop_both=0.2, drop_latent=0.15)
 
 
@@ -370,14 +375,31 @@ def held_out_losses(config, params_list) -> list[np.ndarray]:
     return [np.asarray(fn(p)) for p in params_list]
 
 
+def train_cli(workdir) -> subprocess.CompletedProcess:
+    """The run through the training CLI (RUN_OVERRIDES on the tiny config), at -O2: RUN_STEPS steps are bound
+    by run time (conftest.run_time_bound_env). The fixture and the resume test share its programs."""
+    flags = [f"--config.{k}={v}" for k, v in RUN_OVERRIDES.items()]
+    cmd = [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", *flags, "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_time_bound_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def diffusion_run(tmp_path_factory):
     """(workdir, initial UNet params, final state) of RUN_STEPS diffusion steps of the tiny config."""
-    workdir = tmp_path_factory.mktemp("diffusion_run")
+    workdir = tmp_path_factory.mktemp("diffusion_run") / "run"
     config = run_config()
     lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
-    init = jax.tree.map(np.asarray, train.init_params(config, lay, jax.random.PRNGKey(config.seed))[0])
-    return workdir, init, train.train(config, workdir)
+    key = jax.random.PRNGKey(config.seed)
+    unet, _, _, heads, _ = train.init_params(config, lay, key)
+    like = train.init_train_state(lay, unet, heads, jax.random.fold_in(key, 3))  # as train.train builds it
+    train_cli(workdir)
+    mngr = train.checkpoint_manager(workdir)
+    state, meta = train.restore(mngr, like)
+    mngr.close()
+    assert meta["step"] == RUN_STEPS
+    return workdir, jax.tree.map(np.asarray, unet), state
 
 
 DIFFUSION_RUN = pytest.mark.xdist_group("diffusion_run")
@@ -397,11 +419,6 @@ def test_cli_resumes_bitwise_and_writes_teacher_samples(diffusion_run, tmp_path)
     """The training CLI, restarted from the run's step-RESUME_FROM checkpoint (the last one removed), ends
     bitwise on the uninterrupted run's state and writes the checkpoint, TensorBoard scalars and a sample
     of the teacher sampler."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     workdir, _, straight = diffusion_run
     assert (workdir / "samples" / f"step_{RUN_STEPS:07d}.mp4").is_file()
     work = tmp_path / "resumed"
@@ -410,16 +427,7 @@ def test_cli_resumes_bitwise_and_writes_teacher_samples(diffusion_run, tmp_path)
     shutil.rmtree(work / "samples")
     for events in work.glob("events.out.tfevents.*"):  # the uninterrupted run's
         events.unlink()
-    flags = [f"--config.{k}={v}" for k, v in RUN_OVERRIDES.items()]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", *flags, "--workdir", str(work)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train_cli(work)
     assert "resumed from" in proc.stderr and f"at step {RESUME_FROM}" in proc.stderr
     assert "discriminator heads" not in proc.stderr  # no discriminator built
     mngr = train.checkpoint_manager(work)
