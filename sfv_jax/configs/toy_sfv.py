@@ -10,6 +10,10 @@ Differences from the paper's settings (configs/sfv_svd.py), all overridable: the
 paper, with learning rates 1e-4 / 1e-3 and 20 warm-up steps (a 1.3 M-parameter UNet and a
 few hundred steps instead of 1.5 B and 50 K); the head sizes of configs/tiny.py; the GAN-balance
 metrics on.
+
+Measured (README, "The toy world"; seed 0 and 1, 32 videos, 300 steps): these settings beat the teacher's
+one step on FVD, motion and sharpness; ``--config.loss.recon_weight=0`` (adversarial only) did better still
+on both seeds. The paper's lambda 0.1 stays the default: the reproduction's ablations are of the paper's setting.
 """
 
 from __future__ import annotations
