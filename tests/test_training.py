@@ -8,6 +8,8 @@ identical programs; conftest's session-wide persistent XLA cache then compiles e
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -102,6 +104,21 @@ def test_gradient_routing(setup):
     # the backbone is a copy of the initial UNet encoder: it no longer equals the updated generator
     assert not _equal(backbone_param_subset(s2.generator), backbone0)
     assert _equal(backbone_param_subset(state0.generator), backbone0)
+
+
+def test_approximate_r1_in_the_discriminator_step(setup):
+    """``loss.r1_type="approx"`` through the discriminator's loss (it once failed on a negative fold_in):
+    finite and positive, and its perturbation is drawn per sample like every other draw, so the loss of a
+    batch of two is the mean of the two samples' losses."""
+    steps, state = setup["steps"], setup["state"]
+    cfg = dataclasses.replace(steps.cfg, r1_type="approx", r1_gamma=1.0)
+    fn = jax.jit(functools.partial(train_steps.discriminator_loss_fn, models=steps.models, cfg=cfg))
+    both = {k: v.reshape(-1, *v.shape[2:]) for k, v in setup["batch"].items()}  # [k=2, m=1] -> [2]
+    args = (state.unet_params(), setup["backbone"], jax.random.PRNGKey(7))
+    loss, metrics = fn(state.heads, both, *args)
+    singles = [fn(state.heads, {k: v[i : i + 1] for k, v in both.items()}, *args)[0] for i in range(2)]
+    assert np.isfinite(float(loss)) and float(metrics["d_r1"]) > 0, metrics
+    assert float(loss) == pytest.approx(np.mean([float(x) for x in singles]), rel=1e-5)
 
 
 def test_grad_balance_only_adds_metrics(setup):

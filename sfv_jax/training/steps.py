@@ -217,6 +217,9 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     return loss, metrics
 
 
+R1_NOISE_STREAM = 1  # the approximate R1's perturbation: fold_in(fold_in(key, index), R1_NOISE_STREAM)
+
+
 def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *, models: Models, cfg: StepConfig):
     """Eq. 11 on one micro-batch (the fake from the current generator, ``gen_params`` the full UNet tree,
     no gradient into it) + gamma * R1."""
@@ -242,7 +245,11 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
             lambda f: models.heads.apply({"params": head_params}, f, cond["image_embeds"], n["sigma_d"]), feats
         )
     elif cfg.r1_type == "approx":
-        r1 = losses.approximate_r1(d, real, jax.random.normal(jax.random.fold_in(key, -1), real.shape), cfg.r1_alpha)
+        # per sample, like every other draw (a micro-batch split leaves it unchanged), in its own stream
+        noise = jax.vmap(
+            lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), R1_NOISE_STREAM), x0.shape[1:])
+        )(micro["index"])
+        r1 = losses.approximate_r1(d, real, noise, cfg.r1_alpha)
     elif cfg.r1_type == "none":
         r1 = jnp.zeros((), jnp.float32)
     else:
