@@ -217,7 +217,13 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     return loss, metrics
 
 
-R1_NOISE_STREAM = 1  # the approximate R1's perturbation: fold_in(fold_in(key, index), R1_NOISE_STREAM)
+R1_NOISE_STREAM = 1  # the approximate R1's perturbation: per_sample_normal(fold_in(key, R1_NOISE_STREAM), ...)
+
+
+def per_sample_normal(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[m, *shape] standard normals, sample j's from ``fold_in(key, index[j])``: a micro-batch split leaves
+    each sample's draw unchanged."""
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(index)
 
 
 def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *, models: Models, cfg: StepConfig):
@@ -245,10 +251,7 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
             lambda f: models.heads.apply({"params": head_params}, f, cond["image_embeds"], n["sigma_d"]), feats
         )
     elif cfg.r1_type == "approx":
-        # per sample, like every other draw (a micro-batch split leaves it unchanged), in its own stream
-        noise = jax.vmap(
-            lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), R1_NOISE_STREAM), x0.shape[1:])
-        )(micro["index"])
+        noise = per_sample_normal(jax.random.fold_in(key, R1_NOISE_STREAM), micro["index"], x0.shape[1:])
         r1 = losses.approximate_r1(d, real, noise, cfg.r1_alpha)
     elif cfg.r1_type == "none":
         r1 = jnp.zeros((), jnp.float32)
@@ -299,7 +302,7 @@ def denoising_losses(unet: nn.Module, params: Any, micro: dict, sigmas: Any, key
     each fixed noise level of ``sigmas`` [n], no conditioning dropout, eps from ``fold_in(key, index)``
     (the same noise for every level and every call). ``params``: the full UNet tree. -> [len(sigmas)]."""
     x0 = micro["latents"].astype(jnp.float32)
-    eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x0.shape[1:]))(micro["index"])
+    eps = per_sample_normal(key, micro["index"], x0.shape[1:])
 
     def one(sigma):  # one UNet in the program, whatever the number of levels
         s = jnp.full((x0.shape[0],), sigma, jnp.float32)
