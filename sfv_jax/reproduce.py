@@ -12,7 +12,9 @@ set through the teacher's VAE: the floor of every generated row), ``teacher`` at
 1, 2, 4, 8, 16, 25 Euler steps with guidance 1 -> 3, ``sfv`` at 1, 2, 3 steps, and the ablations at one
 step: ``sfv_spatial`` / ``sfv_temporal`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` /
 ``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term), ``sfv_adv_only``
-(lambda = 0) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features).
+(lambda = 0) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond
+the paper: the heads under lambda 0 (``sfv_spatial_adv_only`` / ``sfv_temporal_adv_only``) and the R1
+weight (``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5).
 Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
 iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
 

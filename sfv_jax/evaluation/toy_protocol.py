@@ -49,6 +49,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_r1_none": {"loss.r1_type": "none"},
     "sfv_r1_paper": {"loss.r1_type": "paper"},
     "sfv_r1_approx": {"loss.r1_type": "approx"},
+    # beyond the paper's tables: the heads ablation without the reconstruction term (lambda = 0), where
+    # the adversarial term alone decides what the generator learns
+    "sfv_spatial_adv_only": {"disc.heads": "spatial", "loss.recon_weight": 0.0},
+    "sfv_temporal_adv_only": {"disc.heads": "temporal", "loss.recon_weight": 0.0},
+    # the R1 weight (the paper's 1e-5 gives gamma * R1 / hinge < 1e-7 here): a sweep for issue 17
+    "sfv_r1_g10": {"loss.r1_gamma": 10.0},
+    "sfv_r1_g100": {"loss.r1_gamma": 100.0},
+    "sfv_r1_g1000": {"loss.r1_gamma": 1000.0},
 }
 
 
