@@ -57,6 +57,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_r1_g10": {"loss.r1_gamma": 10.0},
     "sfv_r1_g100": {"loss.r1_gamma": 100.0},
     "sfv_r1_g1000": {"loss.r1_gamma": 1000.0},
+    # the review's method fixes against the paper's behaviour: the heads' sigma' / frame-index sinusoids
+    # spread over their range, and SM3 without the toy config's 20 warm-up steps
+    "sfv_spread": {"disc.cond_embedding": "spread"},
+    "sfv_warmup0": {"opt.warmup_steps": 0},
 }
 
 
