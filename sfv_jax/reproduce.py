@@ -15,7 +15,8 @@ step: ``sfv_spatial`` / ``sfv_temporal`` heads, (P_mean, P_std) ``sfv_p-2_-1`` /
 (lambda = 0) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond
 the paper: the heads under lambda 0 (``sfv_spatial_adv_only`` / ``sfv_temporal_adv_only``) and the R1
 weight (``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method fixes
-(``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up).
+(``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up) and the heads at
+the paper's size (``sfv_heads128``).
 Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
 iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
 

@@ -61,6 +61,8 @@ RUNS: dict[str, dict[str, Any]] = {
     # spread over their range, and SM3 without the toy config's 20 warm-up steps
     "sfv_spread": {"disc.cond_embedding": "spread"},
     "sfv_warmup0": {"opt.warmup_steps": 0},
+    # the heads at the paper's size (configs/sfv_svd.py) instead of configs/tiny.py's 32 channels
+    "sfv_heads128": {"disc.channels": 128, "disc.proj_dim": 64, "disc.groups": 32},
 }
 
 
