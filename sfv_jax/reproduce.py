@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from sfv_jax import console
@@ -60,17 +61,23 @@ def _write_json(path: Path, obj: dict) -> None:
     write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
-def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None) -> Path:
-    """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder."""
-    out = workdir / "models" / name
-    if out.is_dir():
-        return out
+def run_config(name: str, teacher: Path, seed: int, steps: int | None) -> ml_collections.ConfigDict:
+    """SF-V run ``name``'s config: ``configs/toy_sfv.py`` with the run's overrides (``toy_protocol.RUNS``)."""
     config = toy_sfv.get_config()
     config.update_from_flattened_dict({**tp.RUNS[name], "init_from": str(teacher), "seed": seed})
     if steps is not None:
         config.total_steps = steps
         config.checkpoint_every_steps = min(config.checkpoint_every_steps, steps)
         config.sample_every_steps = steps
+    return config
+
+
+def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None) -> Path:
+    """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder."""
+    out = workdir / "models" / name
+    if out.is_dir():
+        return out
+    config = run_config(name, teacher, seed, steps)
     t0 = time.time()
     print(f"[reproduce] training {name} ({config.total_steps} steps) in {workdir / 'train' / name}", flush=True)
     trainer.train(config, workdir / "train" / name)

@@ -4,6 +4,8 @@ toy teacher in tests/test_toy_teacher.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sfv_jax import reproduce
 from sfv_jax.evaluation import toy_protocol as tp
 
@@ -14,6 +16,25 @@ def test_rows_and_selection():
     assert {"sfv_1", "sfv_2", "sfv_3", "sfv_spatial_1", "sfv_temporal_1", "sfv_recon_only_1"} <= set(keys)
     assert [r.key for r in tp.select_rows(["teacher_25", "sfv"])] == ["teacher_25", "sfv_1", "sfv_2", "sfv_3"]
     assert all(r.run in tp.RUNS for r in tp.all_rows() if r.kind == "sfv")
+
+
+def test_every_run_overrides_the_toy_config():
+    """Each SF-V run's overrides name existing keys of configs/toy_sfv.py and change them (a misspelt or
+    no-op run would train the paper's setting under another name)."""
+    base = reproduce.run_config("sfv", Path("t"), 2, None)
+    assert (base.init_from, base.seed) == ("t", 2)
+    for name, overrides in tp.RUNS.items():
+        config = reproduce.run_config(name, Path("t"), 2, 300)
+        assert config.total_steps == 300
+        changed = 0
+        for key, value in overrides.items():
+            node_base, node = base, config
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node_base, node = node_base[part], node[part]
+            assert node[leaf] == value, (name, key)
+            changed += node_base[leaf] != value
+        assert changed or name == "sfv", name
 
 
 def test_size_presets():
