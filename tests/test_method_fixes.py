@@ -40,15 +40,17 @@ def test_cond_embedding_paper_is_as_printed_and_spread_uses_its_range():
 
 
 def test_heads_with_spread_embedding_see_sigma():
-    """The same features at two sigma' give logits that differ far more with the spread embedding."""
+    """The same features at two sigma' give logits that differ far more with the spread embedding. Init and
+    apply are jitted, as in the trainer (the spread embedding once failed while traced)."""
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((1, 3, 4, 4, 8)).astype(np.float32)]
     emb = rng.standard_normal((1, 6)).astype(np.float32)
     change = {}
     for kind in discriminator.COND_EMBEDDINGS:
         heads = discriminator.DiscriminatorHeads("both", channels=8, proj_dim=4, cond_embedding=kind)
-        params = heads.init(jax.random.PRNGKey(0), feats, emb, np.ones(1, np.float32))["params"]
-        lo, hi = (heads.apply({"params": params}, feats, emb, np.full(1, s, np.float32)) for s in (0.05, 50.0))
+        params = jax.jit(heads.init)(jax.random.PRNGKey(0), feats, emb, np.ones(1, np.float32))["params"]
+        apply = jax.jit(heads.apply)
+        lo, hi = (apply({"params": params}, feats, emb, np.full(1, s, np.float32)) for s in (0.05, 50.0))
         change[kind] = float(sum(jnp.abs(a - b).mean() for a, b in zip(lo, hi, strict=True)))
     assert change["spread"] > 3 * change["paper"], change
     assert heads.logit_kinds(2) == ["spatial", "temporal"]

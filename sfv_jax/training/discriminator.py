@@ -49,7 +49,8 @@ def cond_inputs(sigma: jax.Array, num_frames: int, embedding: str) -> tuple[jax.
     if embedding == "paper":
         return c, frames
     if embedding == "spread":
-        lo, hi = (float(edm.c_noise(jnp.float32(s))) for s in (edm.SIGMA_MIN, edm.SIGMA_MAX))
+        with jax.ensure_compile_time_eval():  # constants, also while the heads are traced (jit, eval_shape)
+            lo, hi = (float(edm.c_noise(jnp.float32(s))) for s in (edm.SIGMA_MIN, edm.SIGMA_MAX))
         return _SPREAD * (c - lo) / (hi - lo), _SPREAD * frames / max(num_frames - 1, 1)
     raise ValueError(f"discriminator cond_embedding {embedding!r} is not one of {COND_EMBEDDINGS}")
 
