@@ -250,8 +250,8 @@ def test_memory_planner_cli():
     assert lines[-1].startswith("peak_bytes_per_device=")
     peak = int(lines[-1].split("=")[1])
     assert "mesh data=2 x fsdp=4 x tensor=1 (8 devices)" in proc.stdout + proc.stderr
-    table = {
-        ln.split()[0]: [float(v) for v in ln.split()[1:]]
+    table = {  # resident .. peak (GB), then FLOPs ("-": XLA:CPU reports none) and compile seconds
+        ln.split()[0]: [float(v) for v in ln.split()[1:7]]
         for ln in lines
         if ln.split()[0] in ("g_grads", "g_update", "d_grads", "d_update")
     }

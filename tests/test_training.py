@@ -520,14 +520,11 @@ def test_step_settings_and_log_line_come_from_the_config():
 @pytest.mark.parametrize("name", ["sfv_svd", "tiny", "svd_finetune", "toy_teacher", "toy_sfv"])
 def test_packaged_training_configs_pass_their_checks(name):
     """Every packaged training config is runnable as written (check_config; toy_sfv and sfv_svd need
-    --config.init_from, which check_config leaves to the loader; the GPU configs' cuDNN attention is
-    refused on a CPU, so it is switched off here)."""
+    --config.init_from, which check_config leaves to the loader)."""
     import importlib
 
     from sfv_jax.training.run_config import check_config
 
     config = importlib.import_module(f"sfv_jax.configs.{name}").get_config()
-    if config.model.get("attention_impl") == "cudnn":
-        config.model.attention_impl = None
     check_config(config)
     assert config.objective in train_steps.OBJECTIVES

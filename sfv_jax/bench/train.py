@@ -35,8 +35,6 @@ def bench_train(args) -> dict:
         config.model.unet, config.model.vae, config.model.image_encoder = unet_cfg, vae_cfg, clip_cfg
     config.model.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     config.model.remat_policy = args.remat or config.model.remat_policy
-    if config.model.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
-        config.model.attention_impl = "chunked"
     if name != "tiny":  # tiny keeps its 16x16x4; small: 128x128 on a CPU; svd or any GPU: the paper's 768x448
         config.data.height, config.data.width = (448, 768) if gpu or name == "svd" else (128, 128)
         config.data.num_frames = 14

@@ -158,7 +158,13 @@ def discriminator_sigma_distribution(
 def sample_discriminator_sigma(
     key: jax.Array, shape: tuple[int, ...] = (), num_levels: int = 1000, p_mean: float = -1.0, p_std: float = -1.0
 ) -> jax.Array:
-    """sigma' drawn from :func:`discriminator_sigma_distribution`, float32 ``shape``."""
+    """sigma' drawn from :func:`discriminator_sigma_distribution`, float32 ``shape``.
+
+    Inverse-CDF sampling as ``jax.random.choice(p=...)`` does it (one uniform per draw, ``searchsorted``
+    on the cumulative weights), with the cumulative weights summed here in NumPy: inside the program a
+    1000-long cumulative sum of constants is folded by the compiler, which took seconds per step program."""
     levels, probs = discriminator_sigma_distribution(num_levels, p_mean, p_std)
-    idx = jax.random.choice(key, levels.shape[0], shape, p=jnp.asarray(probs, jnp.float32))
+    cdf = jnp.asarray(np.cumsum(probs.astype(np.float32), dtype=np.float32))
+    u = cdf[-1] * (1 - jax.random.uniform(key, shape, jnp.float32))
+    idx = jnp.searchsorted(cdf, u)
     return jnp.asarray(levels, jnp.float32)[idx]

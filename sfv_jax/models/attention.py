@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sfv_jax.models.embeddings import TimestepEmbedding, timestep_embedding
-from sfv_jax.models.primitives import GroupNorm, dense, layer_norm
+from sfv_jax.models.primitives import GroupNorm, constrain_batch, dense, layer_norm
 from sfv_jax.models.resnet import AlphaBlender
 
 Dtype = Any
@@ -38,23 +38,62 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
     return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
+def compile_platform() -> str:
+    """The platform the program being traced compiles for ("cpu", "gpu", "tpu"): the devices of the mesh in
+    context (a deviceless compile for a GPU or TPU target traces on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+_FEW_KEYS = 64  # at most this many keys: plain attention's [T, S] scores are no larger than q itself
+
+
+def cudnn_supports(t: int, s: int, head_dim: int, dtype: Any) -> bool:
+    """Whether cuDNN's fused flash attention compiles for ``t`` queries, ``s`` keys, ``head_dim``, ``dtype``
+    in training (what JAX checks when it builds the kernel): half precision, a head dim that is a multiple of
+    8 up to 128 (256 needs Hopper), even sequence lengths (SVD's cross-attention has one key; SVD-XT's
+    temporal attention 25 frames)."""
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and t % 2 == 0
+        and s % 2 == 0
+    )
+
+
+def attention_kernel(requested: str | None, t: int, s: int, head_dim: int, dtype: Any, platform: str) -> str:
+    """The kernel one attention call uses, "cudnn" | "xla" | "chunked", chosen per call from what the
+    platform supports: ``requested`` "cudnn" is a preference, honoured where :func:`cudnn_supports` the
+    call on a GPU, else the portable choice (plain "xla" attention for few keys, "chunked" for many: both
+    exact, the latter O(tokens) memory); None: "chunked" on a CPU, JAX's "xla" elsewhere."""
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {requested!r} is not one of {ATTENTION_IMPLS}")
+    if requested == "cudnn":
+        if platform == "gpu" and cudnn_supports(t, s, head_dim, dtype):
+            return "cudnn"
+        return "xla" if s <= _FEW_KEYS else "chunked"
+    if requested is None:
+        return "chunked" if platform == "cpu" else "xla"
+    return requested
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str | None = None
 ) -> jax.Array:
     """Exact softmax attention, ``q`` [N, T, H, D], ``k``/``v`` [N, S, H, D] -> [N, T, H, D].
 
+    The kernel is :func:`attention_kernel`'s choice for this call and the platform being compiled for.
     ``"chunked"`` loops over blocks of <= 128 queries (``lax.map``) so the scores of a block stay in
     cache: on XLA:CPU it is ~2.4x faster than one [T, S] score matrix, and it bounds memory to
     O(block * S) anywhere, gradients included (each block is rematerialised in the backward pass).
     ``"xla"`` / ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN is the fused flash kernel for bf16 /
-    fp16 on NVIDIA GPUs). ``None`` picks "chunked" on a CPU and lets JAX choose elsewhere.
+    fp16 on NVIDIA GPUs).
     """
-    if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
-    if implementation is None and jax.default_backend() == "cpu":
-        implementation = "chunked"
-    if implementation != "chunked":
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    kernel = attention_kernel(implementation, q.shape[1], k.shape[1], q.shape[-1], q.dtype, compile_platform())
+    if kernel != "chunked":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=kernel)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [N, H, T, D]
     n, h, t, d = q.shape
     chunk = _query_chunk(t)
@@ -76,7 +115,7 @@ class Attention(nn.Module):
     (``None`` = self-attention). Heads split the channels head-major (channel = head * head_dim + d),
     scale head_dim ** -0.5, softmax over keys. Keys and values are projected once per context row and
     then broadcast, so a per-video context is never copied per frame or pixel.
-    ``attention_impl``: see :func:`dot_product_attention` (None: "chunked" on a CPU, JAX's choice elsewhere).
+    ``attention_impl``: the preferred kernel; :func:`attention_kernel` decides per call.
 
     Options mirroring diffusers' ``Attention`` / transformers' ``CLIPAttention``:
     ``group_norm_eps`` (not None): a 32-group ``group_norm`` over the T tokens of each row is applied to
@@ -102,11 +141,14 @@ class Attention(nn.Module):
         residual = x
         if self.group_norm_eps is not None:
             x = GroupNorm(32, self.group_norm_eps, -2, name="group_norm", **kw)(x)
-        context = x if context is None else context
+        x = constrain_batch(x)
+        context = x if context is None else constrain_batch(context)
         q_name, k_name, v_name, out_name = self.names
-        q = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=q_name, **kw)(x)
-        k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=k_name, **kw)(context)
-        v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=v_name, **kw)(context)
+
+        def project(name, t):  # batch-split in and out: the partitioner gathers the weight, not the samples
+            return constrain_batch(dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name=name, **kw)(t))
+
+        q, k, v = project(q_name, x), project(k_name, context), project(v_name, context)
         lead = jnp.broadcast_shapes(x.shape[:-2], context.shape[:-2])
         n = math.prod(lead)
 
@@ -115,8 +157,8 @@ class Attention(nn.Module):
             return t.reshape(n, t.shape[-2], self.heads, self.head_dim)
 
         out = dot_product_attention(heads(q), heads(k), heads(v), self.head_dim**-0.5, self.attention_impl)
-        out = out.reshape(*lead, x.shape[-2], inner)
-        out = dense(self.out_dim or x.shape[-1], ("heads", "embed"), name=out_name, **kw)(out)
+        out = constrain_batch(out.reshape(*lead, x.shape[-2], inner))
+        out = constrain_batch(dense(self.out_dim or x.shape[-1], ("heads", "embed"), name=out_name, **kw)(out))
         return out + residual.astype(out.dtype) if self.residual else out
 
 
@@ -129,8 +171,10 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(2 * self.inner_dim, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        value, gate = jnp.split(h, 2, axis=-1)
+        h = dense(2 * self.inner_dim, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(
+            constrain_batch(x)
+        )
+        value, gate = jnp.split(constrain_batch(h), 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
 
@@ -145,8 +189,8 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
-        return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h)
+        h = constrain_batch(GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x))
+        return constrain_batch(dense(self.out_dim or x.shape[-1], ("mlp", "embed"), name="net_2", **kw)(h))
 
 
 class BasicTransformerBlock(nn.Module):

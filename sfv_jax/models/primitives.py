@@ -30,6 +30,29 @@ Dtype = Any
 _default_kernel_init = nn.initializers.lecun_normal()
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """``x`` [B, ...] with its leading (sample) axis pinned to the mesh axes that split the batch (the rule
+    of ``activation_batch``), every other axis left to the partitioner; unchanged outside a mesh, without
+    rules, or when those axes do not divide B.
+
+    Applied around the attention and feed-forward projections: their weights are split over ``fsdp`` on
+    the dimension the matmul contracts, and without it GSPMD may keep the weight split (on its output
+    dimension) and gather every device's samples instead, i.e. activations and communication up to
+    ``fsdp`` times what FSDP should cost. Pinned, the weight is what gets gathered."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    if axes is None:
+        return x
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(dict(mesh.shape).get(a, 1) for a in names)
+    if size == 1 or x.shape[0] % size:
+        return x
+    spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def dense(
     features: int,
     axes: tuple[str, str] = ("embed", "mlp"),

@@ -1,7 +1,13 @@
 """Memory planner: does a training config fit, per device, on a given mesh? No weights, no accelerator.
 
-    python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8
-    python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh data=2,fsdp=4 --config.model.remat_policy=dots
+    sfv-memory --config sfv_svd --target h100 --mesh fsdp=8          # XLA:GPU's own figures, 8 H100s
+    sfv-memory --config sfv_svd --target v5p --mesh fsdp=8           # libtpu's, a v5p-8 slice (+ FLOPs)
+    python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8     # XLA:CPU estimate
+
+``--target NAME`` (h100, h200, a100, v5p, v6e, v5e: :mod:`sfv_jax.parallel.targets`) compiles the steps
+for that accelerator on this host, without one (the ``targets`` extra installs the compilers); the device
+memory to compare with is the target's. A mesh axis of -1 (the configs' default) spans one host of the
+target.
 
 It builds the run's layout (modules, shardings) from the config with ``jax.eval_shape`` only, compiles
 the four jitted train steps (generator gradients / update, discriminator gradients / update) ahead of
@@ -13,11 +19,11 @@ executable's own argument size leaves out the resident arrays it does not read);
 largest. The last line is
 ``peak_bytes_per_device=<int>``.
 
-Devices: the accelerators present if there are enough of them; otherwise the mesh is simulated with
-that many CPU devices, compiled with XLA:CPU's memory-minimising scheduler (XLA's buffer assignment is
-shared by its backends, but GPU kernels choose other fusions and workspaces: treat a CPU figure as an
-estimate and leave headroom); cuDNN attention, which a CPU cannot compile, is planned as the chunked
-attention (both keep O(tokens) memory, forward and backward). A config
+Devices without ``--target``: the accelerators present if there are enough of them; otherwise the mesh
+is simulated with that many CPU devices, compiled with XLA:CPU's memory-minimising scheduler (XLA's
+buffer assignment is shared by its backends, but GPU kernels choose other fusions and workspaces: treat a
+CPU figure as an estimate and leave headroom; attention that prefers cuDNN compiles as the chunked
+attention there, both O(tokens) memory). A config
 without ``init_from`` or model configs is planned with SVD's own architecture. The frozen VAE and image
 encoder used for on-the-fly encoding are listed separately (they live on each process's first device).
 Compiling the full-size steps on a CPU takes minutes; progress is printed.
@@ -25,6 +31,7 @@ Compiling the full-size steps on a CPU takes minutes; progress is printed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -49,12 +56,21 @@ def _devices_needed(argv: list[str]) -> int | None:
     return None
 
 
+def _target_given(argv: list[str]) -> bool:
+    return any(a == "--target" or a.startswith("--target=") for a in argv)
+
+
 # The planner simulates the mesh on that many CPU devices when no accelerator has enough; XLA reads the
 # device count when JAX starts, so this runs before this module imports JAX (as a command: ``sfv-memory``
-# or ``python -m sfv_jax.tools.memory``; imported into a running JAX it changes nothing).
+# or ``python -m sfv_jax.tools.memory``; imported into a running JAX it changes nothing). With --target,
+# JAX runs on the CPU and the target's compiler does the work (no simulated devices needed).
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
     _n = _devices_needed(sys.argv)
-    if _n and "jax" not in sys.modules:
+    if _target_given(sys.argv) and "jax" not in sys.modules:
+        from sfv_jax.parallel.targets import prepare_environment
+
+        prepare_environment()
+    elif _n and "jax" not in sys.modules:
         _flags = os.environ.get("XLA_FLAGS", "").split()
         _flags = [f for f in _flags if not f.startswith("--xla_force_host_platform_device_count=")]
         _flags.append(f"--xla_force_host_platform_device_count={_n}")
@@ -66,15 +82,20 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sfv_jax import console  # noqa: E402  (after the device simulation above; before TensorFlow)
-from sfv_jax.parallel import sharding  # noqa: E402
+from sfv_jax import console, paths  # noqa: E402  (after the device simulation above; before TensorFlow)
+from sfv_jax.parallel import sharding, targets  # noqa: E402
 from sfv_jax.training import trainer  # noqa: E402
 from sfv_jax.training.memory_plan import GB, plan_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("mesh", None, "mesh as AXIS=SIZE[,AXIS=SIZE] over data, fsdp, tensor (default: the config's)")
-flags.DEFINE_float("device_gb", 80.0, "device memory to compare the peak with, in GB (1e9 bytes)")
+flags.DEFINE_enum("target", None, list(targets.TARGETS), "compile for this accelerator (sfv_jax.parallel.targets)")
+flags.DEFINE_list("steps", None, "compile only these steps (g_grads, g_update, d_grads, d_update; default all)")
+flags.DEFINE_float(
+    "device_gb", None, "device memory to compare the peak with, in GB (1e9 bytes; default: the target's, else 80)"
+)
+flags.DEFINE_string("json", None, "also write the figures to this JSON file (what sfv-targets collects)")
 flags.mark_flags_as_required(["config"])
 
 
@@ -82,9 +103,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        r = plan_memory(FLAGS.config, FLAGS.mesh)
-    except (trainer.ConfigError, sharding.ShardingError) as e:
+        r = plan_memory(FLAGS.config, FLAGS.mesh, target=FLAGS.target, programs=FLAGS.steps)
+    except (trainer.ConfigError, sharding.ShardingError, targets.TargetError) as e:
         return console.fail(e)
+    device_gb = FLAGS.device_gb or (targets.get(FLAGS.target).memory_gb if FLAGS.target else 80.0)
     print(
         "resident per device (GB): "
         + ", ".join(f"{k} {v / GB:.3f}" for k, v in r["resident"].items())
@@ -95,12 +117,16 @@ def main(argv: list[str]) -> int:
         f"{r['frozen_encoders_first_device'] / GB:.2f} GB"
     )
     cols = ("resident", "gradients_in", "outputs", "aliased", "temporaries", "peak")
-    print(f"{'step':10s}" + "".join(f"{c:>14s}" for c in cols) + "  (GB per device)")
+    print(f"{'step':10s}" + "".join(f"{c:>14s}" for c in cols) + "  (GB per device)   TFLOP/step  compile s")
     for name, f in r["steps"].items():
-        print(f"{name:10s}" + "".join(f"{f[c] / GB:14.3f}" for c in cols))
+        tflops = f"{f['flops'] / 1e12:12.2f}" if f["flops"] is not None else f"{'-':>12s}"
+        print(f"{name:10s}" + "".join(f"{f[c] / GB:14.3f}" for c in cols) + f"   {tflops} {f['compile_s']:10.0f}")
     peak = r["peak_bytes_per_device"]
-    verdict = "fits" if peak <= FLAGS.device_gb * GB else "does NOT fit"
-    print(f"peak per device {peak / GB:.2f} GB: {verdict} in {FLAGS.device_gb:g} GB ({r['platform']} compile)")
+    verdict = "fits" if peak <= device_gb * GB else "does NOT fit"
+    print(f"peak per device {peak / GB:.2f} GB: {verdict} in {device_gb:g} GB ({r['device_kind']} compile)")
+    if FLAGS.json:
+        record = {**r, "device_gb": device_gb, "fits": peak <= device_gb * GB, "target": FLAGS.target}
+        paths.write_atomic(FLAGS.json, lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str)))
     print(f"peak_bytes_per_device={peak}")
     return 0
 

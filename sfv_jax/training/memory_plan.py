@@ -19,7 +19,7 @@ import time
 import jax
 
 from sfv_jax.models.build import abstract_params
-from sfv_jax.parallel import sharding
+from sfv_jax.parallel import sharding, targets
 from sfv_jax.training import trainer
 from sfv_jax.training.discriminator import backbone_subset
 
@@ -35,14 +35,19 @@ def shard_bytes(abstract) -> int:
     return total
 
 
-def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
-    """Compile the train steps for ``config`` on the mesh and return the per-device memory figures."""
-    if mesh_spec:
-        config.mesh.update(sharding.parse_mesh(mesh_spec))
-    n = math.prod(s for s in config.mesh.to_dict().values() if s > 0)
+def plan_devices(config, target: str | None = None) -> list:
+    """The devices a plan of ``config``'s mesh compiles for: ``target``'s (abstract, any count; see
+    :mod:`sfv_jax.parallel.targets`), else the accelerators present if there are enough, else as many CPU
+    devices (``--xla_force_host_platform_device_count`` set before JAX starts)."""
+    sizes = config.mesh.to_dict()
+    if any(s == -1 for s in sizes.values()) and target is None:
+        return jax.devices()
+    n = math.prod(s for s in sizes.values() if s > 0)
+    if target is not None:
+        if any(s == -1 for s in sizes.values()):  # the -1 axis spans one host of the target
+            n = math.lcm(n, targets.get(target).per_host)
+        return targets.topology(target, n)
     devices = jax.devices()
-    if any(s == -1 for s in config.mesh.to_dict().values()):
-        n = len(devices)
     if len(devices) < n:
         devices = jax.devices("cpu")
     if len(devices) < n:
@@ -50,13 +55,26 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
             f"--mesh needs {n} devices; {len(devices)} present (set XLA_FLAGS="
             f"--xla_force_host_platform_device_count={n} before JAX starts)"
         )
+    return devices[:n]
+
+
+PROGRAMS = ("g_grads", "g_update", "d_grads", "d_update")
+
+
+def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | None = None, programs=None) -> dict:
+    """Compile the train steps for ``config`` on the mesh (for ``target``'s devices, or the local / CPU
+    ones) and return the per-device memory figures; ``programs``: a subset of :data:`PROGRAMS` (default
+    all that the objective has; the peak is then over those)."""
+    unknown = set(programs or ()) - set(PROGRAMS)
+    if unknown:
+        raise sharding.ShardingError(f"--steps {','.join(sorted(unknown))}: not among {', '.join(PROGRAMS)}")
+    if mesh_spec:
+        config.mesh.update(sharding.parse_mesh(mesh_spec))
+    devices = plan_devices(config, target)
     notes = []
     if devices[0].platform == "cpu":
         notes.append("XLA:CPU compile with its memory-minimising scheduler (estimates of a GPU compile)")
-        if config.model.get("attention_impl") == "cudnn":  # not compilable here: the same O(tokens) memory
-            config.model.attention_impl = "chunked"
-            notes.append("cuDNN flash attention planned as 'chunked' (both keep O(tokens) memory)")
-    plan = sharding.Plan.from_config(config, devices[:n])
+    plan = sharding.Plan.from_config(config, devices)
     unet, vae, clip = trainer.build_modules(config, svd_defaults=True)
     lay = trainer.make_layout(config, plan, unet, vae, clip)
     steps = lay.steps(config)
@@ -82,7 +100,14 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
         "backbone": shard_bytes(backbone),
         "batch": shard_bytes(batch),
     }
-    out = {"mesh": plan.shape, "platform": devices[0].platform, "resident": resident, "steps": {}, "notes": notes}
+    out = {
+        "mesh": plan.shape,
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "resident": resident,
+        "steps": {},
+        "notes": notes,
+    }
     for note in notes:
         log(f"note: {note}")
     g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
@@ -94,6 +119,8 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
         d_grads_abs = jax.eval_shape(steps.d_grads, state, batch, backbone)
         calls["d_grads"] = (steps.d_grads, (state, batch, backbone))
         calls["d_update"] = (steps.d_update, (state, *steps.update_args(d_grads_abs, "heads")))
+    if programs:
+        calls = {name: call for name, call in calls.items() if name in programs}
     resident_total = sum(resident.values())
     carried = {name: shard_bytes(args[1]) if name.endswith("update") else 0 for name, (_, args) in calls.items()}
     for name, (fn, args) in calls.items():
@@ -109,8 +136,11 @@ def plan_memory(config, mesh_spec: str | None = None, log=print) -> dict:
             "aliased": int(m.alias_size_in_bytes),
             "temporaries": int(m.temp_size_in_bytes),
             "code": int(m.generated_code_size_in_bytes),
+            "compile_s": 0.0,
+            "flops": targets.flops(compiled),
         }
         fig["peak"] = fig["resident"] + fig["gradients_in"] + fig["outputs"] - fig["aliased"] + fig["temporaries"]
+        fig["compile_s"] = time.time() - t0
         out["steps"][name] = fig
         log(
             f"  {name}: peak {fig['peak'] / GB:.3f} GB (temporaries {fig['temporaries'] / GB:.3f}) "
