@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import flax.linen as nn
@@ -24,7 +23,7 @@ from sfv_jax.configs import svd_finetune, tiny
 from sfv_jax.data import clips, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.loader import Loader
-from sfv_jax.diffusion.pipeline import SVDPipeline
+from sfv_jax.diffusion.pipeline import velocity_fn
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding
 from sfv_jax.training import layout, losses, param_groups
@@ -138,8 +137,7 @@ def test_dropout_frequencies_and_null_condition():
         def __call__(self, sample, c_noise, embeds, ids):
             return jnp.concatenate([sample, jnp.broadcast_to(embeds[:, :, None, None], (*sample.shape[:4], d))], -1)
 
-    fake_pipe = types.SimpleNamespace(unet=Echo())
-    velocity = SVDPipeline._velocity_fn(fake_pipe, {}, lat, emb, ids, jnp.zeros((f,), jnp.float32))
+    velocity = velocity_fn(Echo(), {}, lat, emb, ids, jnp.zeros((f,), jnp.float32))
     uncond = velocity(jnp.zeros((b, f, hw, hw, 4)), jnp.float32(0.0))  # guidance 0: the unconditional half
     cond = {"image_latents": lat[:, 0], "image_embeds": emb[:, 0], "added_time_ids": ids}
     dropped = losses.drop_conditions(cond, jnp.ones(b, bool), jnp.ones(b, bool))

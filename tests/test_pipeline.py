@@ -16,7 +16,7 @@ from conftest import rel_err
 
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
-from sfv_jax.diffusion import edm, samplers
+from sfv_jax.diffusion import edm, pipeline, samplers
 from sfv_jax.diffusion.conditioning import ImageError
 from sfv_jax.models import presets
 
@@ -178,7 +178,7 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
     noise = jax.random.normal(jax.random.PRNGKey(3), (3, *LATENT))
     got = pipe.sample_latents(noise, image_latents, embeds, ids, sigmas, sampler="sfv")
 
-    velocity = pipe._velocity_fn(pipe.unet_params, image_latents, embeds, ids, None)
+    velocity = pipeline.velocity_fn(pipe.unet, pipe.unet_params, image_latents, embeds, ids, None)
     denoise = jax.jit(lambda x, sigma: edm.denoise(velocity, x, sigma))
     x0 = denoise(noise[0] * edm.init_noise_sigma(700.0), sigmas[0])
     for i in (1, 2):

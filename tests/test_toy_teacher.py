@@ -51,6 +51,11 @@ def test_shipped_teacher_folder():
     assert pipe.unet.config.num_frames == tp.FRAMES and pipe.vae_scale_factor == 4
 
 
+# the report's tests run on one xdist worker (``--dist loadgroup``): the module-scoped fixture below is
+# computed once per worker that runs any of them, and it is the file's whole cost (one reproduce run)
+ON_REPORT = pytest.mark.xdist_group("toy_teacher_report")
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     work = tmp_path_factory.mktemp("toy") / "repro"
@@ -58,6 +63,7 @@ def report(tmp_path_factory):
     return work, {r["name"] + f"_{r['steps']}": r for r in json.loads((work / "report.json").read_text())["rows"]}
 
 
+@ON_REPORT
 def test_report_grids_and_resume(report):
     """report.json / report.md / one grid per row; a killed run (one row's result missing) recomputes only
     that row on rerun, with the same numbers."""
@@ -82,6 +88,7 @@ def test_report_grids_and_resume(report):
     assert again == {**rows, "teacher_1": {**rows["teacher_1"], "wall_s": again["teacher_1"]["wall_s"]}}
 
 
+@ON_REPORT
 def test_teacher_25_steps_beat_its_1_step(report):
     """The toy teacher is a working diffusion model: 25 Euler steps give sharper videos that move like the
     real clips; one step gives a blur (the paper's motivation)."""
@@ -92,6 +99,7 @@ def test_teacher_25_steps_beat_its_1_step(report):
     assert many["fvd"] < one["fvd"], (one, many)
 
 
+@ON_REPORT
 def test_short_distillation_beats_the_teachers_one_step(report):
     """SF-V from the shipped teacher for STEPS steps (the main job's path): its one-step videos, from the same
     conditioning frames and noise as the teacher's, are sharper, move more like the real clips and have
@@ -109,6 +117,7 @@ def test_short_distillation_beats_the_teachers_one_step(report):
     assert (work / "side_by_side.mp4").is_file() and np.load(work / "rows" / "sfv_1.npy").shape[0] == 4
 
 
+@ON_REPORT
 def test_vae_row_has_no_conditioning_frame(report):
     """The vae row (held-out clips through the teacher's VAE): the reconstructions keep the clips' motion
     (measured 0.79 with 8 videos, 1.03 with 32) and have no conditioning frame to compare with."""

@@ -6,8 +6,9 @@ Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stab
 --out checkpoints/svd``):
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
 Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
-Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first:
-  python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8
+Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first,
+compiled by the GPU's own compiler on any host (docs/targets.md):
+  python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8 --target h100
 Data: the embedded synthetic videos by default. Real videos:
   python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips --fps 7 --height 448 --width 768
   ... --config.data.kind=folder --config.data.path=data/clips
@@ -50,8 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_encoder = None
     c.model.dtype = "bfloat16"  # compute; parameters and optimizer states stay float32
     c.model.remat_policy = "full"
-    # cuDNN flash attention (NVIDIA GPUs, bf16): O(tokens) memory at 768x448 (5376 tokens per frame);
-    # "chunked" is the portable O(tokens) alternative, None = chunked on a CPU / XLA's plain attention elsewhere
+    # cuDNN flash attention (NVIDIA GPUs, bf16): O(tokens) memory at 768x448 (5376 tokens per frame). A
+    # preference: calls cuDNN cannot compile (the one-key cross-attention) and other platforms take an exact
+    # portable kernel (models.attention.attention_kernel); None = chunked on a CPU / XLA's plain attention elsewhere
     c.model.attention_impl = "cudnn"
 
     c.data = ml_collections.ConfigDict()

@@ -47,6 +47,42 @@ def _mesh_spec(a: Any) -> str:
     return str(sharding) if isinstance(sharding, NamedSharding) else ""
 
 
+def velocity_fn(unet: nn.Module, params, image_latents, embeds, added_time_ids, scales) -> edm.VelocityFn:
+    """The UNet with its conditioning bound. With ``scales`` (per-frame guidance), the batch is doubled
+    [uncond, cond] with zero latents / embeddings for the unconditional half."""
+    b = image_latents.shape[0]
+    if scales is not None:
+        null_latents, null_embeds = samplers.null_condition(image_latents, embeds)
+        image_latents = jnp.concatenate([null_latents, image_latents])
+        embeds = jnp.concatenate([null_embeds, embeds])
+        added_time_ids = jnp.concatenate([added_time_ids, added_time_ids])
+
+    def velocity(x_in, c_noise):
+        if scales is not None:
+            x_in = jnp.concatenate([x_in, x_in])
+        sample = jnp.concatenate([x_in.astype(image_latents.dtype), image_latents], axis=-1)
+        v = unet.apply({"params": params}, sample, c_noise, embeds, added_time_ids).astype(jnp.float32)
+        return v if scales is None else samplers.apply_guidance(v[:b], v[b:], scales)
+
+    return velocity
+
+
+def sampling_program(unet: nn.Module, sampler: str) -> Callable:
+    """The pipeline's UNet stage as a pure function (jit it, or compile it for a target):
+    ``(params, noise, image_latents, embeds, added_time_ids, sigmas, scales) -> latents`` with the shapes of
+    :meth:`SVDPipeline.sample_latents`; ``scales`` None: no guidance."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+    dtype = unet.dtype
+
+    def fn(params, noise, image_latents, embeds, ids, sigmas, scales):
+        velocity = velocity_fn(unet, params, image_latents.astype(dtype), embeds.astype(dtype), ids, scales)
+        run = samplers.euler_sample if sampler == "svd" else samplers.sfv_sample
+        return run(velocity, noise, sigmas)
+
+    return fn
+
+
 @dataclasses.dataclass
 class SVDPipeline:
     """The SVD / SF-V image-to-video pipeline (build it with :func:`sfv_jax.checkpoint.pretrained.load_pipeline`)."""
@@ -189,26 +225,6 @@ class SVDPipeline:
 
         return self._run("vae_decode", fn, (self.vae_params, latents), static=(chunk_size,))
 
-    def _velocity_fn(self, params, image_latents, embeds, added_time_ids, scales) -> edm.VelocityFn:
-        """The UNet with its conditioning bound. With ``scales`` (per-frame guidance), the batch is doubled
-        [uncond, cond] with zero latents / embeddings for the unconditional half."""
-        unet = self.unet
-        b = image_latents.shape[0]
-        if scales is not None:
-            null_latents, null_embeds = samplers.null_condition(image_latents, embeds)
-            image_latents = jnp.concatenate([null_latents, image_latents])
-            embeds = jnp.concatenate([null_embeds, embeds])
-            added_time_ids = jnp.concatenate([added_time_ids, added_time_ids])
-
-        def velocity(x_in, c_noise):
-            if scales is not None:
-                x_in = jnp.concatenate([x_in, x_in])
-            sample = jnp.concatenate([x_in.astype(image_latents.dtype), image_latents], axis=-1)
-            v = unet.apply({"params": params}, sample, c_noise, embeds, added_time_ids).astype(jnp.float32)
-            return v if scales is None else samplers.apply_guidance(v[:b], v[b:], scales)
-
-        return velocity
-
     def sample_latents(
         self,
         noise: jax.Array,
@@ -223,17 +239,8 @@ class SVDPipeline:
         """Run a sampler over the UNet. ``image_latents`` [B, F, h, w, L] (unscaled posterior means),
         ``embeds`` [B, 1, D], ``added_time_ids`` [B, 3], ``noise`` [B, F, h, w, L] (svd) or
         [n, B, F, h, w, L] (sfv), ``scales`` [F] enables guidance (svd only). -> latents [B, F, h, w, L]."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
-        dtype = self.unet.dtype
-
-        def fn(params, noise, image_latents, embeds, ids, sigmas, scales):
-            velocity = self._velocity_fn(params, image_latents.astype(dtype), embeds.astype(dtype), ids, scales)
-            run = samplers.euler_sample if sampler == "svd" else samplers.sfv_sample
-            return run(velocity, noise, sigmas)
-
         args = (self.unet_params, noise, image_latents, embeds, added_time_ids, jnp.asarray(sigmas), scales)
-        return self._run("unet", fn, args, static=(sampler,))
+        return self._run("unet", sampling_program(self.unet, sampler), args, static=(sampler,))
 
     # ------------------------------------------------------------------------------------------ __call__
 

@@ -164,13 +164,32 @@ def get(name: str) -> Target:
         raise TargetError(f"--target {name!r}: not one of {', '.join(TARGETS)}") from None
 
 
+# XLA:GPU's Triton GEMM emitter picks its tile sizes by autotuning on the device; without one it falls back
+# to a default tiling that fails on some of SVD's projection shapes ("Couldn't find output tile sizes",
+# seen on bf16[129024,320] at 1024x576x14), so deviceless GPU compiles use cuBLAS GEMMs (whose algorithm
+# is chosen when the program runs), as the public deviceless examples do.
+DEVICELESS_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+
+
 def prepare_environment() -> None:
     """Environment for deviceless compilation, set before JAX starts: JAX runs on the CPU (the plugins'
-    own device discovery would fail or print noise), the CUDA plugin skips its driver-version check."""
+    own device discovery would fail or print noise), the CUDA plugin skips its driver-version check, the
+    GPU compiler's flags of :data:`DEVICELESS_XLA_FLAGS`, and libtpu's settings (:func:`_tpu_environment`)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    # libtpu looks for the TPU VM's metadata when it loads; a host without one answers these itself
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    for flag in DEVICELESS_XLA_FLAGS:
+        if not any(f.startswith(flag.split("=")[0] + "=") for f in flags):
+            flags.append(flag)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    _tpu_environment()
+
+
+def _tpu_environment() -> None:
+    """libtpu, loaded to compile on a host that is not a TPU VM: no metadata-server query, and several
+    processes may load it at once (by default the first holds /tmp/libtpu_lockfile and the others abort)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compiler_installed(target: Target) -> bool:
@@ -202,6 +221,7 @@ def topology(name: str, n: int) -> list[Any]:
             platform="cuda", target_config=target.gpu_target_config(), topology=f"{hosts}x1x{per_host}"
         )
     else:
+        _tpu_environment()  # read when the TPU plugin first loads, i.e. here
         if n < target.per_host and target.per_host == 4 or n < 4:
             raise TargetError(f"--target {name}: a TPU slice has at least 4 chips, got a mesh of {n}")
         desc = topologies.get_topology_desc(target.tpu_topology(n), "tpu")

@@ -2,6 +2,7 @@
 
     sfv-memory --config sfv_svd --target h100 --mesh fsdp=8          # XLA:GPU's own figures, 8 H100s
     sfv-memory --config sfv_svd --target v5p --mesh fsdp=8           # libtpu's, a v5p-8 slice (+ FLOPs)
+    sfv-memory --config sfv_svd --target h100 --sampler              # SF-V's one step, 1024x576x14, one GPU
     python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8     # XLA:CPU estimate
 
 ``--target NAME`` (h100, h200, a100, v5p, v6e, v5e: :mod:`sfv_jax.parallel.targets`) compiles the steps
@@ -36,6 +37,8 @@ import math
 import os
 import sys
 
+from sfv_jax.parallel import targets  # plain data, no JAX: usable before JAX starts
+
 
 def _devices_needed(argv: list[str]) -> int | None:
     """The mesh size from --mesh, read before JAX starts (to simulate that many CPU devices)."""
@@ -67,9 +70,7 @@ def _target_given(argv: list[str]) -> bool:
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
     _n = _devices_needed(sys.argv)
     if _target_given(sys.argv) and "jax" not in sys.modules:
-        from sfv_jax.parallel.targets import prepare_environment
-
-        prepare_environment()
+        targets.prepare_environment()
     elif _n and "jax" not in sys.modules:
         _flags = os.environ.get("XLA_FLAGS", "").split()
         _flags = [f for f in _flags if not f.startswith("--xla_force_host_platform_device_count=")]
@@ -83,9 +84,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sfv_jax import console, paths  # noqa: E402  (after the device simulation above; before TensorFlow)
-from sfv_jax.parallel import sharding, targets  # noqa: E402
+from sfv_jax.parallel import sharding  # noqa: E402
 from sfv_jax.training import trainer  # noqa: E402
-from sfv_jax.training.memory_plan import GB, plan_memory  # noqa: E402
+from sfv_jax.training.memory_plan import GB, plan_memory, plan_sampler  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -95,6 +96,12 @@ flags.DEFINE_list("steps", None, "compile only these steps (g_grads, g_update, d
 flags.DEFINE_float(
     "device_gb", None, "device memory to compare the peak with, in GB (1e9 bytes; default: the target's, else 80)"
 )
+flags.DEFINE_bool(
+    "sampler",
+    False,
+    "compile the pipeline's UNet stage on one device instead of the train steps: the config's sampler "
+    "(sfv: SF-V, sample.steps single forwards; diffusion: the teacher, sample.steps guided Euler steps)",
+)
 flags.DEFINE_string("json", None, "also write the figures to this JSON file (what sfv-targets collects)")
 flags.mark_flags_as_required(["config"])
 
@@ -103,7 +110,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        r = plan_memory(FLAGS.config, FLAGS.mesh, target=FLAGS.target, programs=FLAGS.steps)
+        if FLAGS.sampler:
+            r = plan_sampler(FLAGS.config, target=FLAGS.target)
+        else:
+            r = plan_memory(FLAGS.config, FLAGS.mesh, target=FLAGS.target, programs=FLAGS.steps)
     except (trainer.ConfigError, sharding.ShardingError, targets.TargetError) as e:
         return console.fail(e)
     device_gb = FLAGS.device_gb or (targets.get(FLAGS.target).memory_gb if FLAGS.target else 80.0)

@@ -39,6 +39,9 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "toy_sfv": ("toy_sfv", (f"--config.init_from={TEACHER}",)),
     "tiny": ("tiny", ()),
     "tiny_diffusion": ("tiny", ("--config.objective=diffusion",)),
+    # the pipeline's UNet stage on one device, 1024x576x14: SF-V's single forward; the teacher's 25 guided steps
+    "sample_sfv": ("sfv_svd", ("--sampler",)),
+    "sample_teacher": ("svd_finetune", ("--sampler",)),
 }
 MESH = "fsdp=8"  # one host: 8 GPUs, a v5p-8 / v6e-8 / v5e-8 slice
 
@@ -48,11 +51,13 @@ def run_case(out: Path, target: str, case: str, timeout_s: float) -> dict:
     config, extra = CASES[case]
     path = out / f"{target}__{case}.json"
     cmd = [sys.executable, "-m", "sfv_jax.tools.memory", "--config", config, "--target", target]
-    cmd += ["--mesh", MESH, "--json", str(path), *extra]
+    cmd += ([] if "--sampler" in extra else ["--mesh", MESH]) + ["--json", str(path), *extra]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no output)"])[-3:]
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        named = [ln.strip() for ln in lines if "Error" in ln or ln.startswith("error:")]  # the exception's own line
+        error = None if proc.returncode == 0 else (named[-1:] or lines[-3:])
     except subprocess.TimeoutExpired:
         error = [f"not compiled within the {timeout_s:.0f}-s limit"]
     if error is not None:

@@ -17,7 +17,10 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from sfv_jax.diffusion.pipeline import sampling_program
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
 from sfv_jax.training import trainer
@@ -150,3 +153,58 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
     out["frozen_encoders_first_device"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen))
     out["peak_bytes_per_device"] = max(f["peak"] for f in out["steps"].values())
     return out
+
+
+def plan_sampler(config, target: str | None = None, log=print) -> dict:
+    """Compile the pipeline's UNet stage for one device and return its memory figures: the SF-V sampler
+    (``objective="sfv"``: ``config.sample.steps`` single-forward steps, no guidance) or the teacher
+    (``"diffusion"``: ``sample.steps`` Euler steps with per-frame guidance, the batch doubled), one video of
+    ``data.num_frames`` at ``sample.height`` x ``sample.width``, parameters stored in ``model.dtype``."""
+    config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
+    if target:  # one device (of a TPU slice's smallest topology)
+        device = targets.topology(target, 4 if targets.get(target).platform == "tpu" else 1)[0]
+    else:
+        device = jax.devices()[0]
+    unet = trainer.build_modules(config, svd_defaults=True)[0].clone(remat_policy="none")
+    dtype = unet.dtype
+    sampler = "sfv" if config.objective == "sfv" else "svd"
+    steps = int(config.sample.steps)
+    f, (h, w) = config.data.num_frames, (s // 8 for s in (config.sample.height, config.sample.width))
+    one = jax.sharding.SingleDeviceSharding(device)
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=one)
+    params = jax.tree.map(lambda a: sds(a.shape, dtype), abstract_params(unet))
+    latent = (1, f, h, w, 4)
+    noise = sds((steps, *latent) if sampler == "sfv" else latent, jnp.float32)
+    n_sigmas = steps if sampler == "sfv" else steps + 1
+    scales = sds((f,), jnp.float32) if sampler == "svd" else None
+    args = (params, noise, sds(latent, jnp.float32), sds((1, 1, unet.config.cross_attention_dim[0]), jnp.float32))
+    args += (sds((1, 3), jnp.float32), sds((n_sigmas,), jnp.float32), scales)
+    name = f"sample_{sampler}{steps}"
+    size = f"{f} x {config.sample.height} x {config.sample.width}"
+    log(f"compiling {name}: {size}, {jnp.dtype(dtype).name} on {device.device_kind}")
+    t0 = time.time()
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+        compiled = jax.jit(sampling_program(unet, sampler)).lower(*args).compile()
+    m = compiled.memory_analysis()
+    fig = {
+        "resident": shard_bytes(params),
+        "gradients_in": 0,
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+        "compile_s": time.time() - t0,
+        "flops": targets.flops(compiled),
+    }
+    fig["peak"] = int(m.argument_size_in_bytes) + fig["outputs"] - fig["aliased"] + fig["temporaries"]
+    log(f"  {name}: peak {fig['peak'] / GB:.3f} GB compiled in {fig['compile_s']:.0f} s")
+    return {
+        "mesh": {"data": 1},
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "resident": {"unet": fig["resident"]},
+        "steps": {name: fig},
+        "notes": [],
+        "frozen_encoders_first_device": 0,
+        "peak_bytes_per_device": fig["peak"],
+    }
