@@ -64,6 +64,25 @@ def plan_devices(config, target: str | None = None) -> list:
 PROGRAMS = ("g_grads", "g_update", "d_grads", "d_update")
 
 
+def step_figures(compiled, resident: int, gradients_in: int, compile_s: float) -> dict:
+    """One compiled program's per-device figures: its memory analysis (outputs, donated buffers,
+    temporaries, code), FLOPs where the compiler reports them, and the peak = ``resident`` +
+    ``gradients_in`` + outputs - aliased + temporaries."""
+    m = compiled.memory_analysis()
+    fig = {
+        "resident": resident,
+        "gradients_in": gradients_in,
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+        "compile_s": compile_s,
+        "flops": targets.flops(compiled),
+    }
+    fig["peak"] = resident + gradients_in + fig["outputs"] - fig["aliased"] + fig["temporaries"]
+    return fig
+
+
 def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | None = None, programs=None) -> dict:
     """Compile the train steps for ``config`` on the mesh (for ``target``'s devices, or the local / CPU
     ones) and return the per-device memory figures; ``programs``: a subset of :data:`PROGRAMS` (default
@@ -131,19 +150,7 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
         log(f"compiling {name} ...")
         with plan.context():
             compiled = fn.lower(*args).compile()
-        m = compiled.memory_analysis()
-        fig = {
-            "resident": resident_total,
-            "gradients_in": carried[name],
-            "outputs": int(m.output_size_in_bytes),
-            "aliased": int(m.alias_size_in_bytes),
-            "temporaries": int(m.temp_size_in_bytes),
-            "code": int(m.generated_code_size_in_bytes),
-            "compile_s": 0.0,
-            "flops": targets.flops(compiled),
-        }
-        fig["peak"] = fig["resident"] + fig["gradients_in"] + fig["outputs"] - fig["aliased"] + fig["temporaries"]
-        fig["compile_s"] = time.time() - t0
+        fig = step_figures(compiled, resident_total, carried[name], time.time() - t0)
         out["steps"][name] = fig
         log(
             f"  {name}: peak {fig['peak'] / GB:.3f} GB (temporaries {fig['temporaries'] / GB:.3f}) "
@@ -185,18 +192,9 @@ def plan_sampler(config, target: str | None = None, log=print) -> dict:
     t0 = time.time()
     with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
         compiled = jax.jit(sampling_program(unet, sampler)).lower(*args).compile()
-    m = compiled.memory_analysis()
-    fig = {
-        "resident": shard_bytes(params),
-        "gradients_in": 0,
-        "outputs": int(m.output_size_in_bytes),
-        "aliased": int(m.alias_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "code": int(m.generated_code_size_in_bytes),
-        "compile_s": time.time() - t0,
-        "flops": targets.flops(compiled),
-    }
-    fig["peak"] = int(m.argument_size_in_bytes) + fig["outputs"] - fig["aliased"] + fig["temporaries"]
+    # nothing is kept between calls but what the program reads: its arguments are what the device holds
+    fig = step_figures(compiled, shard_bytes(params), 0, time.time() - t0)
+    fig["peak"] += int(compiled.memory_analysis().argument_size_in_bytes) - fig["resident"]
     log(f"  {name}: peak {fig['peak'] / GB:.3f} GB compiled in {fig['compile_s']:.0f} s")
     return {
         "mesh": {"data": 1},
