@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The prepared device check (issue 18): UNet forward (cuDNN and XLA attention) against diffusers, the 1-step
+# The prepared device check (docs/benchmarks.md): UNet forward (cuDNN and XLA attention) against diffusers, the 1-step
 # pipeline per stage, one SF-V and one diffusion training step (time, MFU, measured peak memory beside the
 # planner's figure); one table on stdout, JSON in $OUT (or ./device_check) after every part. Sized for one
 # H200 in under 10 minutes; on a CPU it runs the smoke variant (tiny sizes, what CI runs).
 #
 #   bash launch/device_check.sh [--smoke] [--parts unet_cudnn,train_sfv,...]
 #
-# On the lent device machine (no network; jax, flax, optax, orbax, torch, transformers present): carry the
-# missing wheels as the device tool's README says (.whl/, Python 3.12, manylinux x86_64): at least
+# On a GPU machine without network access (jax, flax, optax, orbax, torch, transformers present): put the
+# missing wheels in .whl/ (Python 3.12, manylinux x86_64): at least
 # diffusers, ml-collections, clu, einops, grain, tensorflow-datasets' pure-Python deps as needed. This
 # script installs whatever .whl/ holds into /tmp/site and the package itself without dependencies.
 set -uo pipefail

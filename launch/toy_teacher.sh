@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the shipped toy teacher (sfv_jax/assets/toy_teacher, issue 17) from nothing, on a CPU. Each step
+# Rebuild the shipped toy teacher (sfv_jax/assets/toy_teacher) from nothing, on a CPU. Each step
 # is resumable and skipped once its output exists; rerun the script after an interruption.
 #
 #   bash launch/toy_teacher.sh [RUNS_DIR]          (default runs/; the folder to ship: RUNS_DIR/toy_teacher_export)

@@ -1,4 +1,4 @@
-"""The toy-scale reproduction of the paper's Tables 1-3 (issue 17): distil SF-V from a toy teacher,
+"""The toy-scale reproduction of the paper's Tables 1-3 (docs/reproduction.md): distil SF-V from a toy teacher,
 evaluate every row and write a report.
 
     python -m sfv_jax.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--num-videos N]

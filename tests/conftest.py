@@ -35,7 +35,7 @@ from sfv_jax.testing import torch_reference as ref  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-PARITY_TOL = 1e-4  # max|jax - torch| / max|torch|, fp32 (issue #2)
+PARITY_TOL = 1e-4  # max|jax - torch| / max|torch|, fp32
 BF16_TOL = 3e-2  # bf16 compute against the fp32 reference
 
 

@@ -195,8 +195,8 @@ def test_check_size():
 
 
 def test_sixteen_bit_grey_png_is_scaled_not_clipped(tmp_path):
-    """A 16-bit grey PNG (mode I / I;16) becomes 8-bit grey by value / 257 (issue 19: convert("RGB")
-    clipped everything above 255 to white)."""
+    """A 16-bit grey PNG (mode I / I;16) becomes 8-bit grey by value / 257 (PIL's convert("RGB")
+    would clip everything above 255 to white)."""
     ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
     path = tmp_path / "deep.png"
     PIL.Image.fromarray(ramp).save(path)

@@ -146,7 +146,7 @@ def test_config_dict_ignores_unused_keys():
 
 def test_bad_weight_values_refused_through_the_cli(folder, tmp_path, capsys):
     """Non-finite values, an int8 tensor where the model has floats and values beyond float16's range are
-    refused, each tensor named, exit 2, nothing written (issue 19: they used to convert and sample silently)."""
+    refused, each tensor named, exit 2, nothing written (otherwise they would convert and sample silently)."""
 
     def edit(t):
         t["conv_in.weight"][0, 0, 0, 0] = np.nan

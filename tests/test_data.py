@@ -1,4 +1,4 @@
-"""Real video data (issue #6): the folder builder (fps resampling, resize + crop, skips), the CLI, clip
+"""Real video data: the folder builder (fps resampling, resize + crop, skips), the CLI, clip
 sampling and its determinism, per-process shards, UCF-101 through TFDS mock data, latent pre-encoding
 (sharded CLI == on-the-fly encoding) and the loader's iterator state. Training on a built folder dataset:
 tests/test_training.py::test_resume_is_bitwise (one process) and tests/test_sharding.py (two processes).

@@ -1,4 +1,4 @@
-"""The device check's CPU smoke variant (issue 18): ``launch/device_check.sh --smoke`` runs every part at
+"""The device check's CPU smoke variant (docs/benchmarks.md): ``launch/device_check.sh --smoke`` runs every part at
 tiny sizes, prints the table and writes the JSON; a failing part is reported without losing the others."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SVD's diffusion objective in the trainer (issue #16): the loss against float64 numpy, the sigma
+"""SVD's diffusion objective in the trainer: the loss against float64 numpy, the sigma
 distribution, conditioning dropout (equal to the teacher sampler's unconditional inputs), per-sample
 noise augmentation reaching ``added_time_ids``, accumulation, ``trainable=temporal``, the optimizers,
 and that a short run learns (held-out denoising loss at fixed sigmas)."""
@@ -340,7 +340,7 @@ def test_temporal_trains_only_temporal_layers(temporal_run):
 RUN_STEPS, RESUME_FROM = 60, 40
 HELD_OUT_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 HELD_OUT_POSITION = 1_000_000  # synthetic clips far from the training positions (0 .. 2 x RUN_STEPS)
-LEARN_RATIO = 0.75  # held-out loss after RUN_STEPS <= 0.75 x before (measured: README "Fine-tuning SVD")
+LEARN_RATIO = 0.75  # held-out loss after RUN_STEPS <= 0.75 x before (measured: docs/training.md, "Fine-tuning SVD")
 RUN_OVERRIDES = {
     "objective": "diffusion",
     "total_steps": RUN_STEPS,

@@ -77,7 +77,7 @@ def test_commands_name_the_dev_extras_when_torch_is_missing(monkeypatch, capsys)
 )
 def test_command_line_mistakes_are_errors_not_tracebacks(tmp_path, flags, message):
     """A --config override of a key the config lacks, a bad value, a missing flag: ``error: ...``, exit 2,
-    no traceback, nothing written (issue 19: the unknown key was a traceback, the others absl's FATAL line)."""
+    no traceback, nothing written (not a traceback for the unknown key, not absl's FATAL line for the others)."""
     import os
     import subprocess
     import sys

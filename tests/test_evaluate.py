@@ -1,4 +1,4 @@
-"""The FVD evaluation (issue #7): the smoke evaluation of the tiny checkpoint on a tiny folder dataset writes
+"""The FVD evaluation: the smoke evaluation of the tiny checkpoint on a tiny folder dataset writes
 the table, on 2 devices, and resumes after a lost chunk on 1."""
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def test_smoke_evaluation_writes_the_table_and_resumes(tiny_pipeline_dirs, tiny_
 
 
 def test_cache_key_follows_the_model_not_its_path(tiny_pipeline_dirs, tmp_path):
-    """Another model written to the same path gets new cache folders (issue 19: the path alone was the key,
-    so a replaced model "scored" the old FVD)."""
+    """Another model written to the same path gets new cache folders (with the path alone
+    as the key, a replaced model would "score" the old FVD)."""
     import shutil
 
     from sfv_jax.configs import eval_tiny

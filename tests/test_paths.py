@@ -1,4 +1,4 @@
-"""No command deletes or replaces its inputs (issue 19, item 1): an output that equals, contains or lies
+"""No command deletes or replaces its inputs: an output that equals, contains or lies
 inside an input is refused before anything is written, with or without --overwrite, symlinks resolved."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_encode_dataset_output_stays_out_of_its_dataset(tmp_path):
 
 
 def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
-    """--workdir naming a file: every command that writes a work folder says so (issue 19: a traceback)."""
+    """--workdir naming a file: every command that writes a work folder says so (not with a traceback)."""
     from sfv_jax import reproduce
     from sfv_jax.paths import folder_problem
     from sfv_jax.tools import toy_world

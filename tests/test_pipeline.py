@@ -22,7 +22,7 @@ from sfv_jax.models import presets
 
 H, W, F = 48, 40, 5  # TINY_VAE downsamples by 4: latents 12 x 10, TINY_B's test size
 LATENT = (1, F, H // 4, W // 4, 4)
-E2E_TOL = 1e-3  # max |jax - diffusers| of frames in [0, 1] (issue #3)
+E2E_TOL = 1e-3  # max |jax - diffusers| of frames in [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
     pipe = jax_pipeline
     image_latents, embeds, ids = _conditioning(pipe, image)
     sigmas = edm.sfv_sigmas(3)
-    np.testing.assert_allclose(sigmas, [700.0, 70.54, 2.269], rtol=2e-3)  # sfv_method_notes 1 (T = 4 grid)
+    np.testing.assert_allclose(sigmas, [700.0, 70.54, 2.269], rtol=2e-3)  # the T = 4 Karras grid (docs/method.md)
     noise = jax.random.normal(jax.random.PRNGKey(3), (3, *LATENT))
     got = pipe.sample_latents(noise, image_latents, embeds, ids, sigmas, sampler="sfv")
 
@@ -184,7 +184,7 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
     for i in (1, 2):
         x0 = denoise(x0 + sigmas[i] * noise[i], sigmas[i])
     assert rel_err(got, x0) <= 1e-5
-    # only trained levels unless asked: 4 steps would denoise at sigma_min (issue 17)
+    # only trained levels unless asked: 4 steps would denoise at sigma_min (docs/method.md, "Sampling")
     with pytest.raises(ValueError, match="1 to 3 steps.*never trained on"):
         edm.sfv_sigmas(4)
     np.testing.assert_allclose(edm.sfv_sigmas(4, untrained=True), [700.0, 70.54, 2.269, 0.002], rtol=2e-3)

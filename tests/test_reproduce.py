@@ -1,4 +1,4 @@
-"""``python -m sfv_jax.reproduce`` (issue 17): rows, size presets and bad flags (the tiny converted test
+"""``python -m sfv_jax.reproduce``: rows, size presets and bad flags (the tiny converted test
 pipeline stands in for a teacher). The report itself, its grids and its resume are checked on the shipped
 toy teacher in tests/test_toy_teacher.py."""
 

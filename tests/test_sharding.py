@@ -1,4 +1,4 @@
-"""Sharded training (issue #5) on 8 virtual CPU devices: sharded steps equal single-device steps, large
+"""Sharded training on 8 virtual CPU devices: sharded steps equal single-device steps, large
 leaves really are split, checkpoints move between meshes, two processes joined by jax.distributed train
 like one. The device count is fixed when JAX starts, so the multi-device work runs in subprocesses
 (tests/sharded_worker.py, and the training CLI); this process compares their outputs."""

@@ -1,8 +1,8 @@
-"""The shipped toy teacher (``sfv_jax/assets/toy_teacher``, issue 17): it loads, fits its 20 MB, says how it
+"""The shipped toy teacher (``sfv_jax/assets/toy_teacher``): it loads, fits its 20 MB, says how it
 was made; through ``sfv-reproduce`` (the report's own protocol: the same reference clips, conditioning
 frames and noise seeds) its 25-step samples beat its own 1-step samples on the cheap metrics, and a short
 SF-V distillation from it beats the teacher's own 1-step samples. The numbers these margins guard, measured
-on more videos, are in the asset's README and the README's toy-world section."""
+on more videos, are in the asset's README and docs/reproduction.md."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_short_distillation_beats_the_teachers_one_step(report):
     a lower FVD than the teacher's own one step. Measured with these N and seeds (the EMA
     generator of one run every 50 steps): sharpness 0.0205 (teacher) -> 0.0156, 0.0186, 0.0239, 0.0327 (200 steps),
     0.0427; motion 0.368 -> 0.306, 0.378, 0.475, 0.576, 0.668; it first gets worse, then better. With 32
-    videos and two seeds at 300 steps see the README's toy-world table."""
+    videos and two seeds at 300 steps see docs/reproduction.md."""
     work, rows = report
     sfv, one = rows["sfv_1"], rows["teacher_1"]
     assert sfv["sharpness"] > 1.3 * one["sharpness"], (one, sfv)

@@ -1,4 +1,4 @@
-"""SF-V training (issue #4): gradient routing, accumulation, non-finite batches, bitwise resume, the CLI
+"""SF-V training: gradient routing, accumulation, non-finite batches, bitwise resume, the CLI
 end to end (checkpoint, TensorBoard scalars, sample mp4) and SIGTERM.
 
 Everything runs the tiny config (configs/tiny.py). The steps are built from the same pieces as
@@ -216,8 +216,8 @@ def straight_run(tmp_path_factory, tiny_folder_dataset):
 @TINY_RUN
 def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
     """3 steps straight == the same run stopped after 2 steps (its last checkpoint removed) and resumed
-    (restored checkpoint and data iterator) to 3, training on a folder dataset built from mp4s (issue #6:
-    a tiny run from a built dataset)."""
+    (restored checkpoint and data iterator) to 3, training on a folder dataset built from mp4s (a tiny
+    run from a built dataset)."""
     data = _folder_data(tiny_folder_dataset)
     straight = straight_run[1]
     # the straight run's workdir as it was after step 2: its step-3 checkpoint removed
@@ -246,7 +246,7 @@ def _corrupt(checkpoint) -> None:
 
 @TINY_RUN
 def test_unreadable_latest_checkpoint_resumes_from_the_previous(tmp_path, tiny_folder_dataset, straight_run):
-    """A damaged latest checkpoint (issue 19): named in one warning, moved aside (kept), the run resumes from
+    """A damaged latest checkpoint: named in one warning, moved aside (kept), the run resumes from
     the newest readable one and ends bitwise where the uninterrupted run ended. checkpoint_fallback=False
     stops with an error naming it instead."""
     config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
@@ -416,7 +416,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
 def test_kill_9_at_a_random_moment_then_rerun_matches_the_straight_run(
     tmp_path, tiny_folder_dataset, straight_run, seed
 ):
-    """Fault injection (issue 19 item 7): the straight run's config through the CLI, SIGKILLed at a seeded
+    """Fault injection: the straight run's config through the CLI, SIGKILLed at a seeded
     random moment after its first checkpoint started to be written (so mid-step, mid-save or between);
     the rerun resumes from a complete checkpoint and ends bitwise where the uninterrupted run ended."""
     import random

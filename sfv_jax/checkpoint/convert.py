@@ -5,8 +5,8 @@ Usage:
   python -m sfv_jax.convert --src path/to/svd/unet --out converted/unet                 # one component
   python -m sfv_jax.convert --to-diffusers --src converted/svd --out exported/svd      # Flax -> PyTorch formats
 
-Key mapping (svd_port_spec 5): the Flax module tree mirrors the PyTorch names, with list indices joined
-by '_' (``down_blocks.0.resnets.1`` <-> ``down_blocks_0/resnets_1``); leaves ``kernel``/``scale``/
+Key mapping (docs/svd_port.md, "Checkpoint conversion"): the Flax module tree mirrors the PyTorch names, with
+list indices joined by '_' (``down_blocks.0.resnets.1`` <-> ``down_blocks_0/resnets_1``); leaves ``kernel``/``scale``/
 ``embedding`` <-> ``weight``. Linear [out, in] -> [in, out]; Conv2d [O, I, kh, kw] -> [kh, kw, I, O];
 Conv3d [O, I, kt, kh, kw] -> [kt, kh, kw, I, O]. Every key and shape is checked against
 ``jax.eval_shape`` of the Flax model before any tensor is read; all problems are reported at once.

@@ -6,7 +6,7 @@ Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stab
 --out checkpoints/svd``):
   python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
 Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
-Multi-GPU / multi-node launchers: launch/ (README "Sharded and multi-host training"). Memory check first,
+Multi-GPU / multi-node launchers: launch/ (docs/scaling.md). Memory check first,
 compiled by the GPU's own compiler on any host (docs/targets.md):
   python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8 --target h100
 Data: the embedded synthetic videos by default. Real videos:

@@ -1,5 +1,5 @@
 """The SF-V pipeline at toy size, for a CPU: tiny random-init UNet / VAE / CLIP, synthetic videos
-(16x16, 4 frames), 400 steps; the README's main job (about 4 minutes on a 2-core CPU: ~1.5 min of
+(16x16, 4 frames), 400 steps; the README's Quickstart (about 4 minutes on a 2-core CPU: ~1.5 min of
 compilation, then ~2.8 steps/s).
 
 Run:

@@ -11,7 +11,7 @@ paper, with learning rates 1e-4 / 1e-3 and 20 warm-up steps (a 1.3 M-parameter U
 few hundred steps instead of 1.5 B and 50 K); the head sizes of configs/tiny.py; the GAN-balance
 metrics on.
 
-Measured (README, "The toy world"; seeds 2 and 3 at 256 videos, seeds 0 and 1 at 32, 300 steps): these
+Measured (docs/reproduction.md; seeds 2 and 3 at 256 videos, seeds 0 and 1 at 32, 300 steps): these
 settings beat the teacher's one step on FVD, motion and sharpness on every seed; ``--config.loss.recon_weight=0``
 (adversarial only) did better still on every seed. The paper's lambda 0.1 stays the default: the
 reproduction's ablations are of the paper's setting. R1 stays at the paper's gamma 1e-5 (in effect off:

@@ -1,4 +1,4 @@
-"""EDM noise levels and preconditioning of SVD (pure functions; sfv_method_notes 1, svd_port_spec 4).
+"""EDM noise levels and preconditioning of SVD, pure functions (docs/method.md; docs/svd_port.md, "Sampling pipeline").
 
 SVD predicts v with the EDM preconditioning for sigma_data = 1:
 
@@ -101,7 +101,7 @@ def x0_from_v(v: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.Array:
 
 def denoise(velocity_fn: VelocityFn, x: jax.Array, sigma: jax.Array) -> jax.Array:
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): paper Eq. 6 with its erratum fixed (c_skip
-    multiplies x_t, not x0; sfv_method_notes 2). It is both the teacher's denoiser and the SF-V generator.
+    multiplies x_t, not x0; docs/method.md, "Generator"). It is both the teacher's denoiser and the SF-V generator.
 
     ``x`` [B, F, h, w, 4] noisy latents at level ``sigma`` (a scalar, or [B] one per sample; the
     velocity function then gets c_noise [B]) -> the denoised estimate, float32."""
@@ -138,7 +138,7 @@ def discriminator_sigma_distribution(
     num_levels: int = 1000, p_mean: float = -1.0, p_std: float = -1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """The discretised lognormal over the T_d Karras grid (paper Eq. 7, with the argument corrected to
-    (ln sigma'_t - P_mean) / (sqrt(2) P_std); sfv_method_notes 2).
+    (ln sigma'_t - P_mean) / (sqrt(2) P_std); docs/method.md, "Discriminator noise").
 
     Returns (levels sigma'_1 .. sigma'_{T_d - 1} low to high, probabilities), float64. Bin t has weight
     erf(arg(sigma'_t)) - erf(arg(sigma'_{t-1})). With P_std < 0 every weight is negative; normalising

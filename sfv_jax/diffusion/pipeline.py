@@ -7,7 +7,7 @@
     pipe.last_timings                                      # seconds per stage of the last call
 
 The arguments mirror diffusers' ``StableVideoDiffusionPipeline.__call__`` and the numerics follow it
-(svd_port_spec 3-4): CLIP preprocessing of the raw image; the VAE image resized with PIL LANCZOS,
+(docs/svd_port.md): CLIP preprocessing of the raw image; the VAE image resized with PIL LANCZOS,
 noise-augmented, encoded to its posterior mean (unscaled, float32); added_time_ids [fps - 1,
 motion_bucket_id, noise_aug_strength]; zero embeddings and latents for the unconditional half, batch
 order [uncond, cond]; per-frame guidance linspace(min, max, F); decode in chunks of

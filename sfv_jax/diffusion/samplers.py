@@ -51,7 +51,7 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, sigmas: jax.Array) -
 
 
 def sfv_sample(velocity_fn: VelocityFn, noise: jax.Array, sigmas: jax.Array) -> jax.Array:
-    """The SF-V generator (paper Sec. 3.2-3.3; sfv_method_notes 4): no guidance.
+    """The SF-V generator (paper Sec. 3.2-3.3; docs/method.md, "Sampling"): no guidance.
 
     ``sigmas`` [n] high to low (:func:`sfv_jax.diffusion.edm.sfv_sigmas`; n = 1 is the paper's single forward pass).
     ``noise`` [n, B, F, h, w, 4] unit Gaussian: ``noise[0]`` starts the chain, x_T = noise[0] *

@@ -1,4 +1,4 @@
-"""The toy-scale reproduction's protocol (issue 17; ``python -m sfv_jax.reproduce``): its rows, its real
+"""The toy-scale reproduction's protocol (``python -m sfv_jax.reproduce``; docs/reproduction.md): its rows, its real
 clips and each row's metrics. The paper's Tables 1-3 at toy size: FVD with the project's I3D plus cheap
 metrics that the synthetic moving shapes make meaningful (``data.video_metrics``).
 
@@ -53,11 +53,11 @@ RUNS: dict[str, dict[str, Any]] = {
     # the adversarial term alone decides what the generator learns
     "sfv_spatial_adv_only": {"disc.heads": "spatial", "loss.recon_weight": 0.0},
     "sfv_temporal_adv_only": {"disc.heads": "temporal", "loss.recon_weight": 0.0},
-    # the R1 weight (the paper's 1e-5 gives gamma * R1 / hinge < 1e-7 here): a sweep for issue 17
+    # the R1 weight (the paper's 1e-5 gives gamma * R1 / hinge < 1e-7 here): a sweep over gamma
     "sfv_r1_g10": {"loss.r1_gamma": 10.0},
     "sfv_r1_g100": {"loss.r1_gamma": 100.0},
     "sfv_r1_g1000": {"loss.r1_gamma": 1000.0},
-    # the review's method fixes against the paper's behaviour: the heads' sigma' / frame-index sinusoids
+    # the options that differ from the paper, against its behaviour: the heads' sigma' / frame-index sinusoids
     # spread over their range, and SM3 without the toy config's 20 warm-up steps
     "sfv_spread": {"disc.cond_embedding": "spread"},
     "sfv_warmup0": {"opt.warmup_steps": 0},

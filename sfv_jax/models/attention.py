@@ -1,6 +1,6 @@
 """Attention and transformer blocks of the SVD UNet: Attention, GEGLU FeedForward,
 BasicTransformerBlock (spatial), TemporalBasicTransformerBlock, and TransformerSpatioTemporal
-(diffusers ``TransformerSpatioTemporalModel``, svd_port_spec 1.3).
+(diffusers ``TransformerSpatioTemporalModel``, docs/svd_port.md, "UNet transformer").
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class TransformerSpatioTemporal(nn.Module):
-    """SVD's spatio-temporal transformer (svd_port_spec 1.3).
+    """SVD's spatio-temporal transformer (docs/svd_port.md, "UNet transformer").
 
     ``x`` [B, F, H, W, C] and ``context`` [B, S, C_ctx] (the image embedding, shared by all frames;
     the temporal blocks use it too, as diffusers uses the first frame's context) -> [B, F, H, W, C].

@@ -1,4 +1,4 @@
-"""Flax port of transformers' ``CLIPVisionModelWithProjection``: SVD's image encoder (svd_port_spec 3).
+"""Flax port of transformers' ``CLIPVisionModelWithProjection``: SVD's image encoder (docs/svd_port.md, "CLIP").
 
 ``CLIPVisionWithProjection.apply({"params": p}, pixel_values [B, 224, 224, 3])`` -> ``image_embeds``
 [B, projection_dim] (not L2-normalised; SVD uses it as a one-token cross-attention context).

@@ -128,7 +128,7 @@ class GroupNorm(nn.Module):
     ``first_reduction_axis=2`` on ``[B, F, H, W, C]``) statistics are per image, as
     ``torch.nn.GroupNorm`` on a 4-D tensor. With ``first_reduction_axis=1`` on ``[B, F, H, W, C]``
     they pool over all frames of a video, as ``torch.nn.GroupNorm`` on a 5-D (B, C, F, H, W) tensor
-    (svd_port_spec 6.1). A negative axis counts from the end (``-3`` = per image for any
+    (docs/svd_port.md, GroupNorm scopes). A negative axis counts from the end (``-3`` = per image for any
     ``[..., H, W, C]``). Channels are grouped contiguously (group g holds channels g*C/G ...).
     Statistics in float32, biased variance, two-pass.
     """

@@ -9,7 +9,7 @@
 
 ``method=UNetSpatioTemporal.encode`` runs only the embeddings, ``conv_in`` and the down blocks and
 returns every down block's output: the SF-V discriminator backbone (paper Sec. 3.3) is exactly
-this code with the pretrained weights. Numerics follow ``shared/reference/svd_port_spec.md`` 1.x.
+this code with the pretrained weights. The numerics a port must match: docs/svd_port.md.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class UNetSpatioTemporal(nn.Module):
         self.conv_out = conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), **kw)
 
     def _embed(self, sample, timestep, added_time_ids):
-        """Time + added-time-id embedding, [B, 4 * C0] (svd_port_spec 1.1 steps 1-2)."""
+        """Time + added-time-id embedding, [B, 4 * C0] (docs/svd_port.md, "UNet embeddings")."""
         cfg = self.config
         b = sample.shape[0]
         if sample.ndim != 5 or sample.shape[-1] != cfg.in_channels:

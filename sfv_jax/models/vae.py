@@ -1,4 +1,4 @@
-"""Flax port of diffusers' ``AutoencoderKLTemporalDecoder``: SVD's VAE (svd_port_spec 2).
+"""Flax port of diffusers' ``AutoencoderKLTemporalDecoder``: SVD's VAE (docs/svd_port.md, "VAE").
 
 * The encoder is the standard 2-D SD VAE encoder, per image: ``[N, H, W, 3]`` -> posterior moments
   ``[N, H/8, W/8, 2L]`` (after ``quant_conv``); the pipeline uses the posterior *mean* (``encode``).
@@ -251,7 +251,7 @@ class AutoencoderKLTemporalDecoder(nn.Module):
 def decode_latents(
     vae: AutoencoderKLTemporalDecoder, params: Any, latents: jax.Array, chunk_size: int | None = None
 ) -> jax.Array:
-    """diffusers' ``StableVideoDiffusionPipeline.decode_latents`` (svd_port_spec 2.4), a pure function.
+    """diffusers' ``StableVideoDiffusionPipeline.decode_latents`` (docs/svd_port.md, "VAE decoding"), a pure function.
 
     ``latents`` [B, F, h, w, L] (scaled, as the UNet sees them) are divided by ``scaling_factor``,
     flattened to B*F rows (frame fastest) and decoded ``chunk_size`` rows at a time (default F), each

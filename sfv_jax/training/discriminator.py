@@ -5,7 +5,7 @@ The backbone is not a module here: it is ``UNetSpatioTemporal.encode`` (the UNet
 with the frozen pretrained parameters, see :func:`discriminator_logits`. Only :class:`DiscriminatorHeads`
 has trainable parameters.
 
-Heads (StyleGAN-T style, sfv_method_notes 3; GroupNorm instead of batch statistics, so every sample
+Heads (StyleGAN-T style, docs/method.md, "Discriminator"; GroupNorm instead of batch statistics, so every sample
 is normalised on its own and micro-batching / sharding cannot change the result):
   spatial  per frame, input reshaped to (B F) x H x W x C:  conv3x3 -> [GN, LReLU, conv3x3] x 2
            residual / sqrt(2) -> LReLU -> conv1x1 to ``proj_dim``
@@ -34,7 +34,7 @@ HEAD_KINDS = ("both", "spatial", "temporal")
 # How sigma' and the frame index enter the 256-d sinusoids of the conditioning (config ``disc.cond_embedding``):
 #   paper   sinusoid(c_noise(sigma')) and sinusoid(frame index), as printed. c_noise = ln(sigma) / 4 spans
 #           [-1.55, 1.64] over SVD's whole sigma range against periods of 2 pi .. 2 pi 1e4, so most of the
-#           noise sinusoid is constant and Affine(c) barely sees sigma' (issue 17's review)
+#           noise sinusoid is constant and Affine(c) barely sees sigma' (docs/method.md, "Discriminator")
 #   spread  both inputs mapped onto [0, 1000] first (the UNet's timestep range): c_noise linearly from
 #           [c_noise(sigma_min), c_noise(sigma_max)], the frame index from [0, F - 1]
 COND_EMBEDDINGS = ("paper", "spread")

@@ -1,4 +1,4 @@
-"""The training objectives' losses as pure functions: SF-V's (paper Sec. 3.2, Eqs. 8-11; sfv_method_notes 2)
+"""The training objectives' losses as pure functions: SF-V's (paper Sec. 3.2, Eqs. 8-11; docs/method.md, "Losses")
 and SVD's diffusion loss (EDM, Karras et al. 2022, with SVD's v-prediction preconditioning; the end of
 this file).
 
@@ -43,7 +43,7 @@ def generator_adversarial_loss(fake_logits: Sequence[jax.Array]) -> jax.Array:
 
 
 def pseudo_huber_c(elements_per_sample: int, factor: float = 0.00054) -> float:
-    """The consistency-training choice c = 0.00054 * sqrt(d), d = elements per sample (sfv_method_notes 2)."""
+    """The consistency-training choice c = 0.00054 * sqrt(d), d = elements per sample (docs/method.md, "Losses")."""
     return factor * math.sqrt(elements_per_sample)
 
 

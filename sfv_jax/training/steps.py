@@ -122,7 +122,7 @@ class TrainState:
 
 def make_optimizer(learning_rate: float, b1: float = 0.5, b2: float = 0.999) -> optax.GradientTransformation:
     """SM3 with momentum ``b1`` and second-moment decay ``b2`` (paper Sec. 4: 0.5 / 0.999). ``optax.sm3``
-    fixes b2 = 1, hence the chain (sfv_method_notes 2)."""
+    fixes b2 = 1, hence the chain (docs/method.md, "Optimizer, EMA and steps")."""
     return optax.chain(optax.scale_by_sm3(b1=b1, b2=b2), optax.scale_by_learning_rate(learning_rate))
 
 
@@ -258,7 +258,7 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
     else:
         raise ValueError(f"r1_type {cfg.r1_type!r} is not one of {losses.R1_TYPES}")
     loss = hinge + cfg.r1_gamma * r1
-    # gamma * R1 against the hinge: whether R1 regularises at all (sfv_method_notes: ~1e-8 with the paper's gamma)
+    # gamma * R1 against the hinge: whether R1 regularises at all (docs/method.md, "Losses")
     r1_share = cfg.r1_gamma * r1 / jnp.maximum(hinge, 1e-12)
     return loss, {"d_loss": loss, "d_hinge": hinge, "d_r1": r1, "d_r1_share": r1_share, **jax.lax.stop_gradient(stats)}
 
