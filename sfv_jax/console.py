@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO / WARNING start-up lines
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its "oneDNN custom operations are on" notice
 
-from sfv_jax import configs  # noqa: E402  (after the environment above: nothing imports TensorFlow before it)
+from sfv_jax import configs, paths  # noqa: E402  (after the environment above: nothing imports TensorFlow before it)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 # Libraries whose INFO lines drown a run's own log (orbax's per-save lines, JAX's compilation cache, clu's
 # platform notes); their warnings and errors still show.
 _QUIET = ("/orbax/", "/jax/_src/", "/clu/local", "/clu/platform", "/clu/metric_writers", "/absl/logging")
@@ -45,9 +46,29 @@ def take_debug_flag(argv: list[str]) -> list[str]:
     return [a for a in argv if a != "--debug"]
 
 
+def guarded(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """``main(argv)`` with the machine's failures as ``error:`` and exit 2 instead of a traceback: an output
+    another command holds or that cannot be a folder (:class:`sfv_jax.paths.OutputError`), an ``OSError`` of
+    the environment (a full or read-only disk, permissions, a file where a folder is wanted: the commands
+    remove their temp and staging files on the way out); Ctrl-C ends with one line and exit 130. Any other
+    exception is a bug and keeps its traceback."""
+    try:
+        return main(argv)
+    except paths.OutputError as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing half-written was kept)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if (message := paths.os_error_message(e)) is None:
+            raise
+        return fail(message)
+
+
 def run_main(main: Callable[[list[str]], int]) -> None:
-    """An argparse command's console script: ``--debug`` taken out, then ``sys.exit(main(argv))``."""
-    sys.exit(main(take_debug_flag(sys.argv[1:])))
+    """An argparse command's console script: ``--debug`` taken out, then ``sys.exit(main(argv))`` with
+    the machine's failures as ``error:`` lines (:func:`guarded`)."""
+    sys.exit(guarded(main, take_debug_flag(sys.argv[1:])))
 
 
 class _QuietLibraries(logging.Filter):
@@ -91,7 +112,7 @@ def run_absl(main: Callable[[list[str]], int]) -> None:
 
     def wrapped(args: list[str]) -> int:
         quiet_logging()
-        return main(args)
+        return guarded(main, args)
 
     app.run(wrapped, argv=argv, flags_parser=parse_flags)
 

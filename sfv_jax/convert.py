@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from sfv_jax import console
 from sfv_jax.checkpoint.components import COMPONENTS
 from sfv_jax.checkpoint.convert import convert_folder, export_folder
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.models.build import DTYPES
+from sfv_jax.paths import OutputError, OutputLock, folder_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,23 +42,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    if problem := folder_problem("--out", args.out, replaced=True):  # a file, a symbolic link, a read-only place
+        return console.fail(problem)
     t0 = time.perf_counter()
     try:
-        if args.to_diffusers:
-            out = export_folder(args.src, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
-        else:
-            out = convert_folder(
-                args.src,
-                args.out,
-                component=args.component,
-                variant=args.variant,
-                dtype=DTYPES[args.dtype or "float32"],
-                overwrite=args.overwrite,
-            )
-    except CheckpointError as e:
+        with OutputLock(args.out, "--out", command="sfv-convert"):
+            out = _convert(args)
+    except (CheckpointError, OutputError) as e:
         return console.fail(e)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _convert(args: argparse.Namespace) -> Path:
+    if args.to_diffusers:
+        return export_folder(args.src, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
+    return convert_folder(
+        args.src,
+        args.out,
+        component=args.component,
+        variant=args.variant,
+        dtype=DTYPES[args.dtype or "float32"],
+        overwrite=args.overwrite,
+    )
 
 
 def run() -> None:

@@ -12,6 +12,7 @@ The protocol, the rows and the cache: :mod:`sfv_jax.evaluation.runner`.
 
 from __future__ import annotations
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -20,6 +21,7 @@ from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.data.sources import DataConfigError
 from sfv_jax.evaluation.runner import EvalConfigError, evaluate
 from sfv_jax.parallel import sharding
+from sfv_jax.paths import OutputLock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -34,7 +36,9 @@ def main(argv: list[str]) -> int:
         return console.fail(f"unexpected arguments {argv[1:]}")
     try:
         sharding.initialize_distributed()
-        evaluate(FLAGS.config, FLAGS.workdir)
+        part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+        with OutputLock(FLAGS.workdir, "--workdir", command="sfv-evaluate", part=part):
+            evaluate(FLAGS.config, FLAGS.workdir)
     except (EvalConfigError, DataConfigError, CheckpointError, FileNotFoundError) as e:
         return console.fail(e)
     return 0

@@ -15,6 +15,7 @@ import argparse
 from sfv_jax import console
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.models.build import DTYPES
+from sfv_jax.paths import OutputError, OutputLock, folder_problem
 from sfv_jax.training.export import WEIGHTS, export_run
 
 
@@ -29,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=sorted(DTYPES), default=None, help="store every component's weights in this dtype"
     )
     args = p.parse_args(argv)
+    if problem := folder_problem("--out", args.out, replaced=True):  # a file, a symbolic link, a read-only place
+        return console.fail(problem)
     try:
-        out = export_run(
-            args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite, dtype=args.dtype
-        )
-    except (CheckpointError, FileNotFoundError) as e:
+        with OutputLock(args.out, "--out", command="sfv-export"):
+            out = export_run(
+                args.workdir, args.out, weights=args.weights, step=args.step, overwrite=args.overwrite, dtype=args.dtype
+            )
+    except (CheckpointError, FileNotFoundError, OutputError) as e:
         return console.fail(e)
     print(f"exported {args.weights} weights of {args.workdir} to {out}")
     return 0

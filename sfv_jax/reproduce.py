@@ -48,7 +48,7 @@ from sfv_jax.configs import toy_sfv
 from sfv_jax.data import video_io
 from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
-from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
+from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import export, trainer
 from sfv_jax.training.run_config import ConfigError
 
@@ -209,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}) or folder_problem("--workdir", workdir):
         return console.fail(problem)
     command = "python -m sfv_jax.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    with OutputLock(workdir, "--workdir", command="sfv-reproduce"):
+        return _reproduce(args, rows, workdir, teacher, command)
+
+
+def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Path, command: str) -> int:
     t0 = time.time()
     try:
         real = tp.reference_clips(args.seed, args.num_videos)

@@ -25,9 +25,11 @@ from sfv_jax import console
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.data import video_io
+from sfv_jax.diffusion import conditioning
 from sfv_jax.diffusion.conditioning import ImageError
 from sfv_jax.diffusion.pipeline import SAMPLERS, STAGES
 from sfv_jax.models.build import COMPUTE_DTYPES, DTYPES
+from sfv_jax.paths import OutputError, OutputLock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        with OutputLock(args.out, "--out", command="sfv-sample"):
+            return _sample(args)
+    except OutputError as e:
+        return console.fail(e)
 
+
+def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     extra = [out.with_suffix(sfx) for flag, sfx in ((args.gif, ".gif"), (args.strip, ".png")) if flag]
     try:  # every output checked before the video is generated
@@ -65,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             video_io.check_output(path, args.fps)
     except video_io.VideoError as e:
         return console.fail(f"--out / --fps: {e}")
+    try:  # the image before the model: a bad image costs no model load
+        image = conditioning.load_image(args.image)
+    except ImageError as e:
+        return console.fail(f"--image: {e}")
     t0 = time.perf_counter()
     try:
         pipe = pretrained.load_pipeline(args.model, DTYPES[args.dtype])
         load_s = time.perf_counter() - t0
         print(f"[sample] loaded {args.model} in {load_s:.1f}s; sampling with {args.sampler}...", flush=True)
         frames = pipe(
-            args.image,
+            image,
             height=args.height,
             width=args.width,
             num_frames=args.frames,

@@ -27,13 +27,53 @@ def read_config(folder: Path) -> dict:
             f"{folder}: no config.json (a diffusers component folder or a converted sfv_jax checkpoint needs one)"
         )
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    return config
 
 
 def is_converted(folder: Path) -> bool:
     return (folder / META_FILE).is_file()
+
+
+def read_meta(folder: Path, component: str | None = None) -> dict:
+    """The ``sfv_jax.json`` of a converted folder, checked: a JSON object of this format and version, a
+    known component (``component``, when given, must match), and for a model component its ``params/``
+    present and its ``config.json`` of the same class. Anything else is a CheckpointError naming the file."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the converted folder is damaged: convert again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object; the converted folder is damaged: convert again")
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')} "
+            f"(this sfv_jax reads {FORMAT} v{FORMAT_VERSION})"
+        )
+    kind = meta.get("component")
+    if kind not in (*COMPONENTS, "pipeline"):
+        raise CheckpointError(f"{path}: component {kind!r} is not one of {[*COMPONENTS, 'pipeline']}")
+    if component is not None and kind != component:
+        raise CheckpointError(f"{path}: holds component {kind!r}, but it is read as the {component}")
+    if kind != "pipeline":
+        if not (path.parent / "params").is_dir():
+            raise CheckpointError(
+                f"{path.parent}: no params/ (the converted weights): the folder is incomplete; convert again"
+            )
+        config = read_config(path.parent)
+        names = [config.get("_class_name"), *list(config.get("architectures") or [])]
+        if COMPONENTS[kind].class_name not in names:
+            raise CheckpointError(
+                f"{path}: says component {kind!r}, but {path.parent / 'config.json'} describes "
+                f"{[n for n in names if n]} (a {kind} is a {COMPONENTS[kind].class_name}); the folder is damaged: "
+                "convert again"
+            )
+    return meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +141,22 @@ def is_pipeline_folder(path: Path) -> bool:
     if (path / PIPELINE_INDEX).is_file():
         return True
     if is_converted(path):
-        return json.loads((path / META_FILE).read_text()).get("component") == "pipeline"
+        return read_meta(path)["component"] == "pipeline"
     return False
+
+
+def read_pipeline_index(root: Path) -> dict | None:
+    """A pipeline folder's ``model_index.json`` (None if it has none), checked to be a JSON object."""
+    path = root / PIPELINE_INDEX
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return index
 
 
 def check_pipeline_folder(root: Path) -> None:
@@ -115,6 +169,7 @@ def check_pipeline_folder(root: Path) -> None:
             f"{root}: not an SVD pipeline folder (expected {PIPELINE_INDEX} with unet/, vae/ "
             "and image_encoder/ sub-folders, or a folder converted from one)"
         )
+    read_pipeline_index(root)
     missing = [f"{c.subfolder}/" for c in COMPONENTS.values() if not (root / c.subfolder / "config.json").is_file()]
     if missing:
         raise CheckpointError(

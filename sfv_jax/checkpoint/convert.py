@@ -18,13 +18,12 @@ place, so an interrupted conversion never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +48,10 @@ from sfv_jax.checkpoint.components import (
     is_converted,
     is_pipeline_folder,
     read_config,
+    read_meta,
 )
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import check_free_space, output_overlaps, staged_folder
 
 CONTAINERS = frozenset(
     {
@@ -213,37 +213,6 @@ def flax_to_torch(params: Mapping, *, dtype: Any = None) -> dict[str, np.ndarray
 # ----------------------------------------------------------------------------- converted checkpoints
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty staging folder next to ``out``; on success rename it into place (replacing ``out``
-    only with ``overwrite``), on any error delete it, so ``out`` is never half-written."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_converted(
     out: str | os.PathLike,
     params: Mapping,
@@ -263,6 +232,8 @@ def save_converted(
         params = jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), params)
     with staged_folder(out, overwrite) as tmp:
         leaves = jax.tree.leaves(params)
+        # known before orbax starts writing: a full disk then fails here, not in its asynchronous writers
+        check_free_space("--out", out, sum(x.size * x.dtype.itemsize for x in leaves) + (1 << 20))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
@@ -300,17 +271,13 @@ def save_converted_pipeline(
     return out
 
 
-def load_converted(folder: str | os.PathLike, abstract_params: Mapping) -> dict:
-    """Restore a converted checkpoint into the structure / dtypes / shardings of ``abstract_params``."""
+def load_converted(folder: str | os.PathLike, abstract_params: Mapping, component: str | None = None) -> dict:
+    """Restore a converted checkpoint into the structure / dtypes / shardings of ``abstract_params``
+    (its ``sfv_jax.json`` checked first, against ``component`` when given)."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder).absolute()
-    meta = json.loads((folder / META_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder}: unsupported checkpoint format {meta.get('format')!r} "
-            f"v{meta.get('version')} (this sfv_jax reads {FORMAT} v{FORMAT_VERSION})"
-        )
+    read_meta(folder, component)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(folder / "params", abstract_params)
@@ -436,14 +403,18 @@ def export_folder(
         raise CheckpointError(problem)
     if not is_converted(src):
         raise CheckpointError(f"{src}: not a converted sfv_jax checkpoint (no {META_FILE})")
-    meta = json.loads((src / META_FILE).read_text())
-    if meta.get("component") == "pipeline":
+    meta = read_meta(src)
+    if meta["component"] == "pipeline":
         return write_pipeline(
             src, out, overwrite, lambda comp, dest: export_folder(src / comp.subfolder, dest, dtype=dtype), None
         )
     comp = COMPONENTS[meta["component"]]
     config = read_config(src)
-    params = load_converted(src, comp.abstract_params(config))
+    try:
+        abstract = comp.abstract_params(config)
+    except ValueError as e:
+        raise CheckpointError(f"{src / 'config.json'}: {e}") from None
+    params = load_converted(src, abstract, comp.name)
     return export_diffusers(
         params, config, out, weights_name=f"{comp.weights_stem}.safetensors", dtype=dtype, overwrite=overwrite
     )

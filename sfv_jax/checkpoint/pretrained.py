@@ -77,7 +77,7 @@ def load(
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract_params(model))
     if components.is_converted(folder):
-        return model, convert.load_converted(folder, abstract)
+        return model, convert.load_converted(folder, abstract, component)
     weights = open_weights(folder, comp.weights_stem, variant)
     what = f"{component} {weights.description}"
     params = convert.torch_to_flax(weights, abstract, dtype=param_dtype, what=what, progress=progress)

@@ -92,7 +92,27 @@ class SafetensorsFile:
                     f"claims bytes [{begin}, {end}) of a {data_size}-byte data section"
                 )
             self._entries[key] = (dtype, shape, begin, end)
+        self._check_layout(data_size)
         self._mmap: np.memmap | None = None
+
+    def _check_layout(self, data_size: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors format requires: each starts where
+        the previous one ends, none overlaps another (two tensors reading one byte range would silently
+        share values), and the last ends at the end of the file."""
+        at, prev = 0, None
+        for key, (_, _, begin, end) in sorted(self._entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != at:
+                how = f"overlaps {prev!r}" if begin < at else f"leaves bytes [{at}, {begin}) unused"
+                raise CheckpointError(
+                    f"{self.path}: corrupt safetensors file: tensor {key!r} at bytes [{begin}, {end}) {how} "
+                    "(tensors must tile the data section in order)"
+                )
+            at, prev = end, key
+        if at != data_size:
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors file: the tensors end at byte {at} of a {data_size}-byte data "
+                "section (extra bytes at the end)"
+            )
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

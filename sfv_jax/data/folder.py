@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sfv_jax.data import clips
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import folder_problem, output_overlaps, remove_stale_staging, staging_name, stop_on_signal
 
 BUILD_INFO = "sfv_build.json"
 
@@ -161,15 +161,29 @@ def build_folder_dataset(
     if not videos.is_dir():
         raise DatasetError(f"--videos {videos}: not a folder")
     for flag, v in (("--fps", fps), ("--height", height), ("--width", width), ("--min-frames", min_frames)):
-        if not v or v <= 0:
-            raise DatasetError(f"{flag} must be positive, got {v!r}")
+        if not math.isfinite(v) or v <= 0:
+            raise DatasetError(f"{flag} must be a positive number, got {v!r}")
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
+        raise DatasetError(
+            f"--max-seconds must be a positive number of seconds (0: keep everything), got {max_seconds!r}"
+        )
     if problem := output_overlaps("--out", out, {"--videos": videos}):
         raise DatasetError(problem)
+    if out.is_symlink():
+        raise DatasetError(f"--out {out}: is a symbolic link (to {os.path.realpath(out)}); give the real path")
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out}: is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.building-{uuid.uuid4().hex[:8]}")
+    if problem := folder_problem("--out", out.parent):
+        raise DatasetError(problem)
+    remove_stale_staging(out)
+    tmp = staging_name(out)
+    with stop_on_signal(lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        return _build(videos, out, tmp, fps, height, width, min_frames, max_seconds, workers)
+
+
+def _build(videos, out, tmp, fps, height, width, min_frames, max_seconds, workers) -> dict[str, Any]:
     try:
         config = VideoFolderConfig(
             videos=str(videos),
@@ -196,9 +210,13 @@ def build_folder_dataset(
         }
         built = Path(builder.data_dir)
         (built / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(built, out)
+        if out.exists():  # replaced only now that the new one is complete
+            trash = staging_name(out)
+            os.replace(out, trash)
+            os.replace(built, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(built, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info

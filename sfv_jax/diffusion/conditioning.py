@@ -30,6 +30,9 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
 _CUBIC_A = -0.75  # PyTorch's bicubic convolution coefficient
+# the largest image file read (8192 x 8192): below PIL's decompression-bomb limit, far above any video size;
+# a small file can declare a huge size, so the header is checked before the pixels are decoded
+MAX_PIXELS = 8192 * 8192
 
 
 class ImageError(ValueError):
@@ -51,9 +54,14 @@ def load_image(image: str | os.PathLike | PIL.Image.Image | np.ndarray) -> PIL.I
             raise ImageError(f"image file not found: {str(path)!r}")
         try:
             with PIL.Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:  # the header's size, before any pixel is decoded
+                    raise ImageError(
+                        f"image file {str(path)!r} declares {im.width}x{im.height} pixels, more than the "
+                        f"{MAX_PIXELS:,} this reads (it is resized to the video's size anyway): resize it first"
+                    )
                 im.load()
                 pil = to_rgb(PIL.ImageOps.exif_transpose(im))
-        except (PIL.UnidentifiedImageError, OSError) as e:
+        except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError) as e:
             raise ImageError(f"cannot read image file {str(path)!r} (not an image or corrupt): {e}") from e
     elif isinstance(image, PIL.Image.Image):
         pil = to_rgb(image)  # as given: diffusers' pipeline does not re-orient PIL inputs

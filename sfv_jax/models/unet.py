@@ -91,6 +91,16 @@ class UNetConfig:
 
     def validate(self) -> None:
         n = len(self.block_out_channels)
+        for name in ("in_channels", "out_channels", "num_frames", "addition_time_embed_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UNet config: `{name}` must be a positive integer, got {value!r}")
+        if self.sample_size is not None and (not isinstance(self.sample_size, int) or self.sample_size < 1):
+            raise ValueError(f"UNet config: `sample_size` must be a positive integer or null, got {self.sample_size!r}")
+        for name in ("block_out_channels", "layers_per_block", "num_attention_heads", "transformer_layers_per_block"):
+            bad = [v for v in getattr(self, name) if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+            if bad:
+                raise ValueError(f"UNet config: `{name}` entries must be positive, got {list(getattr(self, name))}")
         for name in (
             "down_block_types",
             "up_block_types",

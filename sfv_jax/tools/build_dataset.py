@@ -15,6 +15,7 @@ import os
 
 from sfv_jax import console
 from sfv_jax.data.folder import DatasetError, build_folder_dataset
+from sfv_jax.paths import OutputError, OutputLock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
     try:
-        info = build_folder_dataset(
-            args.videos,
-            args.out,
-            fps=args.fps,
-            height=args.height,
-            width=args.width,
-            min_frames=args.min_frames,
-            max_seconds=args.max_seconds or None,
-            workers=args.workers,
-            overwrite=args.overwrite,
-        )
-    except DatasetError as e:
+        with OutputLock(args.out, "--out", command="sfv-build-dataset"):
+            info = build_folder_dataset(
+                args.videos,
+                args.out,
+                fps=args.fps,
+                height=args.height,
+                width=args.width,
+                min_frames=args.min_frames,
+                max_seconds=args.max_seconds or None,
+                workers=args.workers,
+                overwrite=args.overwrite,
+            )
+    except (DatasetError, OutputError) as e:
         return console.fail(e)
     for path, reason in info["skipped_videos"]:
         print(f"skipped {path}: {reason}")

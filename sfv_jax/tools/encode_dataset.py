@@ -15,12 +15,14 @@ The last line is ``examples=<n> clips_per_s=<x>``.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -32,7 +34,7 @@ from sfv_jax.data import clips, latent_store
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.parallel import sharding
-from sfv_jax.paths import output_overlaps
+from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, remove_stale_staging, staging_name
 from sfv_jax.training import trainer as train
 
 FLAGS = flags.FLAGS
@@ -55,19 +57,42 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     inputs = {"--config.data.path": d.path, "--config.data.tfds_data_dir": d.tfds_data_dir}
     if problem := output_overlaps("--out", out, {**inputs, "--config.init_from": config.init_from}):
         raise DataConfigError(problem)
+    if problem := folder_problem("--out", out, replaced=True):  # a file, a symbolic link, an unwritable place
+        raise DataConfigError(problem)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataConfigError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
     source = ClipSource(config)
     n = len(source) if len(source) else limit
     if not n:
         raise DataConfigError("--limit: how many synthetic clips to encode (data.kind=synthetic has no end)")
     n = min(n, limit) if limit else n
     pi, pc = jax.process_index(), jax.process_count()
-    partial = out.with_name(f".{out.name}.partial")
+    # one staging folder for the whole job, unique to it: process 0 names it, the others write their shards there
+    partial = staging_name(out)
+    if pc > 1:
+        partial = partial.with_name(_broadcast_name(partial.name))
     if pi == 0:
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise DataConfigError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_stale_staging(out)
         partial.mkdir(parents=True)
     _barrier("encode_dataset_start")
+    try:
+        return _encode(config, source, n, out, partial, batch_size)
+    except BaseException:
+        if pi == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _broadcast_name(name: str) -> str:
+    """Process 0's ``name`` on every process (a staging folder's name: host, pid and a random tag)."""
+    raw = np.zeros(256, np.uint8)
+    raw[: len(name)] = np.frombuffer(name.encode(), np.uint8)
+    raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return bytes(raw[raw > 0]).decode()
+
+
+def _encode(config, source: ClipSource, n: int, out: Path, partial: Path, batch_size: int) -> dict:
+    d, pi, pc = config.data, jax.process_index(), jax.process_count()
 
     _, vae, clip = train.build_modules(config)
     vae_params, clip_params = train.frozen_encoders(config, vae, clip, jax.random.PRNGKey(config.seed))
@@ -122,9 +147,13 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
     if pi == 0:
         Image.fromarray(source.example(0, 0)["frames"][0]).save(partial / latent_store.SAMPLE_FRAME)
         latent_store.write_info(partial, info)
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        if out.exists():  # replaced only now that the new one is complete
+            trash = staging_name(out)
+            os.replace(out, trash)
+            os.replace(partial, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, out)
     _barrier("encode_dataset_done")
     return info
 
@@ -139,9 +168,11 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         sharding.initialize_distributed()
-        info = encode_dataset(
-            FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
-        )
+        part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+        with OutputLock(FLAGS.out, "--out", command="sfv-encode-dataset", part=part):
+            info = encode_dataset(
+                FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
+            )
     except (train.ConfigError, DataConfigError, CheckpointError) as e:
         return console.fail(e)
     print(f"latent dataset written to {Path(FLAGS.out).absolute()}")

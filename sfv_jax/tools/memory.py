@@ -67,8 +67,26 @@ def _target_given(argv: list[str]) -> bool:
 # device count when JAX starts, so this runs before this module imports JAX (as a command: ``sfv-memory``
 # or ``python -m sfv_jax.tools.memory``; imported into a running JAX it changes nothing). With --target,
 # JAX runs on the CPU and the target's compiler does the work (no simulated devices needed).
+# The most devices a mesh may have: simulated CPU devices are real XLA devices, each with its threads and
+# buffers (100,000 of them take minutes to create before failing); a target's are a description.
+MAX_SIMULATED_DEVICES = 512
+MAX_TARGET_DEVICES = 16384
+
+
+def mesh_size_problem(n: int | None, target: bool) -> str | None:
+    """The error for a ``--mesh`` of ``n`` devices beyond what the planner can simulate, else None."""
+    limit = MAX_TARGET_DEVICES if target else MAX_SIMULATED_DEVICES
+    if n is None or n <= limit:
+        return None
+    how = "a target's topology" if target else "CPU devices simulated without --target (use --target for more)"
+    return f"--mesh: {n:,} devices; the planner takes at most {limit:,} ({how})"
+
+
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sfv-memory":
     _n = _devices_needed(sys.argv)
+    if _problem := mesh_size_problem(_n, _target_given(sys.argv)):
+        print(f"error: {_problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if _target_given(sys.argv) and "jax" not in sys.modules:
         targets.prepare_environment()
     elif _n and "jax" not in sys.modules:

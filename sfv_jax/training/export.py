@@ -28,15 +28,31 @@ from sfv_jax.models.build import DTYPES
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import output_overlaps
 from sfv_jax.training import trainer as train
+from sfv_jax.training.run_config import ConfigError, check_config
 
 WEIGHTS = ("ema", "generator")
 
 
 def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """A training workdir's ``config.json``, checked as the trainer checks a config (a damaged or foreign
+    file is a CheckpointError naming it, not a traceback in the middle of an export)."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.main?)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    config = ml_collections.ConfigDict(raw)
+    try:
+        check_config(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a training config of sfv-train (missing or wrong key: {e})") from None
+    return config
 
 
 def _component_config(config: ml_collections.ConfigDict, name: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"must be one of {train_steps.OPTIMIZERS} or None (the objective's default)",
     )
     need(config.opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")
+    # numbers enter from the command line as text: a NaN or an infinity anywhere would train silently wrong
+    for flag, value in _flat(config.to_dict()).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--config.{flag}={value!r}: must be a finite number")
+    for flag in ("opt.generator_lr", "opt.discriminator_lr", "opt.adamw_eps"):
+        need(config_get(config, flag) > 0, flag, "must be > 0")
+    for flag in ("opt.b1", "opt.b2", "opt.adamw_b1", "opt.adamw_b2"):
+        need(0 <= config_get(config, flag) < 1, flag, "must be in [0, 1) (a decay rate)")
+    need(
+        0 <= config.opt.ema_rate <= 1,
+        "opt.ema_rate",
+        "must be in [0, 1] (the EMA keeps this fraction of itself per step; above 1 it extrapolates away)",
+    )
+    need(config.opt.weight_decay >= 0, "opt.weight_decay", "must be >= 0")
     need(config.opt.clip_norm is None or config.opt.clip_norm > 0, "opt.clip_norm", "must be > 0 or None (off)")
     need(config.data.noise_aug in clips.NOISE_AUG_KINDS, "data.noise_aug", f"must be one of {clips.NOISE_AUG_KINDS}")
     need(
@@ -167,6 +182,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     differing key listed)."""
     if problem := folder_problem("--workdir", workdir):
         raise ConfigError(problem)
+    folder = workdir / "checkpoints"
+    links = [folder] if folder.is_symlink() else []
+    links += [p for p in folder.iterdir() if p.is_symlink()] if folder.is_dir() and not links else []
+    if links:
+        raise ConfigError(
+            f"--workdir {workdir}: {links[0]} is a symbolic link; the run writes and deletes the checkpoints "
+            "there itself (older ones are removed as it goes), so it holds only its own folders: move the link out"
+        )
     saved_path = workdir / "config.json"
     if not (saved_path.is_file() and _has_checkpoints(workdir)):
         return

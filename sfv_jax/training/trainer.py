@@ -22,7 +22,10 @@ The workdir gets
   ``config.json``              the run's config (what ``python -m sfv_jax.export`` reads).
   ``train_summary.json``       final step, wall time, first step (compilation) time, steps/s after it
                                (samples and checkpoints included), last metrics.
-SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, ``train`` returns.
+SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, ``train`` returns; during the first
+step (compiling: minutes at full size, and nothing new to save yet) they end the process at once.
+One run writes a workdir at a time: a second ``train`` on it stops with an error naming the first
+(:class:`sfv_jax.paths.OutputLock`, one lock per process).
 A non-finite loss or gradient skips the update (``opt.nonfinite="skip"``) or checkpoints the last
 finite state and raises ``FloatingPointError`` (``"halt"``; a resumed run continues after that batch).
 
@@ -39,6 +42,7 @@ checkpoint's ``meta``, so a resumed run reads the same next batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,7 +63,7 @@ from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
-from sfv_jax.paths import write_atomic
+from sfv_jax.paths import OutputLock, write_atomic
 from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
 
@@ -125,6 +129,19 @@ class StopRequested:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def at_once(self):
+        """Inside: SIGTERM and SIGINT end the process at once (the system's default action). For the
+        first step: its compilation runs in XLA, where no Python handler runs until it returns (minutes at
+        full size, past a cluster's kill grace period), and there is nothing new to checkpoint yet."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
 
 def make_batch(
@@ -201,10 +218,21 @@ def train(
     """
     t_start = time.time()
     check_config(config)
-    halt_every_step = config.opt.halt_check == "every_step"
     # ------------------------------------------------------------------ workdir (refused before anything is written)
     workdir = Path(workdir).absolute()
     check_workdir(config, workdir)
+    part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    with OutputLock(workdir, "--workdir", command="sfv-train", part=part) as lock:
+        if lock.previous:
+            logging.warning("--workdir %s: a previous run (%s) ended without releasing it", workdir, lock.previous)
+        return _train(config, workdir, t_start, verbose_tables)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: Path, t_start: float, verbose_tables: bool
+) -> train_steps.TrainState:
+    """:func:`train` once the config is checked and the workdir is locked."""
+    halt_every_step = config.opt.halt_check == "every_step"
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     if lead:
@@ -359,12 +387,16 @@ def train(
     with StopRequested() as stop:
         for done in range(first + 1, config.total_steps + 1):
             batch = plan.global_batch(next(batches), lay.global_micro)
-            state, step_metrics = steps.step(state, batch, backbone)
+            if done == first + 1:  # the first step includes compiling the steps
+                logging.info("step %d: compiling the steps (a stop signal now ends the run at once)", done)
+                with stop.at_once():
+                    state, step_metrics = steps.step(state, batch, backbone)
+                    jax.block_until_ready(state.step)
+                t_first = t_log = time.time()
+            else:
+                state, step_metrics = steps.step(state, batch, backbone)
             position = batches.position
             pending.append((done, step_metrics))
-            if done == first + 1:
-                jax.block_until_ready(state.step)
-                t_first = t_log = time.time()  # the first step includes compiling the steps
             report(done)
             last = done == config.total_steps
             if done % config.log_every_steps == 0 or last:
