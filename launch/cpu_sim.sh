@@ -2,7 +2,7 @@
 # The multi-device and multi-host code paths on a laptop: 8 virtual CPU devices.
 #   bash launch/cpu_sim.sh                 one process, 8 devices, mesh data=2 x fsdp=4 (tiny config)
 #   bash launch/cpu_sim.sh --processes 2   two processes x 4 devices joined by jax.distributed on localhost
-# Extra arguments go to sfv_jax.main. Workdir: runs/cpu_sim (a second run resumes it; delete it to restart).
+# Extra arguments go to sfv_jax.cli.train. Workdir: runs/cpu_sim (a second run resumes it; delete it to restart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 procs=1
@@ -12,11 +12,11 @@ export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=$((8 / procs))"
 args=(--config configs/tiny.py --workdir runs/cpu_sim --config.mesh.data=2 --config.mesh.fsdp=4
       --config.sharding.min_shard_size=1024 --config.total_steps=20 "$@")
-if (( procs == 1 )); then exec .venv/bin/python -m sfv_jax.main "${args[@]}"; fi
+if (( procs == 1 )); then exec .venv/bin/python -m sfv_jax.cli.train "${args[@]}"; fi
 export JAX_COORDINATOR_ADDRESS=localhost:${PORT:-12321} JAX_NUM_PROCESSES=$procs
 pids=()
 for ((i = 0; i < procs; i++)); do
-  JAX_PROCESS_ID=$i .venv/bin/python -m sfv_jax.main "${args[@]}" > "runs/cpu_sim.process$i.log" 2>&1 &
+  JAX_PROCESS_ID=$i .venv/bin/python -m sfv_jax.cli.train "${args[@]}" > "runs/cpu_sim.process$i.log" 2>&1 &
   pids+=($!)
 done
 echo "[cpu_sim] $procs processes; logs: runs/cpu_sim.process*.log"

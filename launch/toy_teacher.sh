@@ -18,18 +18,18 @@ step() { echo "[toy_teacher] $(date -u +%H:%M:%S) $*"; }
 
 if [ ! -d "$RUNS/toy_init" ]; then
   step "toy world -> $RUNS/toy_init"
-  "$PY" -m sfv_jax.tools.toy_world --workdir "$RUNS/toy_vae" --out "$RUNS/toy_init" --seed 0
+  "$PY" -m sfv_jax.cli.toy_world --workdir "$RUNS/toy_vae" --out "$RUNS/toy_init" --seed 0
 fi
 if [ ! -d "$RUNS/toy_latents" ]; then
   step "encoding $CLIPS clips -> $RUNS/toy_latents"
-  "$PY" -m sfv_jax.tools.encode_dataset --config configs/toy_teacher.py --out "$RUNS/toy_latents" \
+  "$PY" -m sfv_jax.cli.encode_dataset --config configs/toy_teacher.py --out "$RUNS/toy_latents" \
     --limit "$CLIPS" --config.init_from="$RUNS/toy_init"
 fi
 if [ ! -d "$RUNS/toy_teacher_export" ]; then
   step "training the teacher in $RUNS/toy_teacher"
-  "$PY" -m sfv_jax.main --config configs/toy_teacher.py --workdir "$RUNS/toy_teacher" \
+  "$PY" -m sfv_jax.cli.train --config configs/toy_teacher.py --workdir "$RUNS/toy_teacher" \
     --config.init_from="$RUNS/toy_init" --config.data.kind=latents --config.data.path="$RUNS/toy_latents"
   step "exporting -> $RUNS/toy_teacher_export"
-  "$PY" -m sfv_jax.export --workdir "$RUNS/toy_teacher" --out "$RUNS/toy_teacher_export" --dtype bfloat16
+  "$PY" -m sfv_jax.cli.export --workdir "$RUNS/toy_teacher" --out "$RUNS/toy_teacher_export" --dtype bfloat16
 fi
 step "done: $RUNS/toy_teacher_export"

@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 from sfv_jax.configs import tiny  # noqa: E402
 from sfv_jax.data.latents import ClipEncoder  # noqa: E402
 from sfv_jax.parallel import sharding  # noqa: E402
-from sfv_jax.training import trainer as train  # noqa: E402
+from sfv_jax.training import trainer  # noqa: E402
+from sfv_jax.training.checkpoints import restore  # noqa: E402
+from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout  # noqa: E402
 
 GLOBAL = 8  # samples per accumulation step (the tiny config accumulates 2: 16 per step)
 MIN_SHARD = 1024  # elements: lower than the default so that most tiny leaves are sharded (as the 2-process test)
@@ -80,11 +82,11 @@ def replay(single_steps, host_state, arrays: dict, like) -> dict:
 
 def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv") -> tuple[dict, object, object]:
     config = config_for(plan, objective)
-    lay = train.make_layout(config, plan, *train.build_modules(config))
+    lay = make_layout(config, plan, *build_modules(config))
     steps = lay.steps(config)
     state = jax.device_put(host_state, lay.state_shardings)
     backbone = jax.device_put(host_backbone, lay.backbone_shardings)
-    batch = plan.global_batch(train.make_batch(config, encoder, 0, GLOBAL, plan.local_rows(GLOBAL)), GLOBAL)
+    batch = plan.global_batch(trainer.make_batch(config, encoder, 0, GLOBAL, plan.local_rows(GLOBAL)), GLOBAL)
     d_grads, d_metrics = {}, {}
     with plan.context():
         g_grads, g_metrics = steps.g_grads(state, batch, backbone)
@@ -106,9 +108,9 @@ def run_diffusion(out: Path, spec: str) -> None:
     single = plan_for(None)
     config = config_for(single, "diffusion")
     key = jax.random.PRNGKey(config.seed)
-    lay = train.make_layout(config, single, *train.build_modules(config))
-    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
-    state0 = jax.tree.map(np.asarray, train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
+    lay = make_layout(config, single, *build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
+    state0 = jax.tree.map(np.asarray, init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
     single_steps = lay.steps(config)
     for name in (None, spec):
@@ -127,9 +129,9 @@ def main(out: Path, specs: list[str]) -> None:
     single = plan_for(None)
     config = config_for(single)
     key = jax.random.PRNGKey(config.seed)
-    lay = train.make_layout(config, single, *train.build_modules(config))
-    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
-    state0 = jax.tree.map(np.asarray, train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
+    lay = make_layout(config, single, *build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
+    state0 = jax.tree.map(np.asarray, init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3)))
     backbone0 = jax.tree.map(np.asarray, backbone)
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
 
@@ -164,7 +166,7 @@ def main(out: Path, specs: list[str]) -> None:
     report["restore"] = {}
     for spec in specs[1:]:
         target = layouts[spec]
-        restored, _ = train.restore(mngr, target.abstract_state, 1)
+        restored, _ = restore(mngr, target.abstract_state, 1)
         same_values = all(np.array_equal(saved[k], v) for k, v in flat(restored).items())
         same_sharding = all(
             a.sharding == s

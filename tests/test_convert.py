@@ -106,7 +106,7 @@ def test_sharded_checkpoint(tiny_unet_dirs, tiny_unets, tmp_path):
 
 def test_cli_convert_export_and_parity(tiny_unet_dirs, tiny_unets, tmp_path):
     src = tiny_unet_dirs["tiny_a"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "sfv_jax.convert", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sfv_jax.cli.convert", *a], capture_output=True, text=True)
     res = run("--src", str(src), "--out", str(tmp_path / "c"))
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from sfv_jax import convert as convert_cli
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, open_weights, save_file
+from sfv_jax.cli import convert as convert_cli
 from sfv_jax.models import presets
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

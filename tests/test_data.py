@@ -25,7 +25,7 @@ from sfv_jax.data import clips, folder, latent_store, video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource, DataConfigError
-from sfv_jax.training import trainer as train
+from sfv_jax.training.layout import build_modules, frozen_encoders
 
 REPO = Path(__file__).resolve().parents[1]
 H = W = 16  # the tiny config's frame size
@@ -129,7 +129,7 @@ def test_cli_last_line_determinism_and_errors(videos, built, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "sfv_jax.tools.build_dataset",
+        "sfv_jax.cli.build_dataset",
         "--videos",
         str(videos),
         "--out",
@@ -235,8 +235,8 @@ def test_ucf101_through_tfds_mock_data(encoders):
 @pytest.fixture(scope="module")
 def encoders():
     config = tiny.get_config()
-    _, vae, clip = train.build_modules(config)
-    vae_params, clip_params = train.frozen_encoders(config, vae, clip, __import__("jax").random.PRNGKey(config.seed))
+    _, vae, clip = build_modules(config)
+    vae_params, clip_params = frozen_encoders(config, vae, clip, __import__("jax").random.PRNGKey(config.seed))
     return ClipEncoder(vae, vae_params, clip, clip_params, seed=config.seed)
 
 
@@ -263,7 +263,7 @@ def test_pre_encoded_latents_equal_on_the_fly(built, encoders, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "sfv_jax.tools.encode_dataset",
+        "sfv_jax.cli.encode_dataset",
         "--config",
         "configs/tiny.py",
         "--out",

@@ -26,9 +26,10 @@ from sfv_jax.data.loader import Loader
 from sfv_jax.diffusion.pipeline import velocity_fn
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding
-from sfv_jax.training import layout, losses, param_groups
+from sfv_jax.training import layout, losses, param_groups, trainer
 from sfv_jax.training import steps as train_steps
-from sfv_jax.training import trainer as train
+from sfv_jax.training.checkpoints import checkpoint_manager, restore
+from sfv_jax.training.layout import build_modules, frozen_encoders, init_params, init_train_state, make_layout
 
 REPO = Path(__file__).resolve().parents[1]
 DIFF = train_steps.DiffusionConfig(p_mean=0.7, p_std=1.6, drop_embed=0.1, drop_both=0.2, drop_latent=0.15)
@@ -161,10 +162,10 @@ def test_noise_augmentation_reaches_added_time_ids():
 
     config = tiny.get_config()
     config.data.noise_aug = "lognormal"
-    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
-    vae_params, clip_params = train.frozen_encoders(config, lay.vae, lay.clip, jax.random.PRNGKey(config.seed))
+    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
+    vae_params, clip_params = frozen_encoders(config, lay.vae, lay.clip, jax.random.PRNGKey(config.seed))
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
-    batch = train.make_batch(config, encoder, 5)  # positions 5, 6 ([k=2, m=1])
+    batch = trainer.make_batch(config, encoder, 5)  # positions 5, 6 ([k=2, m=1])
     want = clips.noise_aug_strengths("lognormal", 0.02, -3.0, 0.5, config.seed, [5, 6])
     np.testing.assert_array_equal(batch["added_time_ids"][:, 0, 2], want)
     # the conditioning latent is the encoding of frame 0 + that strength x noise: per-sample strengths
@@ -221,7 +222,7 @@ def test_temporal_selection_on_full_svd():
     c = svd_finetune.get_config("xt")
     c.model.attention_impl = "chunked"  # (cuDNN: GPUs only)
     assert c.data.num_frames == 25 and c.model.unet["num_frames"] == 25
-    unet = train.build_modules(c)[0]
+    unet = build_modules(c)[0]
     abstract = abstract_params(unet)
     trained, frozen = param_groups.split(abstract, "temporal")
     count = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
@@ -240,7 +241,7 @@ def test_svd_xt_diffusion_step_at_full_size():
     c = svd_finetune.get_config("xt")
     c.model.attention_impl = "chunked"  # (cuDNN: GPUs only)
     c.mesh.fsdp = 1
-    lay = train.make_layout(c, sharding.Plan.from_config(c), *train.build_modules(c))
+    lay = make_layout(c, sharding.Plan.from_config(c), *build_modules(c))
     batch = lay.abstract_batch(c)
     assert batch["latents"].shape == (1, 1, 25, 72, 128, 4)
     grads, metrics = jax.eval_shape(lay.steps(c).g_grads, lay.abstract_state, batch, {})
@@ -275,16 +276,16 @@ def temporal_run():
     micro-batches of 1, and the gradient of the same 2 samples as one micro-batch of 2."""
     config = _diffusion_config()
     key = jax.random.PRNGKey(config.seed)
-    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
-    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
-    state0 = train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
+    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
+    state0 = init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
     host0 = jax.tree.map(np.array, state0)
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
-    batch = train.make_batch(config, encoder, 0)  # [k=2, m=1]
+    batch = trainer.make_batch(config, encoder, 0)  # [k=2, m=1]
     steps = lay.steps(config)
     grads, metrics = steps.g_grads(state0, batch, backbone)
     one = _diffusion_config(accum_steps=1, micro_batch=2)
-    lay1 = train.make_layout(one, sharding.Plan.from_config(one), *train.build_modules(one))
+    lay1 = make_layout(one, sharding.Plan.from_config(one), *build_modules(one))
     big = {k: v.reshape(1, -1, *v.shape[2:]) for k, v in batch.items()}
     grads1, metrics1 = lay1.steps(one).g_grads(state0, big, backbone)
     state1, _ = steps.g_update(state0, grads, metrics)
@@ -364,10 +365,10 @@ def run_config(seed: int = 0):
 
 def held_out_losses(config, params_list) -> list[np.ndarray]:
     """The EMA-free denoising losses at ``HELD_OUT_SIGMAS`` on 16 held-out synthetic clips, per params."""
-    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
-    vae_params, clip_params = train.frozen_encoders(config, lay.vae, lay.clip, jax.random.PRNGKey(config.seed))
+    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
+    vae_params, clip_params = frozen_encoders(config, lay.vae, lay.clip, jax.random.PRNGKey(config.seed))
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
-    held = train.make_batch(config, encoder, HELD_OUT_POSITION, global_micro=16)
+    held = trainer.make_batch(config, encoder, HELD_OUT_POSITION, global_micro=16)
     held = {k: v.reshape(-1, *v.shape[2:]) for k, v in held.items()}
     fn = jax.jit(lambda p: train_steps.denoising_losses(lay.unet, p, held, HELD_OUT_SIGMAS, jax.random.PRNGKey(99)))
     return [np.asarray(fn(p)) for p in params_list]
@@ -377,7 +378,7 @@ def train_cli(workdir) -> subprocess.CompletedProcess:
     """The run through the training CLI (RUN_OVERRIDES on the tiny config), at -O2: RUN_STEPS steps are bound
     by run time (conftest.run_time_bound_env). The fixture and the resume test share its programs."""
     flags = [f"--config.{k}={v}" for k, v in RUN_OVERRIDES.items()]
-    cmd = [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", *flags, "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.train", "--config", "tiny", *flags, "--workdir", str(workdir)]
     proc = subprocess.run(cmd, cwd=REPO, env=run_time_bound_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -388,13 +389,13 @@ def diffusion_run(tmp_path_factory):
     """(workdir, initial UNet params, final state) of RUN_STEPS diffusion steps of the tiny config."""
     workdir = tmp_path_factory.mktemp("diffusion_run") / "run"
     config = run_config()
-    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
+    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
     key = jax.random.PRNGKey(config.seed)
-    unet, _, _, heads, _ = train.init_params(config, lay, key)
-    like = train.init_train_state(lay, unet, heads, jax.random.fold_in(key, 3))  # as train.train builds it
+    unet, _, _, heads, _ = init_params(config, lay, key)
+    like = init_train_state(lay, unet, heads, jax.random.fold_in(key, 3))  # as trainer.train builds it
     train_cli(workdir)
-    mngr = train.checkpoint_manager(workdir)
-    state, meta = train.restore(mngr, like)
+    mngr = checkpoint_manager(workdir)
+    state, meta = restore(mngr, like)
     mngr.close()
     assert meta["step"] == RUN_STEPS
     return workdir, jax.tree.map(np.asarray, unet), state
@@ -428,8 +429,8 @@ def test_cli_resumes_bitwise_and_writes_teacher_samples(diffusion_run, tmp_path)
     proc = train_cli(work)
     assert "resumed from" in proc.stderr and f"at step {RESUME_FROM}" in proc.stderr
     assert "discriminator heads" not in proc.stderr  # no discriminator built
-    mngr = train.checkpoint_manager(work)
-    resumed, meta = train.restore(mngr, straight)
+    mngr = checkpoint_manager(work)
+    resumed, meta = restore(mngr, straight)
     mngr.close()
     assert meta["step"] == RUN_STEPS
     pairs = zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True)

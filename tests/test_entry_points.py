@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sfv_jax import demo, testing
+from sfv_jax import testing
 from sfv_jax.bench import __main__ as bench
+from sfv_jax.cli import demo
 from sfv_jax.data import video_io
 
 
@@ -86,7 +87,7 @@ def test_command_line_mistakes_are_errors_not_tracebacks(tmp_path, flags, messag
     argv = [a.replace("W", str(tmp_path / "run")) for a in flags]
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", *argv],
+        [sys.executable, "-m", "sfv_jax.cli.train", "--config", "tiny", *argv],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(repo)},
         capture_output=True,
@@ -106,7 +107,15 @@ def test_debug_flag_adds_the_traceback(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "sfv_jax.convert", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfv_jax.cli.convert",
+        "--src",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("SFV_DEBUG", None)
     plain = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -32,7 +32,7 @@ def _evaluate(workdir: Path, converted: Path, dataset: Path, log: Path, devices:
     args = [
         sys.executable,
         "-m",
-        "sfv_jax.evaluate",
+        "sfv_jax.cli.evaluate",
         "--config",
         "configs/eval_tiny.py",
         "--workdir",

@@ -13,11 +13,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from sfv_jax import convert as convert_cli
-from sfv_jax import export as export_cli
 from sfv_jax.checkpoint import components, pretrained
 from sfv_jax.checkpoint import convert as convert_lib
 from sfv_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, save_file
+from sfv_jax.cli import convert as convert_cli
+from sfv_jax.cli import export as export_cli
 from sfv_jax.configs import tiny
 from sfv_jax.data.folder import DatasetError, build_folder_dataset
 from sfv_jax.diffusion import conditioning
@@ -196,7 +196,7 @@ def test_an_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path):
 
 
 def test_sample_checks_the_image_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    from sfv_jax import sample
+    from sfv_jax.cli import sample
 
     path = tmp_path / "bomb.png"
     PIL.Image.new("1", (9000, 9000)).save(path)

@@ -30,16 +30,9 @@ LAYERS = {
     "evaluation": 5,
     "configs": 6,
     "console": 7,
-    # commands: thin, on top of everything
+    # commands: thin, on top of everything (one module per console script in cli/; the benchmarks)
     "bench": 8,
-    "tools": 8,
-    "main": 8,
-    "sample": 8,
-    "convert": 8,
-    "export": 8,
-    "evaluate": 8,
-    "demo": 8,
-    "reproduce": 8,
+    "cli": 8,
 }
 
 

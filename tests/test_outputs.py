@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from sfv_jax import console, paths
-from sfv_jax import convert as convert_cli
+from sfv_jax.cli import build_dataset
+from sfv_jax.cli import convert as convert_cli
+from sfv_jax.cli.encode_dataset import encode_dataset
 from sfv_jax.configs import tiny
 from sfv_jax.data import video_io
 from sfv_jax.data.sources import DataConfigError
 from sfv_jax.data.synthetic import synthetic_clip
-from sfv_jax.tools import build_dataset
-from sfv_jax.tools.encode_dataset import encode_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -167,7 +167,7 @@ def test_symlinked_or_file_outputs_are_refused_before_any_work(tmp_path, capsys)
 
 
 def test_memory_planner_refuses_a_mesh_it_cannot_simulate():
-    cmd = [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "tiny", "--mesh", "data=100000"]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.memory", "--config", "tiny", "--mesh", "data=100000"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --mesh: 100,000 devices"), proc.stderr[-2000:]
@@ -192,7 +192,7 @@ def test_sigterm_while_the_first_step_compiles_ends_the_run_at_once(tmp_path):
     run must end within seconds, not after the compile and a step. The persistent compilation cache is off
     and the batch shape is one no other test compiles, so the signal lands mid-compile."""
     env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    cmd = [sys.executable, "-m", "sfv_jax.main", "--config", "tiny", "--workdir", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.train", "--config", "tiny", "--workdir", str(tmp_path / "run")]
     cmd += ["--config.data.micro_batch=3", "--config.total_steps=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -212,7 +212,7 @@ def test_sigint_during_a_dataset_build_stops_it_and_removes_the_staging(tmp_path
     for i in range(12):
         video_io.write_video(videos / f"v{i}.mp4", synthetic_clip(i, 0, 60, 48, 64), fps=10)
     out = tmp_path / "built"
-    cmd = [sys.executable, "-m", "sfv_jax.tools.build_dataset", "--videos", str(videos), "--out", str(out)]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.build_dataset", "--videos", str(videos), "--out", str(out)]
     cmd += ["--height", "32", "--width", "32", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

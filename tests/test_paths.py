@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from sfv_jax import convert as convert_cli
-from sfv_jax import export as export_cli
+from sfv_jax.cli import build_dataset
+from sfv_jax.cli import convert as convert_cli
+from sfv_jax.cli import export as export_cli
 from sfv_jax.configs import eval_tiny, tiny
 from sfv_jax.data.sources import DataConfigError
 from sfv_jax.evaluation import runner
 from sfv_jax.paths import output_overlaps
-from sfv_jax.tools import build_dataset
 
 
 def _digest(folder: Path) -> str:
@@ -90,7 +90,7 @@ def test_export_and_evaluation_outputs_stay_out_of_their_inputs(tmp_path, capsys
 
 
 def test_encode_dataset_output_stays_out_of_its_dataset(tmp_path):
-    from sfv_jax.tools.encode_dataset import encode_dataset
+    from sfv_jax.cli.encode_dataset import encode_dataset
 
     config = tiny.get_config()
     config.data.kind, config.data.path = "folder", str(tmp_path / "clips")
@@ -102,9 +102,8 @@ def test_encode_dataset_output_stays_out_of_its_dataset(tmp_path):
 
 def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     """--workdir naming a file: every command that writes a work folder says so (not with a traceback)."""
-    from sfv_jax import reproduce
+    from sfv_jax.cli import reproduce, toy_world
     from sfv_jax.paths import folder_problem
-    from sfv_jax.tools import toy_world
 
     afile = tmp_path / "afile"
     afile.write_text("keep me")

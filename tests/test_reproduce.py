@@ -1,4 +1,4 @@
-"""``python -m sfv_jax.reproduce``: rows, size presets and bad flags (the tiny converted test
+"""``python -m sfv_jax.cli.reproduce``: rows, size presets and bad flags (the tiny converted test
 pipeline stands in for a teacher). The report itself, its grids and its resume are checked on the shipped
 toy teacher in tests/test_toy_teacher.py."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sfv_jax import reproduce
+from sfv_jax.cli import reproduce
 from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.training.run_config import flat_hparams
 

@@ -1,4 +1,4 @@
-"""``python -m sfv_jax.sample`` on a tiny converted checkpoint: writes a playable mp4 (decoded and counted)."""
+"""``python -m sfv_jax.cli.sample`` on a tiny converted checkpoint: writes a playable mp4 (decoded and counted)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sfv_jax.sample", *args],
+        [sys.executable, "-m", "sfv_jax.cli.sample", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -87,7 +87,7 @@ def test_cli_bad_inputs_fail_cleanly(tiny_pipeline_dirs, tmp_path):
 def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     """Bad --fps / --gif / --out combinations fail with `error:` before the model is even opened (the model
     path here does not exist: an error about it would mean the work had started)."""
-    from sfv_jax import sample
+    from sfv_jax.cli import sample
 
     (tmp_path / "folder.mp4").mkdir()
     (tmp_path / "file").write_text("x")
@@ -107,8 +107,8 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
 
 def test_a_failed_write_keeps_the_frames(tmp_path, monkeypatch, capsys):
     """A write that fails after the video was generated saves the frames beside --out and says where."""
-    from sfv_jax import sample
     from sfv_jax.checkpoint import pretrained
+    from sfv_jax.cli import sample
 
     frames = np.random.default_rng(0).random((3, 8, 8, 3)).astype(np.float32)
 

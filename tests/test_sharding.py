@@ -187,7 +187,7 @@ def test_two_processes_train_like_one(tmp_path, worker):
         "--config.mesh.fsdp=4",
         "--config.sharding.min_shard_size=1024",
     ]
-    cmd = [sys.executable, "-m", "sfv_jax.main", *flags]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.train", *flags]
     port = _free_port()
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = [
@@ -212,12 +212,13 @@ def test_two_processes_train_like_one(tmp_path, worker):
     summary = json.loads((tmp_path / "multi" / "train_summary.json").read_text())
     assert summary["step"] == 1 and summary["skipped_updates"] == 0
     from sfv_jax.configs import tiny
-    from sfv_jax.training import trainer as train
+    from sfv_jax.training.checkpoints import checkpoint_manager, restore
+    from sfv_jax.training.layout import build_modules, make_layout
 
     config = tiny.get_config()
     one = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
-    like = train.make_layout(config, one, *train.build_modules(config)).abstract_state
-    state, meta = train.restore(train.checkpoint_manager(tmp_path / "multi"), like)
+    like = make_layout(config, one, *build_modules(config)).abstract_state
+    state, meta = restore(checkpoint_manager(tmp_path / "multi"), like)
     assert meta["step"] == 1 and meta["data_position"] == 8 * 2, meta  # 8 devices x accum 2
     got = {"state" + jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
     for field in ("generator", "ema", "heads"):
@@ -232,7 +233,7 @@ def test_memory_planner_cli():
         [
             sys.executable,
             "-m",
-            "sfv_jax.tools.memory",
+            "sfv_jax.cli.memory",
             "--config",
             "configs/tiny.py",
             "--mesh",
@@ -258,7 +259,7 @@ def test_memory_planner_cli():
     assert len(table) == 4 and all(row[-1] > 0 for row in table.values())
     assert abs(max(row[-1] for row in table.values()) * 1e9 - peak) < 1e6  # the table's GB, rounded
     bad = subprocess.run(
-        [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "configs/tiny.py", "--mesh", "pipeline=2"],
+        [sys.executable, "-m", "sfv_jax.cli.memory", "--config", "configs/tiny.py", "--mesh", "pipeline=2"],
         cwd=REPO,
         env=_env(),
         capture_output=True,

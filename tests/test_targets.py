@@ -97,7 +97,7 @@ def test_tiny_config_compiles_for_targets(target, mesh, flags, steps):
     figures from it, the target's memory as the limit, the last line the peak. (The other steps and
     configs compile in ``sfv-targets``'s table; here the compile time is CI's. At XLA's usual -O2: the GPU
     compiler's LLVM is slower at the suite's -O0.)"""
-    cmd = [sys.executable, "-m", "sfv_jax.tools.memory", "--config", "tiny", "--target", target, "--mesh", mesh]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.memory", "--config", "tiny", "--target", target, "--mesh", mesh]
     proc = subprocess.run(
         [*cmd, "--steps", ",".join(steps), *flags],
         cwd=REPO,

@@ -1,4 +1,4 @@
-"""The toy world's builder (``python -m sfv_jax.tools.toy_world``): the VAE objective learns, the written
+"""The toy world's builder (``python -m sfv_jax.cli.toy_world``): the VAE objective learns, the written
 pipeline folder loads, its scaling factor gives unit-std latents, a rerun resumes, bad flags exit 2."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from sfv_jax.checkpoint import pretrained
+from sfv_jax.cli import toy_world
 from sfv_jax.models import build, presets
-from sfv_jax.tools import toy_world
 from sfv_jax.training import vae_objective
 
 SMALL = ["--batch", "1", "--frames", "2", "--size", "16", "--eval-clips", "4", "--log-every", "2", "--save-every", "3"]
@@ -43,7 +43,7 @@ def test_toy_world_writes_a_pipeline_and_resumes(tmp_path, capsys):
     assert len(losses) == 3 and losses[-1] < losses[0], log  # it learns
     meta = json.loads((out / "sfv_jax.json").read_text())
     assert meta["component"] == "pipeline" and meta["seed"] == 0 and meta["wall_time_s"] > 0
-    assert meta["command"].startswith("python -m sfv_jax.tools.toy_world --workdir")
+    assert meta["command"].startswith("python -m sfv_jax.cli.toy_world --workdir")
     report = meta["vae"]
     assert np.isfinite(report["held_out_psnr_db"]) and report["held_out_clips"] == 4
 

@@ -2,7 +2,7 @@
 end to end (checkpoint, TensorBoard scalars, sample mp4) and SIGTERM.
 
 Everything runs the tiny config (configs/tiny.py). The steps are built from the same pieces as
-``train.train`` so the in-process tests, the in-process ``train`` calls and the CLI subprocesses compile
+``trainer.train`` so the in-process tests, the in-process ``train`` calls and the CLI subprocesses compile
 identical programs; conftest's session-wide persistent XLA cache then compiles each of them once.
 """
 
@@ -30,10 +30,12 @@ from sfv_jax.configs import tiny
 from sfv_jax.data import video_io
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.parallel import sharding
-from sfv_jax.training import export
+from sfv_jax.training import export, trainer
 from sfv_jax.training import steps as train_steps
-from sfv_jax.training import trainer as train
+from sfv_jax.training.checkpoints import checkpoint_manager, restore
 from sfv_jax.training.discriminator import backbone_param_subset
+from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
+from sfv_jax.training.run_config import ConfigError, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,12 +67,12 @@ def setup():
     """The tiny config's models, steps, initial state (host copy) and first batch, as ``train`` builds them."""
     config = tiny.get_config()
     key = jax.random.PRNGKey(config.seed)
-    lay = train.make_layout(config, sharding.Plan.from_config(config), *train.build_modules(config))
-    unet_params, vae_params, clip_params, head_params, backbone = train.init_params(config, lay, key)
+    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
+    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
     steps = lay.steps(config)
-    state = train.init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
+    state = init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
-    batch = train.make_batch(config, encoder, 0)
+    batch = trainer.make_batch(config, encoder, 0)
     return {
         "state_shardings": lay.state_shardings,
         "config": config,
@@ -210,7 +212,7 @@ def straight_run(tmp_path_factory, tiny_folder_dataset):
     """(workdir, final state) of 3 tiny steps on the folder dataset, checkpoints at every step, 2 kept."""
     workdir = tmp_path_factory.mktemp("straight")
     config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
-    return workdir, train.train(config, workdir)
+    return workdir, trainer.train(config, workdir)
 
 
 @TINY_RUN
@@ -223,13 +225,13 @@ def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
     # the straight run's workdir as it was after step 2: its step-3 checkpoint removed
     shutil.copytree(straight_run[0], tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
-    resumed = train.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
+    resumed = trainer.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
     assert int(straight.step) == int(resumed.step) == 3
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):
         assert _equal(getattr(straight, field), getattr(resumed, field)), field
-    mngr = train.checkpoint_manager(tmp_path / "b")
+    mngr = checkpoint_manager(tmp_path / "b")
     assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
-    restored, meta = train.restore(mngr, straight)
+    restored, meta = restore(mngr, straight)
     assert _equal(restored, straight)
     assert meta["data_position"] == 3 * 2 and meta["step"] == 3
     assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
@@ -257,11 +259,11 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous(tmp_path, tiny_f
 
     config.checkpoint_fallback = False
     with pytest.raises(CheckpointError, match=r"checkpoints/3 cannot be read .*checkpoint_fallback=True"):
-        train.train(config, strict)
+        trainer.train(config, strict)
     assert (strict / "checkpoints" / "3").is_dir()  # nothing moved without the fallback
 
     config.checkpoint_fallback = True
-    resumed = train.train(config, tmp_path / "b")
+    resumed = trainer.train(config, tmp_path / "b")
     assert (tmp_path / "b" / "unreadable_checkpoints" / "3").is_dir()
     assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps_this_run"] == 1  # from step 2
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
@@ -280,7 +282,7 @@ def test_resume_with_another_config_is_refused_before_writing(tmp_path, tiny_fol
     config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
     config.disc.channels, config.loss.recon_weight = 64, 0.5
     with pytest.raises(ConfigError, match=r"2 setting\(s\)[\s\S]*disc.channels: 32 -> 64[\s\S]*loss.recon_weight"):
-        train.train(config, work)
+        trainer.train(config, work)
     assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
     saved = json.loads((work / "config.json").read_text())
     safe = _config(total_steps=9, keep_checkpoints=4, log_every_steps=5, **_folder_data(tiny_folder_dataset))
@@ -293,7 +295,7 @@ def test_workdir_that_is_a_file_refused(tmp_path):
 
     (tmp_path / "w").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a folder"):
-        train.train(_config(total_steps=1), tmp_path / "w")
+        trainer.train(_config(total_steps=1), tmp_path / "w")
     assert (tmp_path / "w").read_text() == "x"
 
 
@@ -314,25 +316,25 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkey
     config = _config(total_steps=5, keep_checkpoints=5)
     config.opt.nonfinite = "halt"
     with pytest.raises(FloatingPointError, match="step 3: non-finite"):
-        train.train(config, tmp_path)
-    mngr = train.checkpoint_manager(tmp_path)
+        trainer.train(config, tmp_path)
+    mngr = checkpoint_manager(tmp_path)
     assert mngr.all_steps() == [1, 2, 3]
     like = _dev(setup, setup["state"])
-    at2, _ = train.restore(mngr, like, 2)
-    at3, meta = train.restore(mngr, like, 3)
+    at2, _ = restore(mngr, like, 2)
+    at3, meta = restore(mngr, like, 3)
     assert _all_finite(at3) and int(at3.skipped) == 2 and meta["data_position"] == 3 * 2
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt"):
         assert _equal(getattr(at3, field), getattr(at2, field)), field
 
 
 def _main(workdir, *flags):
-    cmd = [sys.executable, "-m", "sfv_jax.main", "--config", "configs/tiny.py", "--workdir", str(workdir), *flags]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.train", "--config", "configs/tiny.py", "--workdir", str(workdir), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return cmd, env
 
 
 def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
-    """``python -m sfv_jax.main``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
+    """``python -m sfv_jax.cli.train``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
     a second run on the workdir resumes, and SIGTERM makes it checkpoint and exit 0."""
     workdir = tmp_path / "run"
     cmd, env = _main(
@@ -344,7 +346,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    mngr = train.checkpoint_manager(workdir)
+    mngr = checkpoint_manager(workdir)
     assert mngr.all_steps() == [2, 3]
     scalars = tensorboard_scalars(workdir)
     for tag in (
@@ -375,7 +377,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert summary["step"] == 3 and summary["skipped_updates"] == 0 and np.isfinite(summary["metrics"]["g_loss"])
 
     # export: the EMA generator becomes a pipeline folder that load_pipeline (and so the sample CLI) reads
-    trained, _ = train.restore(mngr, _dev(setup, setup["state"]), 3)
+    trained, _ = restore(mngr, _dev(setup, setup["state"]), 3)
     out = export.export_run(workdir, tmp_path / "exported")
     pipe = pretrained.load_pipeline(out, progress=False)
     assert _equal(pipe.unet_params, trained.ema) and not _equal(pipe.unet_params, trained.generator)
@@ -405,9 +407,9 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert proc.returncode == 0, text[-4000:]
     assert "resumed from" in text and "at step 3" in text
     assert "stopped at step" in text
-    stopped = train.checkpoint_manager(workdir).latest_step()
+    stopped = checkpoint_manager(workdir).latest_step()
     assert stopped >= 4
-    state, meta = train.restore(train.checkpoint_manager(workdir), _dev(setup, setup["state"]))
+    state, meta = restore(checkpoint_manager(workdir), _dev(setup, setup["state"]))
     assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and _all_finite(state)
 
 
@@ -445,9 +447,9 @@ def test_kill_9_at_a_random_moment_then_rerun_matches_the_straight_run(
         proc.wait(timeout=60)
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    mngr = train.checkpoint_manager(workdir)
+    mngr = checkpoint_manager(workdir)
     assert mngr.latest_step() == 3
-    final, meta = train.restore(mngr, straight_run[1], 3)
+    final, meta = restore(mngr, straight_run[1], 3)
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
         assert _equal(getattr(final, field), getattr(straight_run[1], field)), (seed, delay, field)
     assert meta["data_position"] == 3 * 2
@@ -470,7 +472,7 @@ def test_init_from_a_converted_pipeline_folder_then_export(tmp_path, straight_ru
     source = pretrained.load_pipeline(base, progress=False)
     config = _config(total_steps=1, init_from=str(base), seed=5)
     config.model.unet = config.model.vae = config.model.image_encoder = None
-    state = train.train(config, tmp_path / "run")
+    state = trainer.train(config, tmp_path / "run")
     delta = max(
         float(np.abs(a - b).max())
         for a, b in zip(jax.tree.leaves(_np(state.generator)), jax.tree.leaves(_np(source.unet_params)), strict=True)
@@ -507,14 +509,29 @@ def test_step_settings_and_log_line_come_from_the_config():
     cfg = train_steps.StepConfig.from_config(config)
     assert cfg.r1_gamma == 0.5 and cfg.ema_rate == 0.9 and cfg.recon_weight == config.loss.recon_weight
     assert cfg.nonfinite == config.opt.nonfinite and cfg.generator_grid == config.loss.generator_grid
-    line = train.format_metrics(10, 400, {"d_loss": 1.98, "g_loss": 0.123456, "g_finite": 1.0, "zeta": 2.0}, 3.14159)
+    line = trainer.format_metrics(10, 400, {"d_loss": 1.98, "g_loss": 0.123456, "g_finite": 1.0, "zeta": 2.0}, 3.14159)
     assert line == "step 10/400  g_loss 0.1235  d_loss 1.98  zeta 2  3.14 steps/s"
-    assert train.describe_params("heads", {"a": np.zeros((2, 3), np.float32)}) == (
+    assert trainer.describe_params("heads", {"a": np.zeros((2, 3), np.float32)}) == (
         "heads: 6 parameters, 2.4e-08 GB (float32), 1 tensors"
     )
     config.opt.halt_check = "sometimes"
-    with pytest.raises(train.ConfigError, match="opt.halt_check"):
-        train.check_config(config)
+    with pytest.raises(ConfigError, match="opt.halt_check"):
+        check_config(config)
+
+
+def test_nonfinite_steps_reads_each_steps_finite_flags():
+    """The loop's check: a step is non-finite when any of its ``*_finite`` flags is 0 (device arrays or
+    host numbers); other metrics, and steps without flags, never count."""
+    import jax.numpy as jnp
+
+    pending = [
+        (3, {"g_finite": jnp.float32(1), "d_finite": jnp.float32(1), "g_loss": jnp.float32(np.nan)}),
+        (4, {"g_finite": jnp.float32(1), "d_finite": jnp.float32(0)}),
+        (5, {"g_loss": 1.0}),
+        (6, {"g_finite": 0.0}),
+    ]
+    assert trainer.nonfinite_steps(pending) == [4, 6]
+    assert trainer.nonfinite_steps([]) == []
 
 
 @pytest.mark.parametrize("name", ["sfv_svd", "tiny", "svd_finetune", "toy_teacher", "toy_sfv"])

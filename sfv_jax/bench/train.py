@@ -22,8 +22,9 @@ from sfv_jax.parallel import sharding
 from sfv_jax.testing import missing_dev_extras
 from sfv_jax.testing import torch_reference as ref
 from sfv_jax.timing import median_time
-from sfv_jax.training import memory_plan, param_groups, trainer
+from sfv_jax.training import memory_plan, param_groups
 from sfv_jax.training import steps as train_steps
+from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
 
 
 def bench_train(args) -> dict:
@@ -54,9 +55,9 @@ def bench_train(args) -> dict:
     )
 
     t0 = time.perf_counter()
-    lay = trainer.make_layout(config, plan, *trainer.build_modules(config))
-    unet_params, _, _, head_params, backbone = trainer.init_params(config, lay, jax.random.PRNGKey(0))
-    state = trainer.init_train_state(lay, unet_params, head_params, jax.random.PRNGKey(1))
+    lay = make_layout(config, plan, *build_modules(config))
+    unet_params, _, _, head_params, backbone = init_params(config, lay, jax.random.PRNGKey(0))
+    state = init_train_state(lay, unet_params, head_params, jax.random.PRNGKey(1))
     del unet_params, head_params
     abstract = lay.abstract_batch(config)
     rng = np.random.default_rng(0)
@@ -93,7 +94,7 @@ def bench_train(args) -> dict:
     else:
         model_cfg = config.copy_and_resolve_references()
         model_cfg.model.remat_policy = "none"
-        plain = trainer.make_layout(model_cfg, plan, *trainer.build_modules(model_cfg)).steps(model_cfg)
+        plain = make_layout(model_cfg, plan, *build_modules(model_cfg)).steps(model_cfg)
     grads = [f for f in (steps.g_grads, steps.d_grads) if f is not None]
     plain_grads = [f for f in (plain.g_grads, plain.d_grads) if f is not None]
     with plan.context():

@@ -1,9 +1,9 @@
 """PyTorch (diffusers safetensors) <-> Flax parameter conversion, and the converted-checkpoint format.
 
 Usage:
-  python -m sfv_jax.convert --src path/to/stable-video-diffusion --out converted/svd  # the whole pipeline
-  python -m sfv_jax.convert --src path/to/svd/unet --out converted/unet                 # one component
-  python -m sfv_jax.convert --to-diffusers --src converted/svd --out exported/svd      # Flax -> PyTorch formats
+  python -m sfv_jax.cli.convert --src path/to/stable-video-diffusion --out converted/svd  # the whole pipeline
+  python -m sfv_jax.cli.convert --src path/to/svd/unet --out converted/unet                 # one component
+  python -m sfv_jax.cli.convert --to-diffusers --src converted/svd --out exported/svd      # Flax -> PyTorch formats
 
 Key mapping (docs/svd_port.md, "Checkpoint conversion"): the Flax module tree mirrors the PyTorch names, with
 list indices joined by '_' (``down_blocks.0.resnets.1`` <-> ``down_blocks_0/resnets_1``); leaves ``kernel``/``scale``/

@@ -9,7 +9,7 @@ checkpoints.
     frames = pipe(image)                                                               # [F, H, W, 3] in [0, 1]
 
 Every path may be a component folder, a whole pipeline folder (the component's subfolder is used), or
-the converted equivalent (``python -m sfv_jax.convert``).
+the converted equivalent (``python -m sfv_jax.cli.convert``).
 """
 
 from __future__ import annotations

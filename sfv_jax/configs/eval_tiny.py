@@ -2,10 +2,10 @@
 frames (I3D's minimum) generated at 32x32 by a tiny model; SF-V at 1 and 2 steps, the teacher at 2 steps.
 The numbers mean nothing (8 videos, random weights); the run exercises every stage of the real protocol.
 
-Run (a tiny model: e.g. `python -m sfv_jax.main --config configs/tiny.py --workdir runs/tiny` then
-`python -m sfv_jax.export --workdir runs/tiny --out runs/tiny/export`):
-  python -m sfv_jax.tools.build_dataset --videos my_videos/ --out data/tiny_eval --fps 7 --height 16 --width 16
-  python -m sfv_jax.evaluate --config configs/eval_tiny.py --workdir runs/eval_tiny \\
+Run (a tiny model: e.g. `python -m sfv_jax.cli.train --config configs/tiny.py --workdir runs/tiny` then
+`python -m sfv_jax.cli.export --workdir runs/tiny --out runs/tiny/export`):
+  python -m sfv_jax.cli.build_dataset --videos my_videos/ --out data/tiny_eval --fps 7 --height 16 --width 16
+  python -m sfv_jax.cli.evaluate --config configs/eval_tiny.py --workdir runs/eval_tiny \\
       --config.data.path=data/tiny_eval --config.eval.sfv_model=runs/tiny/export \\
       --config.eval.teacher_model=runs/tiny/export
 """

@@ -5,11 +5,11 @@ teacher at 25 / 16 / 8 / 4 steps (guidance 1 -> 3).
 
 Run (the SF-V export of a training run and the converted SVD; UCF-101 prepared once with
 `tfds build ucf101 --file_format=array_record --data_dir /data/tfds`):
-  python -m sfv_jax.evaluate --config configs/eval_ucf101.py --workdir runs/eval_ucf101 \\
+  python -m sfv_jax.cli.evaluate --config configs/eval_ucf101.py --workdir runs/eval_ucf101 \\
       --config.eval.sfv_model=checkpoints/sfv --config.eval.teacher_model=checkpoints/svd \\
       --config.data.tfds_data_dir=/data/tfds
 From a folder of UCF-101 videos instead of TFDS (build at the FVD size and frame rate):
-  python -m sfv_jax.tools.build_dataset --videos UCF-101/ --out data/ucf101_eval --fps 7 --height 240 --width 320
+  python -m sfv_jax.cli.build_dataset --videos UCF-101/ --out data/ucf101_eval --fps 7 --height 240 --width 320
   ... --config.data.kind=folder --config.data.path=data/ucf101_eval
 Fewer rows / videos: --config.eval.sfv_steps="(1,)" --config.eval.teacher_steps="(25,)" --config.eval.num_videos=512
 """
@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the real videos: their first frames condition the generation; their first 14 frames at 7 fps are the
     # real clips. height x width is the size every video is compared at (UCF-101's native 320x240)
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "ucf101"  # "ucf101" (TFDS) | "folder" (python -m sfv_jax.tools.build_dataset)
+    c.data.kind = "ucf101"  # "ucf101" (TFDS) | "folder" (python -m sfv_jax.cli.build_dataset)
     c.data.path = ml_collections.FieldReference(None, field_type=str)
     c.data.split = "test"
     c.data.tfds_name = "ucf101"
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.num_videos = 2048
     c.eval.seed = 0  # video i: reference video i of the seeded selection, noise seed seed + i
-    c.eval.sfv_model = ml_collections.FieldReference(None, field_type=str)  # python -m sfv_jax.export output
+    c.eval.sfv_model = ml_collections.FieldReference(None, field_type=str)  # python -m sfv_jax.cli.export output
     c.eval.sfv_steps = (1, 2, 3, 4)
     c.eval.teacher_model = ml_collections.FieldReference(None, field_type=str)  # SVD folder (diffusers/converted)
     c.eval.teacher_steps = (25, 16, 8, 4)

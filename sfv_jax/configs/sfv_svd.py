@@ -2,17 +2,17 @@
 8 devices x micro-batch 1 x 4 accumulation steps, 50K iterations, SM3 (momentum 0.5, beta2 0.999;
 lr 1e-5 generator, 1e-4 discriminator), EMA 0.95, lambda 0.1, P_mean = P_std = -1, T_g = 4, T_d = 1000.
 
-Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stable-video-diffusion-img2vid
+Run (init_from: the converted SVD folder, ``python -m sfv_jax.cli.convert --src stable-video-diffusion-img2vid
 --out checkpoints/svd``):
-  python -m sfv_jax.main --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
+  python -m sfv_jax.cli.train --config configs/sfv_svd.py --workdir runs/sfv_svd --config.init_from=checkpoints/svd
 Samples per step: micro_batch x batch shards (devices along mesh data x fsdp) x accum_steps = 1 x 8 x 4.
 Multi-GPU / multi-node launchers: launch/ (docs/scaling.md). Memory check first,
 compiled by the GPU's own compiler on any host (docs/targets.md):
-  python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8 --target h100
+  python -m sfv_jax.cli.memory --config configs/sfv_svd.py --mesh fsdp=8 --target h100
 Data: the embedded synthetic videos by default. Real videos:
-  python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips --fps 7 --height 448 --width 768
+  python -m sfv_jax.cli.build_dataset --videos DIR --out data/clips --fps 7 --height 448 --width 768
   ... --config.data.kind=folder --config.data.path=data/clips
-  python -m sfv_jax.tools.encode_dataset --config configs/sfv_svd.py --config.init_from=checkpoints/svd \
+  python -m sfv_jax.cli.encode_dataset --config configs/sfv_svd.py --config.init_from=checkpoints/svd \
       --config.data.kind=folder --config.data.path=data/clips --out data/clips_latents
   ... --config.data.kind=latents --config.data.path=data/clips_latents
   ... --config.data.kind=ucf101 --config.data.tfds_data_dir=DIR   (TFDS ucf101 prepared as array_record)

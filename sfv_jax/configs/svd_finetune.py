@@ -6,20 +6,20 @@ EDM loss with ln sigma ~ N(0.7, 1.6^2), conditioning-frame noise augmentation dr
 conditioning latent (classifier-free guidance), EMA 0.999. ``--config.trainable=temporal`` trains only
 the temporal layers (SVD_Xtend's memory-saving mode).
 
-Run (init_from: the converted SVD folder, ``python -m sfv_jax.convert --src stable-video-diffusion-img2vid
---out checkpoints/svd``; your clips: ``python -m sfv_jax.tools.build_dataset --videos DIR --out data/clips
+Run (init_from: the converted SVD folder, ``python -m sfv_jax.cli.convert --src stable-video-diffusion-img2vid
+--out checkpoints/svd``; your clips: ``python -m sfv_jax.cli.build_dataset --videos DIR --out data/clips
 --fps 7 --height 576 --width 1024``):
-  python -m sfv_jax.main --config configs/svd_finetune.py --workdir runs/svd_finetune \
+  python -m sfv_jax.cli.train --config configs/svd_finetune.py --workdir runs/svd_finetune \
       --config.init_from=checkpoints/svd --config.data.kind=folder --config.data.path=data/clips
-  python -m sfv_jax.main --config configs/svd_finetune.py:xt ...     (SVD-XT; init_from the XT folder)
+  python -m sfv_jax.cli.train --config configs/svd_finetune.py:xt ...     (SVD-XT; init_from the XT folder)
 Memory check first (the planner's XLA:CPU estimate per device, 8 devices, measured 2026-12-02):
-  python -m sfv_jax.tools.memory --config configs/svd_finetune.py --mesh fsdp=8
+  python -m sfv_jax.cli.memory --config configs/svd_finetune.py --mesh fsdp=8
       -> trainable=all: peak 119.95 GB (the diffusion step's temporaries 116.1 GB): does not fit in 80 GB
-  python -m sfv_jax.tools.memory --config configs/svd_finetune.py --mesh fsdp=8 --config.trainable=temporal
+  python -m sfv_jax.cli.memory --config configs/svd_finetune.py --mesh fsdp=8 --config.trainable=temporal
       -> trainable=temporal: peak 65.35 GB: fits in 80 GB
   (XLA:CPU honours remat only partly; on 80 GB cards with trainable=all use 768x448:
   --config.data.height=448 --config.data.width=768)
-Export the EMA for sampling: python -m sfv_jax.export --workdir runs/svd_finetune --out checkpoints/svd_ft
+Export the EMA for sampling: python -m sfv_jax.cli.export --workdir runs/svd_finetune --out checkpoints/svd_ft
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 compilation, then ~2.8 steps/s).
 
 Run:
-  sfv-train --config tiny --workdir runs/tiny        (or: python -m sfv_jax.main --config configs/tiny.py ...)
+  sfv-train --config tiny --workdir runs/tiny        (or: python -m sfv_jax.cli.train --config configs/tiny.py ...)
 Overrides: --config.total_steps=20 --config.seed=1 --config.init_from=path/to/converted_svd ...
 """
 

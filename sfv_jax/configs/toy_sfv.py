@@ -3,7 +3,7 @@ and heads at toy size, for a 2-core CPU. The generator and the discriminator bac
 teacher's UNet (``init_from``: the teacher's export), as SF-V starts from SVD.
 
 Run (after configs/toy_teacher.py and its export):
-  python -m sfv_jax.main --config configs/toy_sfv.py --workdir runs/toy_sfv \\
+  python -m sfv_jax.cli.train --config configs/toy_sfv.py --workdir runs/toy_sfv \\
       --config.init_from=runs/toy_teacher_export
 
 Differences from the paper's settings (configs/sfv_svd.py), all overridable: the toy sizes; SM3 as the

@@ -7,9 +7,9 @@ reproduction distils from its export.
 Run: ``bash launch/toy_teacher.sh runs`` (what made the shipped ``sfv_jax/assets/toy_teacher``: the toy world,
 2048 pre-encoded clips, this config on them for 4000 steps in 41 min, the bf16 export; each step resumable).
 By hand, on pixels (the VAE then encodes 8 clips every step: about 0.8 s more per step at its measured 10 clips/s):
-  python -m sfv_jax.tools.toy_world --workdir runs/toy_vae --out runs/toy_init
-  python -m sfv_jax.main --config configs/toy_teacher.py --workdir runs/toy_teacher --config.init_from=runs/toy_init
-  python -m sfv_jax.export --workdir runs/toy_teacher --out runs/toy_teacher_export --dtype bfloat16
+  python -m sfv_jax.cli.toy_world --workdir runs/toy_vae --out runs/toy_init
+  sfv-train --config configs/toy_teacher.py --workdir runs/toy_teacher --config.init_from=runs/toy_init
+  python -m sfv_jax.cli.export --workdir runs/toy_teacher --out runs/toy_teacher_export --dtype bfloat16
 Quick check of the objective (the held-out denoising loss falls): --config.total_steps=100
 """
 

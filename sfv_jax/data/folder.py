@@ -1,6 +1,6 @@
 """A folder of videos -> a TFDS dataset of JPEG frame sequences in array_record (the ``folder`` data kind).
 
-    python -m sfv_jax.tools.build_dataset --videos DIR --out DIR --fps 7 --height 448 --width 768
+    python -m sfv_jax.cli.build_dataset --videos DIR --out DIR --fps 7 --height 448 --width 768
 
 Every video under ``--videos`` (recursive; mp4, webm, avi, mov, mkv, m4v) is decoded with PyAV's bundled
 ffmpeg, resampled to ``fps``, resized and centre-cropped to ``height x width`` (:mod:`sfv_jax.data.clips`)
@@ -225,7 +225,7 @@ def _build(videos, out, tmp, fps, height, width, min_frames, max_seconds, worker
 def read_build_info(path: str | os.PathLike) -> dict[str, Any]:
     f = Path(path) / BUILD_INFO
     if not f.is_file():
-        raise DatasetError(f"{path}: not a dataset built by sfv_jax.tools.build_dataset (no {BUILD_INFO})")
+        raise DatasetError(f"{path}: not a dataset built by sfv_jax.cli.build_dataset (no {BUILD_INFO})")
     return json.loads(f.read_text())
 
 

@@ -1,6 +1,6 @@
 """The pre-encoded latent dataset (the ``latents`` data kind): array_record files of msgpack records.
 
-Written by ``python -m sfv_jax.tools.encode_dataset`` (one file per process), read by the trainer with
+Written by ``python -m sfv_jax.cli.encode_dataset`` (one file per process), read by the trainer with
 ``--config.data.kind=latents --config.data.path=DIR``. A folder holds
 
   ``latents-<process>-of-<processes>.array_record``  one record per clip: ``latents`` [F, h, w, 4] (scaled),
@@ -70,7 +70,7 @@ def read_info(folder: str | os.PathLike) -> dict[str, Any]:
     if not (folder / INFO).is_file():
         raise LatentStoreError(
             f"{folder}: no {INFO}: not a latent dataset, or its encode did not finish "
-            f"(run python -m sfv_jax.tools.encode_dataset again)"
+            f"(run python -m sfv_jax.cli.encode_dataset again)"
         )
     return json.loads((folder / INFO).read_text())
 

@@ -1,11 +1,11 @@
 """The training data kinds (``config.data.kind``) as grain ``MapDataset``s: global sample position -> clip.
 
   ``synthetic``  the embedded synthetic videos (:mod:`sfv_jax.data.synthetic`); clip ``p`` is video ``p``
-  ``folder``     a dataset built by ``python -m sfv_jax.tools.build_dataset`` (``data.path``)
+  ``folder``     a dataset built by ``python -m sfv_jax.cli.build_dataset`` (``data.path``)
   ``ucf101``     TFDS ``ucf101`` (``data.tfds_name``, prepared with ``file_format=array_record`` in
                  ``data.tfds_data_dir``); videos at ``data.source_fps`` resampled to ``data.fps``,
                  resized and centre-cropped to ``data.height x data.width`` when read
-  ``latents``    a latent dataset written by ``python -m sfv_jax.tools.encode_dataset`` (``data.path``)
+  ``latents``    a latent dataset written by ``python -m sfv_jax.cli.encode_dataset`` (``data.path``)
 
 Position ``p`` of a real dataset with ``n`` records reads record ``shuffle_e(p mod n)`` of epoch
 ``e = p // n`` (grain's index shuffle, reseeded every epoch by ``data.seed``), and its training window of

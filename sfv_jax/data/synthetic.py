@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TOY_DETAIL = 0.35  # the toy world's texture detail (tools/toy_world.py, configs/toy_teacher.py)
+TOY_DETAIL = 0.35  # the toy world's texture detail (cli/toy_world.py, configs/toy_teacher.py)
 # The toy world's mean colour: each clip is shifted so that its mean over all frames and pixels is this, per
 # channel. The toy VAE cannot carry a clip's global colour through SVD's 32-group norms at 64 channels in a
 # CPU budget (measured: every clip decoded to one mean colour, 68-77 / 255 against 53-106 in the clips).

@@ -114,7 +114,7 @@ def build_reference(
     if config.data.kind not in PIXEL_KINDS or config.data.kind == "synthetic":
         raise DataConfigError(
             f"--config.data.kind={config.data.kind}: FVD's real videos come from a dataset of "
-            "videos: ucf101 (TFDS) or folder (python -m sfv_jax.tools.build_dataset)"
+            "videos: ucf101 (TFDS) or folder (python -m sfv_jax.cli.build_dataset)"
         )
     source = ClipSource(config)
     n_want = int(config.eval.num_videos)

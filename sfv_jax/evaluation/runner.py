@@ -1,7 +1,7 @@
-"""FVD evaluation, the paper's Table 1: ``python -m sfv_jax.evaluate --config configs/eval_ucf101.py --workdir DIR``.
+"""FVD evaluation, the paper's Table 1: ``sfv-evaluate --config configs/eval_ucf101.py --workdir DIR``.
 
 Examples:
-  python -m sfv_jax.evaluate --config configs/eval_ucf101.py --workdir runs/eval \\
+  python -m sfv_jax.cli.evaluate --config configs/eval_ucf101.py --workdir runs/eval \\
       --config.eval.sfv_model=checkpoints/sfv --config.eval.teacher_model=checkpoints/svd \\
       --config.data.tfds_data_dir=/data/tfds
   ... --config.eval.num_videos=512 --config.eval.sfv_steps="(1,)" --config.eval.teacher_steps="(25, 16)"

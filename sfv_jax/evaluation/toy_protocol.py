@@ -1,4 +1,4 @@
-"""The toy-scale reproduction's protocol (``python -m sfv_jax.reproduce``; docs/reproduction.md): its rows, its real
+"""The toy-scale reproduction's protocol (``python -m sfv_jax.cli.reproduce``; docs/reproduction.md): its rows, its real
 clips and each row's metrics. The paper's Tables 1-3 at toy size: FVD with the project's I3D plus cheap
 metrics that the synthetic moving shapes make meaningful (``data.video_metrics``).
 

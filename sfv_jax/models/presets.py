@@ -74,7 +74,7 @@ UNETS: dict[str, dict[str, Any]] = {
         "sample_size": 12,
     },
     "toy": {**_TINY_A, "num_frames": 4},
-    # the toy world's teacher (tools/toy_world.py, configs/toy_teacher.py): 8x8x4 latents, 14 frames. 32 / 64
+    # the toy world's teacher (cli/toy_world.py, configs/toy_teacher.py): 8x8x4 latents, 14 frames. 32 / 64
     # channels: 64 / 96 trains 5x slower on a 2-core CPU (fwd + bwd of 8 clips: 2.66 s against 0.52 s)
     "toy32": {**_TINY_A, "num_frames": 14},
     "small": {
@@ -111,7 +111,7 @@ VAES: dict[str, dict[str, Any]] = {
         "block_out_channels": [32, 32],
         "sample_size": 16,
     },
-    # the toy world's VAE (tools/toy_world.py): 32x32 frames -> 8x8 latents. SVD's VAE normalises with 32
+    # the toy world's VAE (cli/toy_world.py): 32x32 frames -> 8x8 latents. SVD's VAE normalises with 32
     # GroupNorm groups (fixed in diffusers); at 32 channels each group is one channel, and the final norms
     # (encoder: last level, decoder: first level) then remove every channel's mean: the colours are lost
     # (measured: grey reconstructions, 20.3 dB held-out PSNR with [32, 32, 64]). >= 64 channels everywhere.

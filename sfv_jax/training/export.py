@@ -1,9 +1,9 @@
 """A trained run (SF-V or diffusion) -> an SVD pipeline folder that ``sample``, ``load_pipeline`` and ``convert
 --to-diffusers`` use like any converted SVD checkpoint.
 
-    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv                 # EMA, latest step
-    python -m sfv_jax.export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
-    python -m sfv_jax.sample --model checkpoints/sfv --image cat.png --out cat.mp4        # one step
+    python -m sfv_jax.cli.export --workdir runs/sfv_svd --out checkpoints/sfv                 # EMA, latest step
+    python -m sfv_jax.cli.export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator
+    python -m sfv_jax.cli.sample --model checkpoints/sfv --image cat.png --out cat.mp4        # one step
 
 The UNet is the run's EMA generator (``--weights ema``, the paper's) or its raw generator weights; the
 VAE and image encoder are those the run was trained with: copied from ``init_from`` (converted first if
@@ -27,7 +27,8 @@ from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.models.build import DTYPES
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import output_overlaps
-from sfv_jax.training import trainer as train
+from sfv_jax.training.checkpoints import checkpoint_manager, restore
+from sfv_jax.training.layout import build_modules, init_params, make_layout
 from sfv_jax.training.run_config import ConfigError, check_config
 
 WEIGHTS = ("ema", "generator")
@@ -38,7 +39,7 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     file is a CheckpointError naming it, not a traceback in the middle of an export)."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.main?)")
+        raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.cli.train?)")
     try:
         raw = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -76,9 +77,9 @@ def trained_unet(
     config = run_config(workdir) if config is None else config
     unet_cfg = _component_config(config, "unet")
     plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))  # any mesh restores onto one device
-    like = train.make_layout(config, plan, *train.build_modules(config)).abstract_state
-    mngr = train.checkpoint_manager(workdir)
-    state, meta = train.restore(mngr, like, step)
+    like = make_layout(config, plan, *build_modules(config)).abstract_state
+    mngr = checkpoint_manager(workdir)
+    state, meta = restore(mngr, like, step)
     return unet_cfg, state.unet_params(weights), int(meta["step"])  # frozen parameters included
 
 
@@ -129,8 +130,8 @@ def export_run(
         return convert.write_pipeline(src, Path(out), overwrite, write, meta)
     # random-init run: the VAE and image encoder are re-created from the run's config and seed
     plan = sharding.Plan(sharding.make_mesh({}, jax.local_devices()[:1]))
-    _, vae_params, clip_params, _, _ = train.init_params(
-        config, train.make_layout(config, plan, *train.build_modules(config)), jax.random.PRNGKey(config.seed)
+    _, vae_params, clip_params, _, _ = init_params(
+        config, make_layout(config, plan, *build_modules(config)), jax.random.PRNGKey(config.seed)
     )
     parts = {
         "unet": (params, unet_cfg, f"{workdir.absolute()} step {step}"),

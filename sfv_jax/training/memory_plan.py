@@ -23,8 +23,8 @@ import numpy as np
 from sfv_jax.diffusion.pipeline import sampling_program
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
-from sfv_jax.training import trainer
 from sfv_jax.training.discriminator import backbone_subset
+from sfv_jax.training.layout import build_modules, make_layout
 
 GB = 1e9
 
@@ -97,8 +97,8 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
     if devices[0].platform == "cpu":
         notes.append("XLA:CPU compile with its memory-minimising scheduler (estimates of a GPU compile)")
     plan = sharding.Plan.from_config(config, devices)
-    unet, vae, clip = trainer.build_modules(config, svd_defaults=True)
-    lay = trainer.make_layout(config, plan, unet, vae, clip)
+    unet, vae, clip = build_modules(config, svd_defaults=True)
+    lay = make_layout(config, plan, unet, vae, clip)
     steps = lay.steps(config)
     state, batch = lay.abstract_state, lay.abstract_batch(config)
     backbone = jax.tree.map(
@@ -172,7 +172,7 @@ def plan_sampler(config, target: str | None = None, log=print) -> dict:
         device = targets.topology(target, 4 if targets.get(target).platform == "tpu" else 1)[0]
     else:
         device = jax.devices()[0]
-    unet = trainer.build_modules(config, svd_defaults=True)[0].clone(remat_policy="none")
+    unet = build_modules(config, svd_defaults=True)[0].clone(remat_policy="none")
     dtype = unet.dtype
     sampler = "sfv" if config.objective == "sfv" else "svd"
     steps = int(config.sample.steps)

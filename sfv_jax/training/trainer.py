@@ -5,7 +5,7 @@ steps) and ``diffusion`` (SVD's denoising loss: fine-tuning SVD, training a teac
 the steps' pure loss function and the parameters it trains (``sfv_jax.training.steps``), and
 ``config.trainable`` picks the UNet parameters that train (``sfv_jax.training.param_groups``).
 
-``train(config, workdir)`` is what ``python -m sfv_jax.main --config configs/NAME.py --workdir DIR`` runs.
+``train(config, workdir)`` is what ``python -m sfv_jax.cli.train --config configs/NAME.py --workdir DIR`` runs.
 The workdir gets
   ``checkpoints/<step>/``      orbax: generator, EMA, discriminator heads, both optimizer states, the
                                frozen UNet parameters (``trainable=temporal``), step,
@@ -19,7 +19,7 @@ The workdir gets
                                ``sample.steps`` steps; ``step_XXXXXXX.png`` its frame grid (the real
                                clip of that frame above it; also the TensorBoard image ``sample/frames``)
                                and the scalars ``sample/motion_ratio``, ``sharpness_ratio``, ``frame0_psnr``.
-  ``config.json``              the run's config (what ``python -m sfv_jax.export`` reads).
+  ``config.json``              the run's config (what ``python -m sfv_jax.cli.export`` reads).
   ``train_summary.json``       final step, wall time, first step (compilation) time, steps/s after it
                                (samples and checkpoints included), last metrics.
 SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, ``train`` returns; during the first
@@ -66,48 +66,9 @@ from sfv_jax.parallel import sharding
 from sfv_jax.paths import OutputLock, write_atomic
 from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
-
-# the pieces, importable from here as one trainer API (``trainer.make_layout``, ``trainer.restore``, ...)
-from sfv_jax.training.checkpoints import checkpoint_manager, default_sharding, restore, restore_newest_readable
-from sfv_jax.training.layout import (
-    Layout,
-    build_modules,
-    frozen_encoders,
-    init_params,
-    init_train_state,
-    make_layout,
-    make_optimizers,
-)
-from sfv_jax.training.run_config import (
-    HALT_CHECKS,
-    ConfigError,
-    check_config,
-    check_workdir,
-    config_get,
-    flat_hparams,
-)
-
-__all__ = [
-    "HALT_CHECKS",
-    "ConfigError",
-    "Layout",
-    "build_modules",
-    "check_config",
-    "checkpoint_manager",
-    "config_get",
-    "default_sharding",
-    "describe_params",
-    "flat_hparams",
-    "format_metrics",
-    "frozen_encoders",
-    "init_params",
-    "init_train_state",
-    "make_batch",
-    "make_layout",
-    "make_optimizers",
-    "restore",
-    "train",
-]
+from sfv_jax.training.checkpoints import checkpoint_manager, restore_newest_readable
+from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
+from sfv_jax.training.run_config import check_config, check_workdir, flat_hparams
 
 
 class StopRequested:
@@ -177,6 +138,64 @@ def write_sample_diagnostics(writer, workdir: Path, step: int, sample: np.ndarra
         )
         scalars["sample/frame0_psnr"] = min(video_metrics.psnr(sample[0], real[0]), 100.0)
     writer.write_scalars(step, scalars)
+
+
+def save_checkpoint(mngr, state: train_steps.TrainState, step: int, meta: dict, *, wait: bool = False) -> None:
+    """Save ``state`` and ``meta`` (+ ``step``) as checkpoint ``step`` (asynchronously; ``wait``: until it is on
+    disk); a step already saved is not saved twice."""
+    if mngr.latest_step() != step:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step, **meta}))
+        mngr.save(step, args=args)
+    if wait:
+        mngr.wait_until_finished()
+
+
+def nonfinite_steps(pending: list[tuple[int, dict[str, Any]]]) -> list[int]:
+    """The steps among ``pending`` ((step, metrics) with the steps' ``*_finite`` flags, on the device or
+    not) whose loss or gradient was not finite; one device -> host transfer for all of them."""
+    flags = jax.device_get([[v for k, v in m.items() if k.endswith("_finite")] for _, m in pending])
+    return [step for (step, _), f in zip(pending, flags, strict=True) if f and min(f) < 1]
+
+
+class SampleWriter:
+    """``writer(state, step)``: a sample of the EMA generator on the data's fixed conditioning frame (SF-V's
+    sampler, or the teacher's with guidance for the diffusion objective) as ``samples/step_X.mp4`` with its
+    frame grid and diagnostics (:func:`write_sample_diagnostics`). One device: the EMA (with the frozen
+    parameters) as it is. A mesh: it is gathered and every process samples on its first device alone, like
+    the pipeline's other inputs (the same result everywhere; process 0 writes)."""
+
+    def __init__(self, config, workdir: Path, writer, plan, lay, vae_params, clip_params, source: ClipSource):
+        self.config, self.workdir, self.writer, self.plan = config, workdir, writer, plan
+        self.frame, self.real = source.sample_frame(), source.sample_clip()
+        self.pipe = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
+        self.gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
+
+    def __call__(self, state: train_steps.TrainState, step: int) -> None:
+        config, d = self.config, self.config.data
+        ema = state.unet_params("ema")
+        self.pipe.unet_params = (
+            ema
+            if self.plan.mesh.devices.size == 1
+            else jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), self.gather(ema)), jax.local_devices()[0])
+        )
+        frames = self.pipe(
+            self.frame,
+            height=config.sample.height,
+            width=config.sample.width,
+            num_frames=d.num_frames,
+            num_inference_steps=config.sample.steps,
+            fps=d.fps,
+            motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
+            noise_aug_strength=d.noise_aug_strength,
+            sampler="sfv" if config.objective == "sfv" else "svd",
+            min_guidance_scale=config.sample.min_guidance,
+            max_guidance_scale=config.sample.max_guidance,
+            seed=config.seed,
+        )
+        if jax.process_index() == 0:
+            path = video_io.write_video(self.workdir / "samples" / f"step_{step:07d}.mp4", frames, fps=d.fps)
+            logging.info("sample written to %s", path)
+            write_sample_diagnostics(self.writer, self.workdir, step, video_io.to_uint8(frames), self.real)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -311,50 +330,11 @@ def _train(
     batches = loader.iterator_from_state(data_state, todo) if data_state else loader.iterator(position, todo)
 
     def save(state, step: int, wait: bool = False) -> None:
-        if mngr.latest_step() != step:
-            meta = {
-                "step": step,
-                "data_position": position,
-                "samples_per_step": per_step,
-                "data_iterator": batches.get_state(),
-            }
-            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        if wait:
-            mngr.wait_until_finished()
+        meta = {"data_position": position, "samples_per_step": per_step, "data_iterator": batches.get_state()}
+        save_checkpoint(mngr, state, step, meta, wait=wait)
 
     # ------------------------------------------------------------------ samples
-    sample_frame, sample_real = source.sample_frame(), source.sample_clip()
-    sampler = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
-    gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
-
-    def write_sample(state, step: int) -> None:
-        # one device: the EMA (with the frozen parameters) as it is. A mesh: it is gathered and every process
-        # samples on its first device alone, like the pipeline's other inputs (same result everywhere;
-        # process 0 writes)
-        ema = state.unet_params("ema")
-        sampler.unet_params = (
-            ema
-            if plan.mesh.devices.size == 1
-            else jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), gather(ema)), jax.local_devices()[0])
-        )
-        frames = sampler(
-            sample_frame,
-            height=config.sample.height,
-            width=config.sample.width,
-            num_frames=d.num_frames,
-            num_inference_steps=config.sample.steps,
-            fps=d.fps,
-            motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
-            noise_aug_strength=d.noise_aug_strength,
-            sampler="sfv" if config.objective == "sfv" else "svd",
-            min_guidance_scale=config.sample.min_guidance,
-            max_guidance_scale=config.sample.max_guidance,
-            seed=config.seed,
-        )
-        if lead:
-            path = video_io.write_video(workdir / "samples" / f"step_{step:07d}.mp4", frames, fps=d.fps)
-            logging.info("sample written to %s", path)
-            write_sample_diagnostics(writer, workdir, step, video_io.to_uint8(frames), sample_real)
+    write_sample = SampleWriter(config, workdir, writer, plan, lay, vae_params, clip_params, source)
 
     # ------------------------------------------------------------------ loop
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
@@ -367,9 +347,7 @@ def _train(
 
     def check_finite(done: int) -> None:
         """Look at the pending steps' finite flags (one device -> host transfer); warn, maybe halt."""
-        flags = jax.device_get([[v for k, v in m.items() if k.endswith("_finite")] for _, m in pending])
-        bad = [s for (s, _), f in zip(pending, flags, strict=True) if min(f) < 1]
-        if bad:
+        if bad := nonfinite_steps(pending):
             logging.warning(
                 "step%s %s: non-finite loss or gradient, update skipped",
                 "s" if len(bad) > 1 else "",

@@ -1,5 +1,5 @@
 """The toy VAE's objective: SVD's VAE architecture (``models.vae``) trained from random weights for the
-toy world (``tools/toy_world.py``), as pure functions. The real SVD VAE is never trained by this project.
+toy world (``cli/toy_world.py``), as pure functions. The real SVD VAE is never trained by this project.
 
     loss, metrics = vae_loss(vae, params, video, key, kl_weight=1e-3)    # video [B, F, H, W, 3] in [-1, 1]
     scale = latent_scaling_factor(vae, params, video)                     # 1 / std of the posterior means

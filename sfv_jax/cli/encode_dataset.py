@@ -1,6 +1,6 @@
 """Pre-encode a training dataset into latents once (see :mod:`sfv_jax.data.latent_store`).
 
-    python -m sfv_jax.tools.encode_dataset --config configs/sfv_svd.py --out DIR \\
+    python -m sfv_jax.cli.encode_dataset --config configs/sfv_svd.py --out DIR \\
         --config.init_from=checkpoints/svd --config.data.kind=folder --config.data.path=data/clips
 
 Every record of ``config.data``'s dataset (a folder dataset, UCF-101, or ``--limit`` synthetic videos)
@@ -35,7 +35,8 @@ from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, remove_stale_staging, staging_name
-from sfv_jax.training import trainer as train
+from sfv_jax.training.layout import build_modules, frozen_encoders
+from sfv_jax.training.run_config import ConfigError
 
 FLAGS = flags.FLAGS
 PROGRESS_EVERY_S = 10.0
@@ -94,8 +95,8 @@ def _broadcast_name(name: str) -> str:
 def _encode(config, source: ClipSource, n: int, out: Path, partial: Path, batch_size: int) -> dict:
     d, pi, pc = config.data, jax.process_index(), jax.process_count()
 
-    _, vae, clip = train.build_modules(config)
-    vae_params, clip_params = train.frozen_encoders(config, vae, clip, jax.random.PRNGKey(config.seed))
+    _, vae, clip = build_modules(config)
+    vae_params, clip_params = frozen_encoders(config, vae, clip, jax.random.PRNGKey(config.seed))
     devices = jax.local_devices()
     encoder = ClipEncoder(vae, vae_params, clip, clip_params, seed=config.seed, devices=devices)
     batch_size = batch_size or 2 * len(devices)
@@ -173,7 +174,7 @@ def main(argv: list[str]) -> int:
             info = encode_dataset(
                 FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
             )
-    except (train.ConfigError, DataConfigError, CheckpointError) as e:
+    except (ConfigError, DataConfigError, CheckpointError) as e:
         return console.fail(e)
     print(f"latent dataset written to {Path(FLAGS.out).absolute()}")
     print(f"examples={info['examples']} clips_per_s={info['clips_per_s']}")

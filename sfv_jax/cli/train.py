@@ -1,5 +1,5 @@
 """Training: ``sfv-train --config NAME|PATH --workdir DIR [--config.key=value ...]``
-(``python -m sfv_jax.main`` is the same command).
+(``python -m sfv_jax.cli.train`` is the same command).
 
 Examples:
   sfv-train --config tiny --workdir runs/tiny                                    # CPU, minutes
@@ -23,6 +23,7 @@ from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.data.sources import DataConfigError
 from sfv_jax.parallel import sharding
 from sfv_jax.training import trainer
+from sfv_jax.training.run_config import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     try:
         sharding.initialize_distributed()  # multi-process runs: before JAX touches a device
         trainer.train(FLAGS.config, FLAGS.workdir, verbose_tables=FLAGS.verbose_tables)
-    except (trainer.ConfigError, DataConfigError, sharding.ShardingError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, DataConfigError, sharding.ShardingError, CheckpointError, FloatingPointError) as e:
         return console.fail(e)
     return 0
 

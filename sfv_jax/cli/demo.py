@@ -1,4 +1,4 @@
-"""The pipeline against diffusers, end to end: ``python -m sfv_jax.demo [--workdir runs/demo] [--steps 2]``.
+"""The pipeline against diffusers, end to end: ``python -m sfv_jax.cli.demo [--workdir runs/demo] [--steps 2]``.
 
 1. builds a tiny SVD-shaped StableVideoDiffusionPipeline in PyTorch (diffusers + transformers, random
    weights) and saves it as a diffusers folder, laid out exactly like a published SVD folder;
@@ -32,11 +32,11 @@ HEIGHT, WIDTH = 48, 40  # the tiny VAE downsamples by 4: latents 12 x 10
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sfv_jax.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sfv_jax.cli.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where the diffusers / converted folders and mp4 go")
     parser.add_argument("--steps", type=int, default=2, help="teacher (Euler) steps for the parity check")
     args = parser.parse_args(argv)
-    require_dev_extras("sfv_jax.demo")
+    require_dev_extras("sfv_jax.cli.demo")
     import torch
 
     work = Path(args.workdir)

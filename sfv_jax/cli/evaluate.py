@@ -1,5 +1,5 @@
 """FVD evaluation, the paper's Table 1: ``sfv-evaluate --config eval_ucf101 --workdir DIR``
-(``python -m sfv_jax.evaluate``).
+(``python -m sfv_jax.cli.evaluate``).
 
   sfv-evaluate --config eval_ucf101 --workdir runs/eval \\
       --config.eval.sfv_model=checkpoints/sfv --config.eval.teacher_model=checkpoints/svd \\

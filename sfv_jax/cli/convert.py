@@ -1,4 +1,4 @@
-"""Checkpoint conversion: ``sfv-convert --src DIR --out DIR`` (``python -m sfv_jax.convert``).
+"""Checkpoint conversion: ``sfv-convert --src DIR --out DIR`` (``python -m sfv_jax.cli.convert``).
 
   sfv-convert --src path/to/stable-video-diffusion --out converted/svd     # the whole pipeline
   sfv-convert --src path/to/svd/unet --out converted/unet                  # one component

@@ -1,6 +1,6 @@
 """Build a training dataset from a folder of videos (see :mod:`sfv_jax.data.folder`).
 
-    python -m sfv_jax.tools.build_dataset --videos DIR --out DIR --fps 7 --height 448 --width 768 [--workers 8]
+    python -m sfv_jax.cli.build_dataset --videos DIR --out DIR --fps 7 --height 448 --width 768 [--workers 8]
 
 Prints progress, one line per skipped video, and as its last line ``examples=<n> skipped=<m>``. Train on
 it with ``--config.data.kind=folder --config.data.path=DIR``. Exit status 2 for bad flags or a folder

@@ -1,4 +1,4 @@
-"""A training run -> a pipeline folder: ``sfv-export --workdir RUN --out DIR`` (``python -m sfv_jax.export``).
+"""A training run -> a pipeline folder: ``sfv-export --workdir RUN --out DIR`` (``python -m sfv_jax.cli.export``).
 
   sfv-export --workdir runs/sfv_svd --out checkpoints/sfv                          # EMA, latest step
   sfv-export --workdir runs/sfv_svd --out checkpoints/sfv_5k --step 5000 --weights generator

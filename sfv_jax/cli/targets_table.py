@@ -50,7 +50,7 @@ def run_case(out: Path, target: str, case: str, timeout_s: float) -> dict:
     """Compile one case for one target in its own process; its record (also written to OUT)."""
     config, extra = CASES[case]
     path = out / f"{target}__{case}.json"
-    cmd = [sys.executable, "-m", "sfv_jax.tools.memory", "--config", config, "--target", target]
+    cmd = [sys.executable, "-m", "sfv_jax.cli.memory", "--config", config, "--target", target]
     cmd += ([] if "--sampler" in extra else ["--mesh", MESH]) + ["--json", str(path), *extra]
     t0 = time.time()
     try:

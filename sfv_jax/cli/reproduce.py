@@ -1,7 +1,7 @@
 """The toy-scale reproduction of the paper's Tables 1-3 (docs/reproduction.md): distil SF-V from a toy teacher,
 evaluate every row and write a report.
 
-    python -m sfv_jax.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--num-videos N]
+    python -m sfv_jax.cli.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--num-videos N]
         [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
 
 The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``). ``--demo`` is the
@@ -159,7 +159,7 @@ def report_markdown(results: list[dict], args, command: str, wall_s: float) -> s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, with the ``--quick`` / ``--demo`` defaults resolved (``num_videos`` always set)."""
     p = argparse.ArgumentParser(
-        prog="python -m sfv_jax.reproduce",
+        prog="python -m sfv_jax.cli.reproduce",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return console.fail(f"--teacher {teacher}: not a pipeline folder (no model_index.json)")
     if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}) or folder_problem("--workdir", workdir):
         return console.fail(problem)
-    command = "python -m sfv_jax.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sfv_jax.cli.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     with OutputLock(workdir, "--workdir", command="sfv-reproduce"):
         return _reproduce(args, rows, workdir, teacher, command)
 

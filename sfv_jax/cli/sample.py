@@ -1,5 +1,5 @@
 """Image -> video from the command line: ``sfv-sample --model PATH --image IMG --out out.mp4``
-(``python -m sfv_jax.sample``).
+(``python -m sfv_jax.cli.sample``).
 
 ``--model`` is an SVD folder in diffusers format (``model_index.json``, ``unet/``, ``vae/``,
 ``image_encoder/``, ``feature_extractor/``) or its converted copy (``sfv-convert``);

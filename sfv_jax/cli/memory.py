@@ -3,7 +3,7 @@
     sfv-memory --config sfv_svd --target h100 --mesh fsdp=8          # XLA:GPU's own figures, 8 H100s
     sfv-memory --config sfv_svd --target v5p --mesh fsdp=8           # libtpu's, a v5p-8 slice (+ FLOPs)
     sfv-memory --config sfv_svd --target h100 --sampler              # SF-V's one step, 1024x576x14, one GPU
-    python -m sfv_jax.tools.memory --config configs/sfv_svd.py --mesh fsdp=8     # XLA:CPU estimate
+    python -m sfv_jax.cli.memory --config configs/sfv_svd.py --mesh fsdp=8     # XLA:CPU estimate
 
 ``--target NAME`` (h100, h200, a100, v5p, v6e, v5e: :mod:`sfv_jax.parallel.targets`) compiles the steps
 for that accelerator on this host, without one (the ``targets`` extra installs the compilers); the device
@@ -65,7 +65,7 @@ def _target_given(argv: list[str]) -> bool:
 
 # The planner simulates the mesh on that many CPU devices when no accelerator has enough; XLA reads the
 # device count when JAX starts, so this runs before this module imports JAX (as a command: ``sfv-memory``
-# or ``python -m sfv_jax.tools.memory``; imported into a running JAX it changes nothing). With --target,
+# or ``python -m sfv_jax.cli.memory``; imported into a running JAX it changes nothing). With --target,
 # JAX runs on the CPU and the target's compiler does the work (no simulated devices needed).
 # The most devices a mesh may have: simulated CPU devices are real XLA devices, each with its threads and
 # buffers (100,000 of them take minutes to create before failing); a target's are a description.
@@ -103,8 +103,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from sfv_jax import console, paths  # noqa: E402  (after the device simulation above; before TensorFlow)
 from sfv_jax.parallel import sharding  # noqa: E402
-from sfv_jax.training import trainer  # noqa: E402
 from sfv_jax.training.memory_plan import GB, plan_memory, plan_sampler  # noqa: E402
+from sfv_jax.training.run_config import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
             r = plan_sampler(FLAGS.config, target=FLAGS.target)
         else:
             r = plan_memory(FLAGS.config, FLAGS.mesh, target=FLAGS.target, programs=FLAGS.steps)
-    except (trainer.ConfigError, sharding.ShardingError, targets.TargetError) as e:
+    except (ConfigError, sharding.ShardingError, targets.TargetError) as e:
         return console.fail(e)
     device_gb = FLAGS.device_gb or (targets.get(FLAGS.target).memory_gb if FLAGS.target else 80.0)
     print(

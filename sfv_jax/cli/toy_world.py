@@ -3,7 +3,7 @@ its latent scaling factor and held-out PSNR, and write a pipeline folder (the fo
 with that VAE, a fixed random image encoder and a random UNet. The toy teacher is then trained from it
 with the diffusion objective (``configs/toy_teacher.py``).
 
-    python -m sfv_jax.tools.toy_world --workdir runs/toy_vae --out runs/toy_init [--steps 1500] [--seed 0]
+    python -m sfv_jax.cli.toy_world --workdir runs/toy_vae --out runs/toy_init [--steps 1500] [--seed 0]
 
 The VAE is SVD's architecture (``models.presets.VAES["toy32"]``: 3 levels of 64 / 64 / 128 channels,
 32x32 frames -> 8x8x4 latents, temporal decoder) trained by ``training.vae_objective`` (squared error +
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
     t0 = time.time()
     vae_cfg, vae_params, report = train_vae(args)
-    command = "python -m sfv_jax.tools.toy_world " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sfv_jax.cli.toy_world " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command, "seed": args.seed, "vae": report, "wall_time_s": round(time.time() - t0, 1)}
     write_pipeline(out, vae_cfg, vae_params, args.seed, args.unet_frames, meta, args.dtype)
     print(f"wrote {out} ({meta['wall_time_s']:.0f} s)")
