@@ -216,7 +216,7 @@ def test_installed_package_runs_from_another_folder(tmp_path):
         "16",
         "--width",
         "16",
-        "--frames",
+        "--num-frames",
         "4",
     )
     assert (elsewhere / "video.gif").stat().st_size > 0

@@ -18,6 +18,7 @@ from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.diffusion import edm, pipeline, samplers
 from sfv_jax.diffusion.conditioning import ImageError
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.models import presets
 
 H, W, F = 48, 40, 5  # TINY_VAE downsamples by 4: latents 12 x 10, TINY_B's test size
@@ -167,7 +168,7 @@ def test_generate_needs_one_seed_per_image(jax_pipeline, image):
     """(Batched generation's equality with single videos, sharded or not, is checked by the evaluation's
     smoke test: tests/test_evaluate.py.)"""
     with pytest.raises(ValueError, match="one seed per image"):
-        jax_pipeline.generate([image, image], [1], height=H, width=W)
+        jax_pipeline.generate([image, image], [1], GenerationSettings(height=H, width=W))
 
 
 def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):

@@ -43,7 +43,7 @@ def test_cli_writes_a_playable_mp4(tiny_pipeline_dirs, tmp_path):
         "48",
         "--width",
         "40",
-        "--frames",
+        "--num-frames",
         "5",
         "--sampler",
         "sfv",

@@ -335,7 +335,8 @@ def _main(workdir, *flags):
 
 def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     """``python -m sfv_jax.cli.train``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
-    a second run on the workdir resumes, and SIGTERM makes it checkpoint and exit 0."""
+    a second run on the workdir resumes, a third started beside it is refused (one writer per workdir), and
+    SIGTERM makes the second checkpoint and exit 0."""
     workdir = tmp_path / "run"
     cmd, env = _main(
         workdir,
@@ -398,6 +399,10 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
             if "] step 4/" in line and "g_loss " in line:
                 break
             assert time.time() < deadline, "".join(log[-50:])
+        # a second run on the same workdir is refused at once, naming the first; the first carries on
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"in use by sfv-train (pid {proc.pid} on " in second.stderr.splitlines()[-1], second.stderr[-2000:]
         proc.send_signal(signal.SIGTERM)
         _, rest = proc.communicate(timeout=300)
     finally:

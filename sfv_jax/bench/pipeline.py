@@ -1,6 +1,6 @@
 """``sfv-bench pipeline``: image -> video, stage by stage (image encoder, VAE encode, UNet sampling loop,
 VAE decode), the JAX pipeline against diffusers' ``StableVideoDiffusionPipeline`` on the same random-weight
-components, image and latents (teacher sampler, guidance on; ``--steps 1 --max-guidance 1`` is SF-V's single
+components, image and latents (teacher sampler, guidance on; ``--steps 1 --max-guidance-scale 1`` is SF-V's single
 forward pass: one UNet call, the same in both); prints ``ratio_flax_over_torch``."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import PIL.Image
 
 from sfv_jax.bench import common
 from sfv_jax.checkpoint import convert, pretrained
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import STAGES
 from sfv_jax.models import presets
 from sfv_jax.models.build import DTYPES
@@ -52,15 +53,15 @@ def bench_pipeline(args) -> dict:
     image = PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     factor = pipe.vae_scale_factor
     latents = rng.standard_normal((1, frames, height // factor, width // factor, 4)).astype(np.float32)
-    kw = dict(
+    settings = GenerationSettings(
         height=height,
         width=width,
         num_frames=frames,
         num_inference_steps=steps,
-        noise_aug_strength=0.02,
-        min_guidance_scale=args.min_guidance,
-        max_guidance_scale=args.max_guidance,
+        min_guidance_scale=args.min_guidance_scale,
+        max_guidance_scale=args.max_guidance_scale,
     )
+    kw = {k: v for k, v in settings.as_dict().items() if k != "sampler"}  # diffusers' call: the same names
 
     jax_t = median_time(
         lambda: pipe(image, latents=latents, **kw), args.repeats, args.warmup, stages=lambda: pipe.last_timings
@@ -115,9 +116,9 @@ def add_parser(sub) -> None:
     )
     common.add_size_args(p, frames_help="default: the UNet config's num_frames")
     p.add_argument("--steps", type=int, default=None, help="teacher steps (default 25 GPU, 4 CPU)")
-    p.add_argument("--min-guidance", type=float, default=1.0, help="teacher guidance, first frame")
+    p.add_argument("--min-guidance-scale", type=float, default=1.0, help="teacher guidance, first frame")
     p.add_argument(
-        "--max-guidance", type=float, default=3.0, help="last frame; 1 with --steps 1: SF-V's one forward pass"
+        "--max-guidance-scale", type=float, default=3.0, help="last frame; 1 with --steps 1: SF-V's one forward pass"
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -4,18 +4,19 @@
 ``--model`` is an SVD folder in diffusers format (``model_index.json``, ``unet/``, ``vae/``,
 ``image_encoder/``, ``feature_extractor/``) or its converted copy (``sfv-convert``);
 converting once makes every later start faster. ``--sampler sfv`` runs the SF-V generator (one step by
-default; ``--steps`` 2-4 on its 4-point grid); ``--sampler svd`` the SVD teacher (25 Euler steps with
+default; ``--num-inference-steps`` 2-4 on its 4-point grid); ``--sampler svd`` the SVD teacher (25 Euler steps with
 per-frame guidance by default). The output format follows the extension of ``--out`` (.mp4, .gif,
 .png frame strip); ``--gif`` / ``--strip`` write those as well. Per-stage timings are printed at the end.
 
 Examples:
-  sfv-sample --model checkpoints/svd --image cat.png --out cat.mp4 --sampler svd --steps 25
+  sfv-sample --model checkpoints/svd --image cat.png --out cat.mp4 --sampler svd --num-inference-steps 25
   sfv-sample --model runs/sfv/export --image cat.png --out cat.mp4 --sampler sfv --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -27,9 +28,13 @@ from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.data import video_io
 from sfv_jax.diffusion import conditioning
 from sfv_jax.diffusion.conditioning import ImageError
-from sfv_jax.diffusion.pipeline import SAMPLERS, STAGES
+from sfv_jax.diffusion.generation import SAMPLERS, GenerationSettings
+from sfv_jax.diffusion.pipeline import STAGES
 from sfv_jax.models.build import COMPUTE_DTYPES, DTYPES
 from sfv_jax.paths import OutputError, OutputLock
+
+CLI_DEFAULTS = {"sampler": "sfv"}  # the command runs the SF-V generator unless told otherwise
+_TYPES = {"int": int, "int | None": int, "float": float, "str": str}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,18 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="SVD / SF-V folder (diffusers format or converted)")
     p.add_argument("--image", required=True, help="conditioning image (any size; resized as diffusers does)")
     p.add_argument("--out", required=True, help="output video: .mp4, .gif or .png (frame strip)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="sfv", help="sfv: SF-V generator; svd: SVD teacher")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for sfv, 25 for svd)")
-    p.add_argument("--min-guidance", type=float, default=1.0, help="svd: guidance of the first frame")
-    p.add_argument("--max-guidance", type=float, default=3.0, help="svd: guidance of the last frame")
-    p.add_argument("--fps", type=int, default=7, help="fps conditioning and the output frame rate")
-    p.add_argument("--motion-bucket", type=int, default=127, help="motion_bucket_id conditioning")
-    p.add_argument("--noise-aug", type=float, default=0.02, help="noise augmentation of the conditioning image")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=576)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--frames", type=int, default=None, help="default: the UNet config's num_frames")
-    p.add_argument("--decode-chunk", type=int, default=None, help="frames per VAE decode call (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="drives every random draw")
+    for f in dataclasses.fields(GenerationSettings):  # one flag per generation setting, named for it
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_TYPES[str(f.type)],
+            default=CLI_DEFAULTS.get(f.name, f.default),
+            choices=SAMPLERS if f.name == "sampler" else None,
+            help=GenerationSettings.HELP[f.name],
+        )
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="compute dtype of UNet / CLIP / decoder")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to --out")
     p.add_argument("--strip", action="store_true", help="also write a .png frame strip next to --out")
@@ -74,7 +77,11 @@ def _sample(args: argparse.Namespace) -> int:
             video_io.check_output(path, args.fps)
     except video_io.VideoError as e:
         return console.fail(f"--out / --fps: {e}")
-    try:  # the image before the model: a bad image costs no model load
+    try:  # the settings and the image before the model: a mistake costs no model load
+        settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
+    except ValueError as e:
+        return console.fail(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+    try:
         image = conditioning.load_image(args.image)
     except ImageError as e:
         return console.fail(f"--image: {e}")
@@ -83,21 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
         pipe = pretrained.load_pipeline(args.model, DTYPES[args.dtype])
         load_s = time.perf_counter() - t0
         print(f"[sample] loaded {args.model} in {load_s:.1f}s; sampling with {args.sampler}...", flush=True)
-        frames = pipe(
-            image,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            num_inference_steps=args.steps,
-            min_guidance_scale=args.min_guidance,
-            max_guidance_scale=args.max_guidance,
-            fps=args.fps,
-            motion_bucket_id=args.motion_bucket,
-            noise_aug_strength=args.noise_aug,
-            decode_chunk_size=args.decode_chunk,
-            seed=args.seed,
-            sampler=args.sampler,
-        )
+        frames = pipe.generate([image], [args.seed], settings)[0]
     except (CheckpointError, ImageError, ValueError) as e:
         return console.fail(e)
     written = []

@@ -130,5 +130,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.height, c.sample.width = 576, 1024
     c.sample.steps = 1  # sfv: the SF-V sampler's steps; diffusion: the teacher's Euler steps
-    c.sample.min_guidance, c.sample.max_guidance = 1.0, 3.0  # diffusion: the teacher's per-frame guidance
+    c.sample.min_guidance_scale, c.sample.max_guidance_scale = 1.0, 3.0  # diffusion: the teacher's per-frame guidance
     return c

@@ -32,12 +32,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sfv_jax.diffusion import conditioning, edm, samplers
+from sfv_jax.diffusion.generation import SAMPLERS, GenerationSettings
 from sfv_jax.models.vae import decode_latents
 
-# svd: the teacher's Euler sampler; sfv: the SF-V generator on its trained levels (1..T_g - 1 steps);
-# sfv_grid: the SF-V generator on the whole T_g grid (up to T_g steps, the last at the untrained sigma_min:
-# the paper's 4-step row)
-SAMPLERS = ("svd", "sfv", "sfv_grid")
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
 
 
@@ -261,7 +258,9 @@ class SVDPipeline:
         latents: Any = None,
         sampler: str = "svd",
     ) -> np.ndarray:
-        """Generate a video from ``image`` (PIL image, (H, W, 3) uint8 array, or a path).
+        """Generate a video from ``image`` (PIL image, (H, W, 3) uint8 array, or a path), with diffusers'
+        keyword arguments (each a field of :class:`sfv_jax.diffusion.generation.GenerationSettings`, which
+        documents them).
 
         ``num_inference_steps``: default 25 for ``sampler="svd"`` (the teacher: Euler, guidance
         linspace(min_guidance_scale, max_guidance_scale, F), on when max > 1) and 1 for ``"sfv"`` (the
@@ -271,9 +270,7 @@ class SVDPipeline:
         ``seed``). ``seed`` drives every random draw (noise augmentation, initial noise). Returns
         float32 frames (F, height, width, 3) in [0, 1]; per-stage seconds in ``last_timings``.
         """
-        return self.generate(
-            [image],
-            [seed],
+        settings = GenerationSettings(
             height=height,
             width=width,
             num_frames=num_frames,
@@ -284,48 +281,30 @@ class SVDPipeline:
             motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength,
             decode_chunk_size=decode_chunk_size,
-            latents=latents,
             sampler=sampler,
-        )[0]
+        )
+        return self.generate([image], [seed], settings, latents=latents)[0]
 
     def generate(
         self,
         images: Sequence[Any],
         seeds: Sequence[int],
+        settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen: one shared default is safe)
         *,
-        height: int = 576,
-        width: int = 1024,
-        num_frames: int | None = None,
-        num_inference_steps: int | None = None,
-        min_guidance_scale: float = 1.0,
-        max_guidance_scale: float = 3.0,
-        fps: int = 7,
-        motion_bucket_id: int = 127,
-        noise_aug_strength: float = 0.02,
-        decode_chunk_size: int | None = None,
         latents: Any = None,
-        sampler: str = "svd",
     ) -> np.ndarray:
         """A batch of videos: video ``i`` from ``images[i]`` with ``seeds[i]``, equal to
         ``pipe(images[i], seed=seeds[i], ...)`` (each video draws its noise from its own seed, so it does not
-        depend on the batch it is in nor on the devices). Arguments as :meth:`__call__`; ``latents``
-        [B, F, h, w, 4]. After :meth:`shard` the batch is split over the devices. -> float32
-        [B, F, height, width, 3] in [0, 1]; ``last_timings`` holds the seconds of each stage for the batch."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        depend on the batch it is in nor on the devices). ``latents`` [B, F, h, w, 4]. After :meth:`shard` the
+        batch is split over the devices. -> float32 [B, F, height, width, 3] in [0, 1]; ``last_timings``
+        holds the seconds of each stage for the batch."""
         if len(images) != len(seeds) or not len(images):
             raise ValueError(f"generate needs one seed per image; got {len(images)} images and {len(seeds)} seeds")
         self.last_timings = {}
-        factor = self.vae_scale_factor
+        g, factor = settings, self.vae_scale_factor
+        height, width, sampler, steps = g.height, g.width, g.sampler, g.steps
         conditioning.check_size(height, width, math.lcm(8, factor))
-        num_frames = self.unet.config.num_frames if num_frames is None else num_frames
-        if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
-        if decode_chunk_size is not None and (
-            not isinstance(decode_chunk_size, (int, np.integer)) or decode_chunk_size < 1
-        ):
-            raise ValueError(f"decode_chunk_size must be a positive integer or None, got {decode_chunk_size!r}")
-        steps = num_inference_steps if num_inference_steps is not None else (25 if sampler == "svd" else 1)
+        num_frames = self.unet.config.num_frames if g.num_frames is None else g.num_frames
         if sampler == "svd":
             sigmas = edm.euler_sigmas(steps)
         else:
@@ -357,17 +336,18 @@ class SVDPipeline:
         embeds = self.encode_image(self._put(clip_px))[:, None, :]
         # 2. VAE conditioning latent: resized image + noise augmentation -> posterior mean (unscaled)
         pixels = jnp.asarray(np.stack([conditioning.vae_pixels(im, height, width, factor) for im in images]))
-        pixels = pixels + noise_aug_strength * draw(0, (1, height, width, 3))
+        pixels = pixels + g.noise_aug_strength * draw(0, (1, height, width, 3))
         image_latents = self.encode_vae(self._put(pixels))
         image_latents = self._put(jnp.broadcast_to(image_latents[:, None], shape))
         ids = self._put(
-            jnp.tile(jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32), (shape[0], 1))
+            jnp.tile(jnp.asarray([[g.fps - 1, g.motion_bucket_id, g.noise_aug_strength]], jnp.float32), (shape[0], 1))
         )
         # 3. sampling
         noise = jnp.asarray(latents, jnp.float32) if latents is not None else draw(1, (1, *shape[1:]))
         if sampler == "svd":
-            guided = max(min_guidance_scale, max_guidance_scale) > 1
-            scales = samplers.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames) if guided else None
+            scales = (
+                samplers.guidance_scales(g.min_guidance_scale, g.max_guidance_scale, num_frames) if g.guided else None
+            )
             out = self.sample_latents(
                 self._put(noise), image_latents, embeds, ids, sigmas, sampler="svd", scales=scales
             )
@@ -382,6 +362,6 @@ class SVDPipeline:
                 sampler="sfv",
             )
         # 4. decode
-        frames = self.decode(out, decode_chunk_size)
+        frames = self.decode(out, g.decode_chunk_size)
         self.last_timings["unet_steps"] = float(steps)
         return np.asarray(frames, np.float32)[:b]

@@ -41,6 +41,7 @@ import numpy as np
 from sfv_jax import timing
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.diffusion import edm
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.evaluation import protocol
 from sfv_jax.evaluation.fvd import FEATURE_DIM, FeatureStats, I3DFeatures, fvd_from_stats
 from sfv_jax.paths import folder_problem, output_overlaps, write_atomic
@@ -79,7 +80,7 @@ class Row:
             "width": e.width,
             "motion_bucket_id": e.motion_bucket_id,
             "noise_aug_strength": e.noise_aug_strength,
-            "guidance": (e.min_guidance, e.max_guidance),
+            "guidance": (e.min_guidance_scale, e.max_guidance_scale),
             "chunk_size": e.chunk_size,
         }
         return f"{self.name}-{self.sampler}-{self.steps}steps-{protocol.digest(settings)}"
@@ -110,27 +111,21 @@ def rows(config: ml_collections.ConfigDict) -> list[Row]:
     return out
 
 
-def _generation_kwargs(config: ml_collections.ConfigDict, row: Row) -> dict[str, Any]:
-    e, d = config.eval, config.data
-    return dict(
-        height=e.height,
-        width=e.width,
-        num_frames=d.num_frames,
-        num_inference_steps=row.steps,
-        min_guidance_scale=e.min_guidance,
-        max_guidance_scale=e.max_guidance,
-        fps=int(d.fps),
-        motion_bucket_id=e.motion_bucket_id,
-        noise_aug_strength=e.noise_aug_strength,
-        decode_chunk_size=e.decode_chunk_size,
-        sampler=row.sampler,
+def generation_settings(config: ml_collections.ConfigDict, row: Row) -> GenerationSettings:
+    """A row's generation: the ``eval`` section's settings (under their own names), the data's frames and
+    fps, the row's sampler and steps."""
+    d = config.data
+    return GenerationSettings.from_mapping(
+        config.eval, num_frames=d.num_frames, fps=int(d.fps), num_inference_steps=row.steps, sampler=row.sampler
     )
 
 
-def measure_latency(pipe: Any, image: np.ndarray, seed: int, kwargs: dict, repeats: int) -> dict[str, float]:
+def measure_latency(
+    pipe: Any, image: np.ndarray, seed: int, settings: GenerationSettings, repeats: int
+) -> dict[str, float]:
     """Seconds for one video (batch 1) after a warm-up call: the UNet stage and the whole call; medians."""
     t = timing.median_time(
-        lambda: pipe.generate([image], [seed], **kwargs), repeats, warmup=1, stages=lambda: pipe.last_timings
+        lambda: pipe.generate([image], [seed], settings), repeats, warmup=1, stages=lambda: pipe.last_timings
     )
     return {"unet_latency_s": t.stages_s["unet"], "e2e_latency_s": t.median_s}
 
@@ -145,13 +140,13 @@ def generate_chunk(
     stop: int,
 ) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
     """Videos ``start..stop-1`` of ``row``: -> (I3D features [n, 400], stage seconds, uint8 videos)."""
-    kwargs = _generation_kwargs(config, row)
+    settings = generation_settings(config, row)
     step = int(config.eval.batch_size) * pipe.num_devices
     seconds: dict[str, float] = defaultdict(float)
     videos = []
     for s in range(start, stop, step):
         idx = list(range(s, min(stop, s + step)))
-        frames = pipe.generate([reference.first_frames[i] for i in idx], [config.eval.seed + i for i in idx], **kwargs)
+        frames = pipe.generate([reference.first_frames[i] for i in idx], [config.eval.seed + i for i in idx], settings)
         for stage in ("image_encoder", "vae_encode", "unet", "vae_decode", "compile"):
             seconds[stage] += pipe.last_timings.get(stage, 0.0)
         t0 = time.perf_counter()
@@ -182,7 +177,7 @@ def finish_row(config: ml_collections.ConfigDict, row: Row, folder: Path, refere
         "fvd": fvd_from_stats(stats, reference.stats),
         "num_videos": n,
         **latency,
-        "guidance": [config.eval.min_guidance, config.eval.max_guidance] if row.sampler == "svd" else None,
+        "guidance": [config.eval.min_guidance_scale, config.eval.max_guidance_scale] if row.sampler == "svd" else None,
         "seconds_per_video": {k: seconds.get(k, 0.0) / n for k in STAGES},
         "compile_s": seconds.get("compile", 0.0),
     }
@@ -263,7 +258,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, progress
             pipe = pretrained.load_pipeline(model, dtypes[e.dtype], progress=False)
             for r in latency:
                 lat = measure_latency(
-                    pipe, reference.first_frames[0], e.seed, _generation_kwargs(config, r), int(e.latency_repeats)
+                    pipe, reference.first_frames[0], e.seed, generation_settings(config, r), int(e.latency_repeats)
                 )
                 logging.info(
                     "%s %d step(s): UNet %.3fs, end to end %.3fs per video",

@@ -25,6 +25,7 @@ import numpy as np
 
 from sfv_jax.data import video_io, video_metrics
 from sfv_jax.data.synthetic import TOY_DETAIL, TOY_MEAN_COLOUR, synthetic_clip
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures, fvd_from_stats
 
 # the shipped toy teacher (assets/toy_teacher/README.md: how it was made); the reproduction's default
@@ -113,14 +114,17 @@ def noise_seeds(seed: int, n: int) -> list[int]:
 
 def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batch: int = 8) -> np.ndarray:
     """uint8 [n, FRAMES, SIZE, SIZE, 3]: the row's videos from ``images`` [n, SIZE, SIZE, 3]."""
-    kw = dict(height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=row.steps, fps=FPS)
-    if row.kind == "teacher":
-        kw.update(sampler="svd", min_guidance_scale=1.0, max_guidance_scale=3.0)
-    else:
-        kw.update(sampler="sfv")
+    settings = GenerationSettings(
+        height=SIZE,
+        width=SIZE,
+        num_frames=FRAMES,
+        num_inference_steps=row.steps,
+        fps=FPS,
+        sampler="svd" if row.kind == "teacher" else "sfv",  # the teacher with SVD's guidance 1 -> 3
+    )
     out = []
     for i in range(0, len(images), batch):
-        frames = pipe.generate(list(images[i : i + batch]), list(seeds[i : i + batch]), **kw)
+        frames = pipe.generate(list(images[i : i + batch]), list(seeds[i : i + batch]), settings)
         out.extend(video_io.to_uint8(v) for v in frames)
     return np.stack(out)
 

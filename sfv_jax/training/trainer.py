@@ -61,6 +61,7 @@ from sfv_jax.data import video_io, video_metrics
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.loader import Loader
 from sfv_jax.data.sources import ClipSource
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import OutputLock, write_atomic
@@ -169,6 +170,16 @@ class SampleWriter:
         self.frame, self.real = source.sample_frame(), source.sample_clip()
         self.pipe = SVDPipeline(lay.unet.clone(remat_policy="none"), None, lay.vae, vae_params, lay.clip, clip_params)
         self.gather = jax.jit(lambda t: t, out_shardings=plan.replicated)
+        d = config.data
+        self.settings = GenerationSettings.from_mapping(  # the sample section's size and guidance, the data's rest
+            config.sample,
+            num_frames=d.num_frames,
+            num_inference_steps=config.sample.steps,
+            fps=d.fps,
+            motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
+            noise_aug_strength=d.noise_aug_strength,
+            sampler="sfv" if config.objective == "sfv" else "svd",
+        )
 
     def __call__(self, state: train_steps.TrainState, step: int) -> None:
         config, d = self.config, self.config.data
@@ -178,20 +189,7 @@ class SampleWriter:
             if self.plan.mesh.devices.size == 1
             else jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), self.gather(ema)), jax.local_devices()[0])
         )
-        frames = self.pipe(
-            self.frame,
-            height=config.sample.height,
-            width=config.sample.width,
-            num_frames=d.num_frames,
-            num_inference_steps=config.sample.steps,
-            fps=d.fps,
-            motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
-            noise_aug_strength=d.noise_aug_strength,
-            sampler="sfv" if config.objective == "sfv" else "svd",
-            min_guidance_scale=config.sample.min_guidance,
-            max_guidance_scale=config.sample.max_guidance,
-            seed=config.seed,
-        )
+        frames = self.pipe.generate([self.frame], [config.seed], self.settings)[0]
         if jax.process_index() == 0:
             path = video_io.write_video(self.workdir / "samples" / f"step_{step:07d}.mp4", frames, fps=d.fps)
             logging.info("sample written to %s", path)
