@@ -236,6 +236,18 @@ def remove_stale_staging(out: Path) -> list[Path]:
     return removed
 
 
+def publish(built: Path, out: Path) -> None:
+    """Rename the complete folder ``built`` onto ``out``; an existing ``out`` is moved aside first and
+    removed only once the new one is in place."""
+    if out.exists():
+        trash = staging_name(out)
+        os.replace(out, trash)
+        os.replace(built, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(built, out)
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Iterator[Path]:
     """Yield an empty staging folder beside ``out``; on success it is renamed into place (an existing
@@ -254,13 +266,7 @@ def staged_folder(out: str | os.PathLike, overwrite: bool, flag: str = "--out") 
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            trash = staging_name(out)
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,13 +26,19 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(
             f"{folder}: no config.json (a diffusers component folder or a converted sfv_jax checkpoint needs one)"
         )
+    return read_json_object(cfg_path)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; a file that is not JSON, or holds another kind of value, is a
+    CheckpointError naming it."""
     try:
-        config = json.loads(cfg_path.read_text())
+        value = json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path}: not a JSON object")
-    return config
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
 
 
 def is_converted(folder: Path) -> bool:
@@ -45,11 +51,9 @@ def read_meta(folder: Path, component: str | None = None) -> dict:
     present and its ``config.json`` of the same class. Anything else is a CheckpointError naming the file."""
     path = Path(folder) / META_FILE
     try:
-        meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the converted folder is damaged: convert again") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a JSON object; the converted folder is damaged: convert again")
+        meta = read_json_object(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the converted folder is damaged: convert again") from None
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')} "
@@ -148,15 +152,7 @@ def is_pipeline_folder(path: Path) -> bool:
 def read_pipeline_index(root: Path) -> dict | None:
     """A pipeline folder's ``model_index.json`` (None if it has none), checked to be a JSON object."""
     path = root / PIPELINE_INDEX
-    if not path.is_file():
-        return None
-    try:
-        index = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return index
+    return read_json_object(path) if path.is_file() else None
 
 
 def check_pipeline_folder(root: Path) -> None:

@@ -15,7 +15,6 @@ The last line is ``examples=<n> clips_per_s=<x>``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from sfv_jax.data import clips, latent_store
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.data.sources import PIXEL_KINDS, ClipSource, DataConfigError
 from sfv_jax.parallel import sharding
-from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, remove_stale_staging, staging_name
+from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, publish, remove_stale_staging, staging_name
 from sfv_jax.training.layout import build_modules, frozen_encoders
 from sfv_jax.training.run_config import ConfigError
 
@@ -148,13 +147,7 @@ def _encode(config, source: ClipSource, n: int, out: Path, partial: Path, batch_
     if pi == 0:
         Image.fromarray(source.example(0, 0)["frames"][0]).save(partial / latent_store.SAMPLE_FRAME)
         latent_store.write_info(partial, info)
-        if out.exists():  # replaced only now that the new one is complete
-            trash = staging_name(out)
-            os.replace(out, trash)
-            os.replace(partial, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, out)
+        publish(partial, out)  # an existing --out is replaced only now that the new one is complete
     _barrier("encode_dataset_done")
     return info
 
@@ -169,8 +162,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         sharding.initialize_distributed()
-        part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
-        with OutputLock(FLAGS.out, "--out", command="sfv-encode-dataset", part=part):
+        with OutputLock(FLAGS.out, "--out", command="sfv-encode-dataset", part=sharding.lock_part()):
             info = encode_dataset(
                 FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
             )

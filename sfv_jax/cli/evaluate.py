@@ -12,7 +12,6 @@ The protocol, the rows and the cache: :mod:`sfv_jax.evaluation.runner`.
 
 from __future__ import annotations
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -36,8 +35,7 @@ def main(argv: list[str]) -> int:
         return console.fail(f"unexpected arguments {argv[1:]}")
     try:
         sharding.initialize_distributed()
-        part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
-        with OutputLock(FLAGS.workdir, "--workdir", command="sfv-evaluate", part=part):
+        with OutputLock(FLAGS.workdir, "--workdir", command="sfv-evaluate", part=sharding.lock_part()):
             evaluate(FLAGS.config, FLAGS.workdir)
     except (EvalConfigError, DataConfigError, CheckpointError, FileNotFoundError) as e:
         return console.fail(e)

@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from sfv_jax.data import clips
-from sfv_jax.paths import folder_problem, output_overlaps, remove_stale_staging, staging_name, stop_on_signal
+from sfv_jax.paths import folder_problem, output_overlaps, publish, remove_stale_staging, staging_name, stop_on_signal
 
 BUILD_INFO = "sfv_build.json"
 
@@ -210,13 +210,7 @@ def _build(videos, out, tmp, fps, height, width, min_frames, max_seconds, worker
         }
         built = Path(builder.data_dir)
         (built / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():  # replaced only now that the new one is complete
-            trash = staging_name(out)
-            os.replace(out, trash)
-            os.replace(built, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(built, out)
+        publish(built, out)  # an existing --out is replaced only now that the new one is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return info

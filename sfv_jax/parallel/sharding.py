@@ -150,6 +150,12 @@ def initialize_distributed() -> bool:
 BARRIER_TIMEOUT_S = 3600.0
 
 
+def lock_part() -> str:
+    """What tells one process's output lock from its peers' in a multi-process run (``.process3``); one
+    process: "" (see :class:`sfv_jax.paths.OutputLock`)."""
+    return f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+
+
 def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     """Wait until every process of a multi-process run reaches ``name``; one process: nothing.
 

@@ -15,7 +15,6 @@ renamed into place: an interrupted export leaves nothing at ``--out``.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -40,13 +39,7 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a training workdir of sfv_jax.cli.train?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    config = ml_collections.ConfigDict(raw)
+    config = ml_collections.ConfigDict(components.read_json_object(path))
     try:
         check_config(config)
     except ConfigError as e:

@@ -238,8 +238,7 @@ def train(
     # ------------------------------------------------------------------ workdir (refused before anything is written)
     workdir = Path(workdir).absolute()
     check_workdir(config, workdir)
-    part = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
-    with OutputLock(workdir, "--workdir", command="sfv-train", part=part) as lock:
+    with OutputLock(workdir, "--workdir", command="sfv-train", part=sharding.lock_part()) as lock:
         if lock.previous:
             logging.warning("--workdir %s: a previous run (%s) ended without releasing it", workdir, lock.previous)
         return _train(config, workdir, t_start, verbose_tables)
