@@ -115,8 +115,8 @@ def test_a_failed_write_keeps_the_frames(tmp_path, monkeypatch, capsys):
     class FakePipe:
         last_timings: dict = {}
 
-        def __call__(self, *a, **k):
-            return frames
+        def generate(self, images, seeds, settings, **k):
+            return frames[None]
 
     def broken_write(path, frames, fps=7, **kw):
         raise OSError(28, "No space left on device")
@@ -124,7 +124,8 @@ def test_a_failed_write_keeps_the_frames(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrained, "load_pipeline", lambda *a, **k: FakePipe())
     monkeypatch.setattr(video_io, "write_video", broken_write)
     out = tmp_path / "v.mp4"
-    assert sample.main(["--model", "m", "--image", "x.png", "--out", str(out)]) == 2
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # a real image: it is read before the model
+    assert sample.main(["--model", "m", "--image", str(tmp_path / "x.png"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     saved = tmp_path / "v.unsaved_frames.npy"
     assert "No space left on device" in err and str(saved) in err

@@ -419,7 +419,7 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
 
 
 @TINY_RUN
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [1])  # one seeded moment per CI run (0.5 s after the first save began)
 def test_kill_9_at_a_random_moment_then_rerun_matches_the_straight_run(
     tmp_path, tiny_folder_dataset, straight_run, seed
 ):

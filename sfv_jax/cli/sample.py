@@ -62,14 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        with OutputLock(args.out, "--out", command="sfv-sample"):
-            return _sample(args)
-    except OutputError as e:
-        return console.fail(e)
-
-
-def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     extra = [out.with_suffix(sfx) for flag, sfx in ((args.gif, ".gif"), (args.strip, ".png")) if flag]
     try:  # every output checked before the video is generated
@@ -77,10 +69,20 @@ def _sample(args: argparse.Namespace) -> int:
             video_io.check_output(path, args.fps)
     except video_io.VideoError as e:
         return console.fail(f"--out / --fps: {e}")
+    try:
+        with OutputLock(args.out, "--out", command="sfv-sample"):
+            return _sample(args, out, extra)
+    except OutputError as e:
+        return console.fail(e)
+
+
+def _sample(args: argparse.Namespace, out: Path, extra: list[Path]) -> int:
+    fields = [f.name for f in dataclasses.fields(GenerationSettings)]
     try:  # the settings and the image before the model: a mistake costs no model load
-        settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
+        settings = GenerationSettings(**{name: getattr(args, name) for name in fields})
     except ValueError as e:
-        return console.fail(f"--{str(e).split()[0].replace('_', '-')}: {e}")
+        name = str(e).split()[0]
+        return console.fail(f"--{name.replace('_', '-')}: {e}" if name in fields else e)
     try:
         image = conditioning.load_image(args.image)
     except ImageError as e:
