@@ -15,7 +15,7 @@ import os
 
 from sfv_jax import console
 from sfv_jax.data.folder import DatasetError, build_folder_dataset
-from sfv_jax.paths import OutputError, OutputLock
+from sfv_jax.paths import OutputError, OutputLock, output_overlaps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
 
+    if problem := output_overlaps("--out", args.out, {"--videos": args.videos}):  # before the lock file beside it
+        return console.fail(problem)
     try:
         with OutputLock(args.out, "--out", command="sfv-build-dataset"):
             info = build_folder_dataset(

@@ -18,7 +18,7 @@ from sfv_jax.checkpoint.components import COMPONENTS
 from sfv_jax.checkpoint.convert import convert_folder, export_folder
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.models.build import DTYPES
-from sfv_jax.paths import OutputError, OutputLock, folder_problem
+from sfv_jax.paths import OutputError, OutputLock, folder_problem, output_overlaps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    if problem := folder_problem("--out", args.out, replaced=True):  # a file, a symbolic link, a read-only place
+    # before the lock (its file sits beside --out): an --out inside --src, a file, a symlink, a read-only place
+    if problem := output_overlaps("--out", args.out, {"--src": args.src}) or folder_problem(
+        "--out", args.out, replaced=True
+    ):
         return console.fail(problem)
     t0 = time.perf_counter()
     try:

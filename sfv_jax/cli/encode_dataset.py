@@ -61,6 +61,12 @@ def encode_dataset(config, out: str | Path, *, batch_size: int = 0, limit: int =
         raise DataConfigError(problem)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataConfigError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    with OutputLock(out, "--out", command="sfv-encode-dataset", part=sharding.lock_part()):
+        return _encode_locked(config, out, limit, batch_size)
+
+
+def _encode_locked(config, out: Path, limit: int, batch_size: int) -> dict:
+    """:func:`encode_dataset` once ``out`` is checked and locked."""
     source = ClipSource(config)
     n = len(source) if len(source) else limit
     if not n:
@@ -162,10 +168,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         sharding.initialize_distributed()
-        with OutputLock(FLAGS.out, "--out", command="sfv-encode-dataset", part=sharding.lock_part()):
-            info = encode_dataset(
-                FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
-            )
+        info = encode_dataset(
+            FLAGS.config, FLAGS.out, batch_size=FLAGS.batch_size, limit=FLAGS.limit, overwrite=FLAGS.overwrite
+        )
     except (ConfigError, DataConfigError, CheckpointError) as e:
         return console.fail(e)
     print(f"latent dataset written to {Path(FLAGS.out).absolute()}")

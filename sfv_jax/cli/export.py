@@ -15,7 +15,7 @@ import argparse
 from sfv_jax import console
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.models.build import DTYPES
-from sfv_jax.paths import OutputError, OutputLock, folder_problem
+from sfv_jax.paths import OutputError, OutputLock, folder_problem, output_overlaps
 from sfv_jax.training.export import WEIGHTS, export_run
 
 
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=sorted(DTYPES), default=None, help="store every component's weights in this dtype"
     )
     args = p.parse_args(argv)
-    if problem := folder_problem("--out", args.out, replaced=True):  # a file, a symbolic link, a read-only place
+    # before the lock (its file sits beside --out): an --out inside --workdir, a file, a symlink, a read-only place
+    if problem := output_overlaps("--out", args.out, {"--workdir": args.workdir}) or folder_problem(
+        "--out", args.out, replaced=True
+    ):
         return console.fail(problem)
     try:
         with OutputLock(args.out, "--out", command="sfv-export"):
