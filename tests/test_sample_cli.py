@@ -77,9 +77,11 @@ def test_cli_bad_inputs_fail_cleanly(tiny_pipeline_dirs, tmp_path):
         "40",
     )
     assert proc.returncode == 2 and "missing.png" in proc.stderr
-    proc = _run("--model", str(tmp_path), "--image", "x.png", "--out", str(out))
+    image = tmp_path / "x.png"
+    PIL.Image.new("RGB", (8, 8)).save(image)  # a real image: it is read before the model
+    proc = _run("--model", str(tmp_path), "--image", str(image), "--out", str(out))
     assert proc.returncode == 2 and "not an SVD pipeline folder" in proc.stderr
-    proc = _run("--model", str(converted), "--image", "x.png", "--out", str(tmp_path / "out.avi"))
+    proc = _run("--model", str(converted), "--image", str(image), "--out", str(tmp_path / "out.avi"))
     assert proc.returncode == 2 and "unsupported extension" in proc.stderr
     assert not out.exists()
 

@@ -363,8 +363,8 @@ def _train(
         for done in range(first + 1, config.total_steps + 1):
             batch = plan.global_batch(next(batches), lay.global_micro)
             if done == first + 1:  # the first step includes compiling the steps
-                logging.info("step %d: compiling the steps (a stop signal now ends the run at once)", done)
-                with stop.at_once():
+                with stop.at_once():  # before the line below: a signal sent on reading it must not be caught
+                    logging.info("step %d: compiling the steps (a stop signal now ends the run at once)", done)
                     state, step_metrics = steps.step(state, batch, backbone)
                     jax.block_until_ready(state.step)
                 t_first = t_log = time.time()
