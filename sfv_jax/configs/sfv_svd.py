@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.groups = 32  # GroupNorm groups in the head bodies (4 channels each at 128 channels)
     # sigma' / frame-index sinusoids: "paper" (c_noise itself: nearly constant over sigma') | "spread" ([0, 1000])
     c.disc.cond_embedding = "paper"
+    c.disc.spectral_norm = False  # the head bodies' convs spectrally normalised (StyleGAN-T's heads; paper: not said)
 
     # the diffusion objective (objective="diffusion"): sigma ~ lognormal(p_mean, p_std), EDM weighting,
     # conditioning dropout for classifier-free guidance (the embedding alone, both, the latent alone)
@@ -100,6 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.adv_weight = 1.0  # the adversarial term's weight (0: the reconstruction-only ablation)
     c.loss.huber_c = ml_collections.FieldReference(None, field_type=float)  # None: 0.00054 sqrt(d)
     c.loss.generator_grid = 4
+    # P[sigma_g = sigma_max], the level the one-step sampler uses; None: uniform over the T_g - 1 levels (paper)
+    c.loss.sigma_max_prob = ml_collections.FieldReference(None, field_type=float)
     c.loss.discriminator_levels = 1000
     c.loss.p_mean = -1.0
     c.loss.p_std = -1.0

@@ -128,10 +128,29 @@ def generator_sigma_levels(grid_size: int = SFV_GRID_SIZE) -> np.ndarray:
     return karras_grid(grid_size)[1:]
 
 
-def sample_generator_sigma(key: jax.Array, shape: tuple[int, ...] = (), grid_size: int = SFV_GRID_SIZE) -> jax.Array:
-    """sigma_t uniform over :func:`generator_sigma_levels` (paper Sec. 3.2), float32 ``shape``."""
+def sample_generator_level(
+    key: jax.Array, shape: tuple[int, ...] = (), grid_size: int = SFV_GRID_SIZE, sigma_max_prob: float | None = None
+) -> jax.Array:
+    """The index (int32 ``shape``) into :func:`generator_sigma_levels` of the generator's training level.
+
+    ``sigma_max_prob`` None: uniform over the levels (paper Sec. 3.2). A probability p: the largest level
+    (the one-step sampler's) with probability p, otherwise uniform over the others. With T_g - 1 levels,
+    p = 1 / (T_g - 1) is the paper's distribution (other draws); p = 1 trains the one-step path only."""
+    n = len(generator_sigma_levels(grid_size))
+    if sigma_max_prob is None:
+        return jax.random.randint(key, shape, 0, n)
+    k_top, k_rest = jax.random.split(key)
+    top = jax.random.bernoulli(k_top, sigma_max_prob, shape)
+    return jnp.where(top, n - 1, jax.random.randint(k_rest, shape, 0, max(n - 1, 1)))
+
+
+def sample_generator_sigma(
+    key: jax.Array, shape: tuple[int, ...] = (), grid_size: int = SFV_GRID_SIZE, sigma_max_prob: float | None = None
+) -> jax.Array:
+    """sigma_t over :func:`generator_sigma_levels` as :func:`sample_generator_level` draws it (default:
+    uniform, paper Sec. 3.2), float32 ``shape``."""
     levels = jnp.asarray(generator_sigma_levels(grid_size))
-    return levels[jax.random.randint(key, shape, 0, levels.shape[0])]
+    return levels[sample_generator_level(key, shape, grid_size, sigma_max_prob)]
 
 
 def discriminator_sigma_distribution(

@@ -10,6 +10,8 @@ is normalised on its own and micro-batching / sharding cannot change the result)
   spatial  per frame, input reshaped to (B F) x H x W x C:  conv3x3 -> [GN, LReLU, conv3x3] x 2
            residual / sqrt(2) -> LReLU -> conv1x1 to ``proj_dim``
   temporal per pixel, input reshaped to (B H W) x F x C: the same with convs of 3 frames (zero padded)
+With ``spectral_norm`` every conv kernel of the head bodies is divided by its largest singular value
+(:func:`spectral_normalize`), as StyleGAN-T's and Sana-Sprint's heads do; the projection is left as it is.
 Projection (Miyato & Koyama): logit = <phi(h), Affine(c)> / sqrt(proj_dim), per pixel and frame, with
 c = [image embedding, sinusoid(c_noise(sigma')), sinusoid(frame index)] (``cond_embedding="paper"``;
 "spread" first maps both onto [0, 1000], see ``COND_EMBEDDINGS``).
@@ -55,6 +57,37 @@ def cond_inputs(sigma: jax.Array, num_frames: int, embedding: str) -> tuple[jax.
     raise ValueError(f"discriminator cond_embedding {embedding!r} is not one of {COND_EMBEDDINGS}")
 
 
+SPECTRAL_ITERATIONS = 30  # power iterations on the [out, out] Gram matrix, from the same start every call
+
+
+def spectral_norm(kernel: jax.Array, iterations: int = SPECTRAL_ITERATIONS) -> jax.Array:
+    """The largest singular value of a conv kernel [*window, in, out] as the matrix [window * in, out]
+    (the singular values torch's ``spectral_norm`` normalises). Stateless power iteration: no vector is
+    carried between steps (no mutable collection in the heads); the direction is found without gradient,
+    sigma = ||W v|| is differentiated (the gradient of the top singular value, u v^T)."""
+    w = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
+    gram = jax.lax.stop_gradient(w.T @ w)
+    v = jnp.full((w.shape[1],), 1.0 / math.sqrt(w.shape[1]), jnp.float32)
+    for _ in range(iterations):
+        v = gram @ v
+        v = v / (jnp.linalg.norm(v) + 1e-12)
+    return jnp.linalg.norm(w @ jax.lax.stop_gradient(v))
+
+
+def spectral_normalize(params: Any) -> Any:
+    """Every ``kernel`` leaf of a parameter tree divided by its :func:`spectral_norm` (biases untouched;
+    boxed leaves, as at init, stay boxed)."""
+
+    def one(path, x):
+        if getattr(path[-1], "key", None) != "kernel":
+            return x
+        if isinstance(x, nn.meta.AxisMetadata):
+            return x.replace_boxed(one(path, x.unbox()))
+        return x / spectral_norm(x).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def _lrelu(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, 0.2)
 
@@ -98,11 +131,15 @@ class ProjectionHead(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    spectral_norm: bool = False
 
     @nn.compact
     def __call__(self, feats: jax.Array, cond: jax.Array) -> jax.Array:
         b, f, h, w, c = feats.shape
-        body = HeadBody(
+        body_cls = HeadBody
+        if self.spectral_norm:  # the same parameters, read through spectral_normalize
+            body_cls = nn.map_variables(HeadBody, "params", trans_in_fn=spectral_normalize, init=True)
+        body = body_cls(
             self.temporal, self.channels, self.proj_dim, self.groups, self.dtype, self.param_dtype, name="body"
         )
         if self.temporal:
@@ -133,6 +170,7 @@ class DiscriminatorHeads(nn.Module):
     cond_embedding: str = "paper"  # COND_EMBEDDINGS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    spectral_norm: bool = False  # the head bodies' conv kernels divided by their largest singular value
 
     def logit_kinds(self, num_logits: int) -> list[str]:
         """The kind ("spatial" | "temporal") of each of the ``num_logits`` maps the heads return."""
@@ -162,7 +200,14 @@ class DiscriminatorHeads(nn.Module):
                 name = f"{'temporal' if temporal else 'spatial'}_{i}"
                 out.append(
                     ProjectionHead(
-                        temporal, self.channels, self.proj_dim, self.groups, self.dtype, self.param_dtype, name=name
+                        temporal,
+                        self.channels,
+                        self.proj_dim,
+                        self.groups,
+                        self.dtype,
+                        self.param_dtype,
+                        self.spectral_norm,
+                        name=name,
                     )(feats, cond.astype(self.dtype))
                 )
         return out

@@ -133,7 +133,12 @@ def make_layout(
     boxed = abstract_params(unet, boxed=True)
     unet_abs, unet_sh = nn.meta.unbox(boxed), plan.param_shardings(boxed)
     heads = DiscriminatorHeads(
-        config.disc.heads, config.disc.channels, config.disc.proj_dim, config.disc.groups, config.disc.cond_embedding
+        config.disc.heads,
+        config.disc.channels,
+        config.disc.proj_dim,
+        config.disc.groups,
+        config.disc.cond_embedding,
+        spectral_norm=config.disc.spectral_norm,
     )
     if config.objective == "sfv":
         head_boxed = jax.eval_shape(

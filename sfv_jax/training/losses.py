@@ -95,6 +95,74 @@ def head_statistics(
     return out
 
 
+SUM_PREFIX, COUNT_PREFIX = "sum:", "count@"  # metric keys the log interval reduces as sums / counts
+
+
+def level_label(sigma: float) -> str:
+    """A generator level's tag in metric names: ``f"{sigma:.3g}"`` (T_g = 4: "2.27", "70.5", "700")."""
+    return f"{float(sigma):.3g}"
+
+
+def level_statistics(
+    real_logits: Sequence[jax.Array],
+    fake_logits: Sequence[jax.Array],
+    kinds: Sequence[str],
+    level: jax.Array,
+    levels: Sequence[float],
+) -> dict[str, jax.Array]:
+    """The discriminator's grip on the generator at each of its training levels, per head kind.
+
+    A sample's score is its logits' mean over pixels, frames and that kind's heads; real and fake share
+    sigma' and eps (Fig. 2), so each sample is a pair. Per level l (``level`` [B] indexes ``levels``):
+      ``margin`` = mean over the level's samples of score(fake) - score(real) (the hinge pushes fakes up,
+                 reals down: > 0 when the heads separate them, growing while they learn a fixed generator)
+      ``rank``   = the fraction of its pairs ordered right, score(fake) > score(real) (ties count 1/2;
+                 0.5 chance, < 0.5 when the heads call the generator's output more real than real)
+    Unlike the pooled ``d_acc_<kind>``, neither depends on where both logits drift, nor mixes levels whose
+    fakes fail in opposite ways (over-smoothed at sigma_max, over-sharpened at the lowest level).
+
+    Returned as sums and counts so that micro-batches, steps and a log interval average them by sample
+    (:func:`reduce_interval`): ``sum:d_margin_<kind>@<l>``, ``sum:d_rank_<kind>@<l>``, ``count@<l>``."""
+    out = {}
+    for i, sigma in enumerate(levels):
+        out[f"{COUNT_PREFIX}{level_label(sigma)}"] = jnp.sum((level == i).astype(jnp.float32))
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+
+        def score(logits, idx=idx):
+            return _mean_over_heads([jnp.mean(_up(logits[i]).reshape(logits[i].shape[0], -1), axis=1) for i in idx])
+
+        gap = score(fake_logits) - score(real_logits)  # [B]
+        right = (gap > 0).astype(gap.dtype) + 0.5 * (gap == 0).astype(gap.dtype)
+        for i, sigma in enumerate(levels):
+            mask = (level == i).astype(gap.dtype)
+            out[f"{SUM_PREFIX}d_margin_{kind}@{level_label(sigma)}"] = jnp.sum(mask * gap)
+            out[f"{SUM_PREFIX}d_rank_{kind}@{level_label(sigma)}"] = jnp.sum(mask * right)
+    return out
+
+
+def reduce_interval(per_step: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One log line's metrics from the steps since the last (host floats): every metric's mean over the
+    steps, except :func:`level_statistics`' sums, which become ``name@l`` = total sum / total count of
+    level l (samples, not steps, weigh; a level no sample drew in the interval is left out)."""
+    if not per_step:
+        return {}
+    out, sums = {}, {}
+    for key in per_step[0]:
+        values = [float(m[key]) for m in per_step]
+        if key.startswith(SUM_PREFIX):
+            sums[key[len(SUM_PREFIX) :]] = sum(values)
+        elif key.startswith(COUNT_PREFIX):
+            continue
+        else:
+            out[key] = sum(values) / len(values)
+    for name, total in sums.items():
+        count = sum(float(m[COUNT_PREFIX + name.rsplit("@", 1)[1]]) for m in per_step)
+        if count > 0:
+            out[name] = total / count
+    return out
+
+
 def logit_sum(logits: Sequence[jax.Array]) -> jax.Array:
     """Per-sample scalar D output that R1 differentiates: each head's mean over its pixels and frames,
     averaged over heads -> [B] (so a sample's penalty does not depend on the batch it is in)."""

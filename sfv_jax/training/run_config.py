@@ -99,6 +99,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "diffusion.drop_latent",
         "drop_embed + drop_both + drop_latent must be <= 1 (they are exclusive outcomes of one draw)",
     )
+    need(
+        config.loss.sigma_max_prob is None or 0 <= config.loss.sigma_max_prob <= 1,
+        "loss.sigma_max_prob",
+        "must be a probability in [0, 1] or None (uniform over the generator's levels)",
+    )
     if config.objective == "sfv":
         need(
             1 <= config.sample.steps < config.loss.generator_grid,

@@ -74,6 +74,7 @@ class StepConfig:
     adv_weight: float  # the adversarial term's weight in Eq. 10 (1: the paper; 0: reconstruction only)
     huber_c: float | None  # Eq. 9; None: 0.00054 * sqrt(elements per sample)
     generator_grid: int  # T_g
+    sigma_max_prob: float | None  # P[sigma_g = sigma_max] (edm.sample_generator_level); None: uniform (paper)
     discriminator_levels: int  # T_d
     p_mean: float  # Eq. 7
     p_std: float
@@ -155,13 +156,17 @@ def _cond(micro: dict) -> dict:
 
 
 def sample_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...], cfg: StepConfig) -> dict:
-    """Per-sample draws from ``fold_in(key, index)``: generator sigma [m], discriminator sigma' [m] and
-    their eps [m, *shape] (one sigma' and eps per sample, shared by its real and fake; Fig. 2)."""
+    """Per-sample draws from ``fold_in(key, index)``: generator sigma [m] (and its index ``level_g`` [m] into
+    ``edm.generator_sigma_levels``), discriminator sigma' [m] and their eps [m, *shape] (one sigma' and eps
+    per sample, shared by its real and fake; Fig. 2)."""
+    levels = jnp.asarray(edm.generator_sigma_levels(cfg.generator_grid))
 
     def one(i):
         kg, kd, keg, ked = jax.random.split(jax.random.fold_in(key, i), 4)
+        level = edm.sample_generator_level(kg, (), cfg.generator_grid, cfg.sigma_max_prob)
         return {
-            "sigma_g": edm.sample_generator_sigma(kg, (), cfg.generator_grid),
+            "level_g": level,
+            "sigma_g": levels[level],
             "sigma_d": edm.sample_discriminator_sigma(kd, (), cfg.discriminator_levels, cfg.p_mean, cfg.p_std),
             "eps_g": jax.random.normal(keg, shape),
             "eps_d": jax.random.normal(ked, shape),
@@ -242,7 +247,11 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
 
     real_logits, fake_logits = d(real), d(fake)
     hinge = losses.discriminator_hinge_loss(real_logits, fake_logits)
-    stats = losses.head_statistics(real_logits, fake_logits, models.heads.logit_kinds(len(real_logits)))
+    kinds = models.heads.logit_kinds(len(real_logits))
+    stats = losses.head_statistics(real_logits, fake_logits, kinds)
+    stats |= losses.level_statistics(
+        real_logits, fake_logits, kinds, n["level_g"], edm.generator_sigma_levels(cfg.generator_grid)
+    )
     if cfg.r1_type == "paper":
         r1 = losses.r1_penalty(d, real)
     elif cfg.r1_type == "features":

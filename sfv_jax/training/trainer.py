@@ -65,7 +65,7 @@ from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import OutputLock, write_atomic
-from sfv_jax.training import param_groups
+from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.checkpoints import checkpoint_manager, restore_newest_readable
 from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
@@ -212,6 +212,12 @@ def describe_params(name: str, params: Any) -> str:
 _LOG_ORDER = ("g_loss", "g_adv", "g_recon", "d_loss", "d_hinge", "d_r1", "g_grad_norm", "d_grad_norm")
 
 
+def interval_metrics(interval: list[dict[str, Any]]) -> dict[str, float]:
+    """The log line's metrics from the device metrics of the steps since the last one (one device -> host
+    transfer): means over the steps, per-level statistics weighed by samples (``losses.reduce_interval``)."""
+    return losses.reduce_interval(jax.device_get(interval))
+
+
 def format_metrics(step: int, total: int, metrics: dict[str, float], steps_per_s: float | None) -> str:
     """``step 10/400  g_loss 0.1234  g_adv 1.002 ...  2.85 steps/s`` (the finite flags left out)."""
     keys = [k for k in _LOG_ORDER if k in metrics] + sorted(
@@ -339,6 +345,7 @@ def _train(
         logging.warning("checkpoint step %d >= total_steps %d: nothing to do", first, config.total_steps)
     metrics: dict[str, float] = {}
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet looked at by the host
+    interval: list[Any] = []  # the device metrics of the steps since the last log line
     t_loop = t_first = t_log = time.time()
     step_log = first
 
@@ -372,12 +379,14 @@ def _train(
                 state, step_metrics = steps.step(state, batch, backbone)
             position = batches.position
             pending.append((done, step_metrics))
+            interval.append(step_metrics)
             report(done)
             last = done == config.total_steps
             if done % config.log_every_steps == 0 or last:
-                metrics = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
+                metrics = interval_metrics(interval)
                 check_finite(done)
                 pending.clear()
+                interval.clear()
                 now = time.time()
                 rate = (done - step_log) / (now - t_log) if done > first + 1 and now > t_log else None
                 t_log, step_log = now, done
@@ -400,9 +409,10 @@ def _train(
             if stop.requested:
                 logging.warning("stopped at step %d on request; checkpoint saved in %s", done, mngr.directory)
                 break
-    if pending:  # a stop between log steps: its steps' metrics and finite flags
-        metrics = {k: float(v) for k, v in jax.device_get(pending[-1][1]).items()}
+    if pending:  # a stop between log steps: its steps' finite flags
         check_finite(int(pending[-1][0]))
+    if interval:  # ... and its metrics
+        metrics = interval_metrics(interval)
     save(state, int(state.step), wait=True)
     mngr.close()
     writer.flush()
