@@ -43,10 +43,15 @@ def _env(devices: int | None = None, **extra) -> dict:
 
 def _tree_rel(got: dict, want: dict, prefix: str) -> float:
     """max |got - want| / max |want| over the float leaves whose keys start with ``prefix``. The
-    discriminator's accuracies (``d_acc_*``: fractions of logits on the right side of 0) are left out:
-    a step function of the logits, one logit within round-off of 0 moves them by a whole pixel's share,
-    whatever the sharding; the logits they count are compared through ``d_real_*`` / ``d_fake_*``."""
-    keys = [k for k in want if k.startswith(prefix) and want[k].dtype.kind == "f" and "d_acc_" not in k]
+    discriminator's accuracies and pair ranks (``d_acc_*``, ``d_rank_*``: fractions of logits, or of
+    real / fake pairs, on the right side of 0) are left out: step functions of the logits, one within
+    round-off of 0 moves them by a whole share, whatever the sharding; the logits they count are compared
+    through ``d_real_*`` / ``d_fake_*`` and the margins."""
+    keys = [
+        k
+        for k in want
+        if k.startswith(prefix) and want[k].dtype.kind == "f" and "d_acc_" not in k and "d_rank_" not in k
+    ]
     assert keys, prefix
     num = max(np.abs(got[k].astype(np.float64) - want[k]).max() for k in keys)
     return float(num / max(np.abs(want[k].astype(np.float64)).max() for k in keys))

@@ -166,11 +166,12 @@ def test_a_frozen_generator_gives_a_growing_margin(setup):
     state = _dev(setup, setup["state"])
     seen = [grip(state)]
     for _round in range(2):
-        for _ in range(10):
+        for _ in range(5):
             state, _ = steps.discriminator_step(state, setup["batch"], setup["backbone"])
         seen.append(grip(state))
     (s0, t0, r0), (s1, t1, _), (s2, t2, r2) = seen
-    assert s0 < s1 < s2 and t0 < t1 < t2 and s2 > 0.1 and t2 > 0.1, seen
+    # measured: spatial margin -0.001 -> 0.056 -> 0.128, temporal -0.013 -> 0.102 -> 0.131, rank 0.5 -> 0.875
+    assert s0 < s1 < s2 and t0 < t1 < t2 and s2 > 0.08 and t2 > 0.08, seen
     assert r2 > r0 and r2 >= 0.75, seen
 
 
@@ -395,6 +396,15 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
         assert all(np.isfinite(list(scalars[tag].values()))), tag
     assert all(0 <= v <= 1 for v in scalars["d_acc_spatial"].values())
     assert "steps_per_sec" in scalars
+    # per generator level (the levels this step's samples drew): margin and pair rank, sums already reduced
+    ranks = {tag: v for tag, v in scalars.items() if tag.startswith("d_rank_temporal@")}
+    assert {s for v in ranks.values() for s in v} == {1, 2, 3} and set(ranks) <= {
+        f"d_rank_temporal@{x}" for x in ("2.27", "70.5", "700")
+    }
+    assert all(0 <= x <= 1 for v in ranks.values() for x in v.values()), ranks
+    assert any(t.startswith("d_margin_spatial@") for t in scalars) and not any(
+        t.startswith(("sum:", "count@")) for t in scalars
+    )
     frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
     # the sample's frame grid (real clip above it) and its diagnostics against the real clip

@@ -325,7 +325,8 @@ def denoising_losses(unet: nn.Module, params: Any, micro: dict, sigmas: Any, key
 
 def accumulate_grads(loss_fn, params, batch: dict, *args) -> tuple[Any, dict]:
     """Mean gradient and metrics of ``loss_fn(params, micro, *args)`` over the k micro-batches (lax.scan:
-    the gradient is summed in the carry, the metrics come out stacked [k] and are averaged);
+    the gradient is summed in the carry, the metrics come out stacked [k] and are averaged, sums and counts
+    added);
     ``args`` are arrays / pytrees (bind static settings with functools.partial). The loss function is
     traced once (no ``eval_shape`` of it for the carry: tracing the tiny UNet's step costs seconds)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -340,7 +341,12 @@ def accumulate_grads(loss_fn, params, batch: dict, *args) -> tuple[Any, dict]:
 
     zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     g, metrics = jax.lax.scan(body, zero_g, batch)
-    return jax.tree.map(lambda x: x / k, g), jax.tree.map(lambda m: jnp.sum(m.astype(jnp.float32), axis=0) / k, metrics)
+
+    def reduce(name, m):  # sums and counts (losses.level_statistics) add up over the micro-batches
+        total = jnp.sum(m.astype(jnp.float32), axis=0)
+        return total if name.startswith((losses.SUM_PREFIX, losses.COUNT_PREFIX)) else total / k
+
+    return jax.tree.map(lambda x: x / k, g), {name: reduce(name, m) for name, m in metrics.items()}
 
 
 def _all_finite(tree) -> jax.Array:
