@@ -128,11 +128,7 @@ def level_statistics(
         out[f"{COUNT_PREFIX}{level_label(sigma)}"] = jnp.sum((level == i).astype(jnp.float32))
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-
-        def score(logits, idx=idx):
-            return _mean_over_heads([jnp.mean(_up(logits[i]).reshape(logits[i].shape[0], -1), axis=1) for i in idx])
-
-        gap = score(fake_logits) - score(real_logits)  # [B]
+        gap = logit_sum([fake_logits[i] for i in idx]) - logit_sum([real_logits[i] for i in idx])  # [B]
         right = (gap > 0).astype(gap.dtype) + 0.5 * (gap == 0).astype(gap.dtype)
         for i, sigma in enumerate(levels):
             mask = (level == i).astype(gap.dtype)
