@@ -1,15 +1,15 @@
 """Runs the tiny SF-V steps on several meshes of virtual CPU devices (tests/test_sharding.py starts it in a
 subprocess: the device count is fixed when JAX starts).
 
-    python tests/sharded_worker.py OUT MESH [MESH ...]       e.g. OUT data=8 data=2,fsdp=4
+    python tests/sharded_worker.py OUT MESH [MESH ...]       e.g. OUT data=2,fsdp=4
 
 For a single device and then each MESH it runs one generator step and one discriminator step from the
 same initial state on the same global batch (2 accumulation steps of 8 samples) and writes
 OUT/<mesh>.npz: the generator and discriminator gradients, the metrics and the final state, as host
 arrays keyed by tree path; and OUT/<mesh>_replay.npz: the state of the single-device updates applied
 to that mesh's gradients. OUT/report.json holds, per mesh, the per-device bytes of every state leaf
-above the sharding threshold and, for the checkpoint check, whether a checkpoint saved on the first
-mesh restores onto each other mesh with the same values and the target shardings.
+above the sharding threshold and, for the checkpoint check, whether a checkpoint saved on one device
+restores onto each mesh with the same values and the target shardings.
 
 Then the same for the diffusion objective with ``trainable=temporal`` (AdamW, clipping, warm-up,
 per-sample noise augmentation) on one device and the last MESH: OUT/diffusion_<name>.npz (one step;
@@ -155,16 +155,16 @@ def main(out: Path, specs: list[str]) -> None:
         results[name], layouts[name] = state, lay_m
         print(f"{name}: done", flush=True)
 
-    # a checkpoint saved on the first mesh, restored onto every other
+    # a checkpoint saved on one device, restored onto every mesh
     import orbax.checkpoint as ocp
 
-    first = specs[0]
+    first = "single"
     mngr = ocp.CheckpointManager(out / "ckpt", options=ocp.CheckpointManagerOptions(create=True))
     mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(results[first]), meta=ocp.args.JsonSave({})))
     mngr.wait_until_finished()
     saved = flat(results[first])
     report["restore"] = {}
-    for spec in specs[1:]:
+    for spec in specs:
         target = layouts[spec]
         restored, _ = restore(mngr, target.abstract_state, 1)
         same_values = all(np.array_equal(saved[k], v) for k, v in flat(restored).items())
