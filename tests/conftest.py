@@ -77,6 +77,22 @@ def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
     return out
 
 
+def to_host(tree):
+    """A pytree of device arrays as numpy copies."""
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def trees_equal(a, b) -> bool:
+    """Same structure, every leaf bitwise equal."""
+    la, lb = jax.tree.leaves(to_host(a)), jax.tree.leaves(to_host(b))
+    return all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def all_finite(tree) -> bool:
+    """No NaN or infinity in any floating leaf."""
+    return all(np.isfinite(x).all() for x in jax.tree.leaves(to_host(tree)) if np.issubdtype(x.dtype, np.floating))
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
@@ -157,6 +173,7 @@ SLOW_FIRST = (
     "test_sharding.py",
     "test_toy_teacher.py",  # one 200-step SF-V distillation and its report (about 5 minutes on one core)
     "test_training.py",
+    "test_train_steps.py",
     "test_diffusion_objective.py",
     "test_evaluate.py",
     "test_device_check.py",

@@ -76,7 +76,7 @@ def replay(single_steps, host_state, arrays: dict, like) -> dict:
     metrics = {k[len("metrics['") : -2]: v for k, v in arrays.items() if k.startswith("metrics")}
     state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), metrics)
     if single_steps.d_update is not None:
-        state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics)
+        state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics, *single_steps.last_args())
     return {"state" + k: v for k, v in flat(state).items()}
 
 
@@ -92,8 +92,8 @@ def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv"
         g_grads, g_metrics = steps.g_grads(state, batch, backbone)
         state, _ = steps.g_update(state, g_grads, g_metrics)
         if steps.d_grads is not None:
-            d_grads, d_metrics = steps.d_grads(state, batch, backbone)
-            state, _ = steps.d_update(state, d_grads, d_metrics)
+            d_grads, d_metrics = steps.d_grads(state, batch, backbone, *steps.substep_args())
+            state, _ = steps.d_update(state, d_grads, d_metrics, *steps.last_args())
     out = {
         **{"g_grads" + k: v for k, v in flat(g_grads).items()},
         **{"d_grads" + k: v for k, v in flat(d_grads).items()},

@@ -1,15 +1,13 @@
-"""SF-V training: gradient routing, accumulation, non-finite batches, bitwise resume, the CLI
-end to end (checkpoint, TensorBoard scalars, sample mp4) and SIGTERM.
+"""SF-V training runs on the tiny config (configs/tiny.py): bitwise resume, an unreadable latest checkpoint,
+a resume with another config, a halt on a non-finite batch, the CLI end to end (checkpoint, TensorBoard
+scalars, sample mp4), a second writer refused, SIGTERM and SIGKILL, ``init_from`` and export.
 
-Everything runs the tiny config (configs/tiny.py). The steps are built from the same pieces as
-``trainer.train`` so the in-process tests, the in-process ``train`` calls and the CLI subprocesses compile
-identical programs; conftest's session-wide persistent XLA cache then compiles each of them once.
+``trainer.train`` and the CLI compile the programs of tests/test_train_steps.py; conftest's session-wide
+persistent XLA cache shares them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -22,201 +20,25 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import tensorboard_scalars
+from conftest import all_finite, tensorboard_scalars, to_host, trees_equal
 
 from sfv_jax.checkpoint import pretrained
 from sfv_jax.checkpoint.safetensors_io import CheckpointError
 from sfv_jax.configs import tiny
 from sfv_jax.data import video_io
-from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.parallel import sharding
-from sfv_jax.training import export, losses, trainer
-from sfv_jax.training import steps as train_steps
+from sfv_jax.training import export, trainer
 from sfv_jax.training.checkpoints import checkpoint_manager, restore
-from sfv_jax.training.discriminator import backbone_param_subset
-from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
-from sfv_jax.training.run_config import ConfigError, check_config
+from sfv_jax.training.layout import build_modules, make_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _np(tree):
-    return jax.tree.map(lambda x: np.array(x), tree)
-
-
-def _dev(setup, state):
-    """Host copy of a state -> device arrays in the shardings train() uses (the same executables)."""
-    return jax.device_put(state, setup["state_shardings"])
-
-
-def _equal(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b)), strict=True))
-
-
-def _changed_fraction(a, b) -> float:
-    la, lb = jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b))
-    return sum(not np.array_equal(x, y) for x, y in zip(la, lb, strict=True)) / len(la)
-
-
-def _all_finite(tree) -> bool:
-    return all(np.isfinite(x).all() for x in jax.tree.leaves(_np(tree)) if np.issubdtype(x.dtype, np.floating))
-
-
 @pytest.fixture(scope="module")
-def setup():
-    """The tiny config's models, steps, initial state (host copy) and first batch, as ``train`` builds them."""
+def like():
+    """The tiny config's abstract train state (shapes, dtypes, shardings): a restore target."""
     config = tiny.get_config()
-    key = jax.random.PRNGKey(config.seed)
-    lay = make_layout(config, sharding.Plan.from_config(config), *build_modules(config))
-    unet_params, vae_params, clip_params, head_params, backbone = init_params(config, lay, key)
-    steps = lay.steps(config)
-    state = init_train_state(lay, unet_params, head_params, jax.random.fold_in(key, 3))
-    encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
-    batch = trainer.make_batch(config, encoder, 0)
-    return {
-        "state_shardings": lay.state_shardings,
-        "config": config,
-        "steps": steps,
-        "state": _np(state),
-        "backbone": backbone,
-        "batch": batch,
-        "encoder": encoder,
-    }
-
-
-def test_gradient_routing(setup):
-    """G step: only the UNet (and its EMA, optimizer) moves; D step: only the heads; backbone frozen."""
-    steps, state0, batch = setup["steps"], setup["state"], setup["batch"]
-    backbone0 = _np(setup["backbone"])
-    s1, gm = steps.generator_step(_dev(setup, state0), batch, setup["backbone"])
-    s1 = _np(s1)
-    assert float(gm["g_finite"]) == 1 and np.isfinite(float(gm["g_loss"])) and float(gm["g_grad_norm"]) > 0
-    assert _changed_fraction(s1.generator, state0.generator) > 0.9
-    assert _changed_fraction(s1.ema, state0.ema) > 0.9
-    assert _equal(s1.heads, state0.heads) and _equal(s1.disc_opt, state0.disc_opt)
-    assert int(s1.step) == 0 and int(s1.skipped) == 0
-
-    s2, dm = steps.discriminator_step(_dev(setup, s1), batch, setup["backbone"])
-    s2 = _np(s2)
-    assert float(dm["d_finite"]) == 1 and np.isfinite(float(dm["d_loss"])) and float(dm["d_grad_norm"]) > 0
-    assert _changed_fraction(s2.heads, s1.heads) > 0.9
-    for field in ("generator", "ema", "gen_opt", "rng"):
-        assert _equal(getattr(s2, field), getattr(s1, field)), field
-    assert int(s2.step) == 1
-    assert _equal(setup["backbone"], backbone0)
-    # the backbone is a copy of the initial UNet encoder: it no longer equals the updated generator
-    assert not _equal(backbone_param_subset(s2.generator), backbone0)
-    assert _equal(backbone_param_subset(state0.generator), backbone0)
-
-
-def test_approximate_r1_in_the_discriminator_step(setup):
-    """``loss.r1_type="approx"`` through the discriminator's loss (it once failed on a negative fold_in):
-    finite and positive, and its perturbation is drawn per sample like every other draw, so the loss of a
-    batch of two is the mean of the two samples' losses."""
-    steps, state = setup["steps"], setup["state"]
-    cfg = dataclasses.replace(steps.cfg, r1_type="approx", r1_gamma=1.0)
-    fn = jax.jit(functools.partial(train_steps.discriminator_loss_fn, models=steps.models, cfg=cfg))
-    both = {k: v.reshape(-1, *v.shape[2:]) for k, v in setup["batch"].items()}  # [k=2, m=1] -> [2]
-    args = (state.unet_params(), setup["backbone"], jax.random.PRNGKey(7))
-    loss, metrics = fn(state.heads, both, *args)
-    singles = [fn(state.heads, {k: v[i : i + 1] for k, v in both.items()}, *args)[0] for i in range(2)]
-    assert np.isfinite(float(loss)) and float(metrics["d_r1"]) > 0, metrics
-    assert float(loss) == pytest.approx(np.mean([float(x) for x in singles]), rel=1e-5)
-
-
-def test_grad_balance_only_adds_metrics(setup):
-    """loss.grad_balance: the generator's loss is unchanged; the adversarial and (lambda-weighted)
-    reconstruction gradient norms at x0_hat come out finite and positive."""
-    import dataclasses
-    import functools
-
-    steps, batch, backbone = setup["steps"], setup["batch"], setup["backbone"]
-    state = _dev(setup, setup["state"])
-    micro = jax.tree.map(lambda v: v[0], batch)
-    out = {}
-    for flag in (False, True):
-        fn = functools.partial(
-            train_steps.generator_loss_fn,
-            models=steps.models,
-            cfg=dataclasses.replace(steps.cfg, grad_balance=flag),
-        )
-        out[flag] = jax.jit(fn)(state.generator, micro, state.frozen, backbone, state.heads, jax.random.PRNGKey(5))
-    assert float(out[True][0]) == float(out[False][0])
-    assert "g_adv_out_grad" not in out[False][1]
-    for name in ("g_adv_out_grad", "g_recon_out_grad"):
-        assert np.isfinite(float(out[True][1][name])) and float(out[True][1][name]) > 0, name
-
-
-def test_a_frozen_generator_gives_a_growing_margin(setup):
-    """Discriminator updates only (the generator frozen): on 8 held-out clips with fixed noise, all at the
-    one-step level sigma_max, the per-level margin (score(fake) - score(real)) and pair rank that the
-    training logs must grow as the heads learn to tell this generator's videos from real ones."""
-    steps, config = setup["steps"], setup["config"]
-    held = [trainer.make_batch(config, setup["encoder"], 1000 + 2 * i) for i in range(4)]
-    held = {k: np.concatenate([b[k] for b in held], axis=0).reshape(1, 8, *held[0][k].shape[2:]) for k in held[0]}
-    cfg = dataclasses.replace(steps.cfg, sigma_max_prob=1.0)
-    loss_fn = jax.jit(functools.partial(train_steps.discriminator_loss_fn, models=steps.models, cfg=cfg))
-    micro = jax.tree.map(lambda v: v[0], held)
-
-    def grip(state):
-        _, m = loss_fn(state.heads, micro, state.unet_params(), setup["backbone"], jax.random.PRNGKey(11))
-        m = losses.reduce_interval([jax.device_get(m)])
-        return m["d_margin_spatial@700"], m["d_margin_temporal@700"], m["d_rank_spatial@700"]
-
-    state = _dev(setup, setup["state"])
-    seen = [grip(state)]
-    for _round in range(2):
-        for _ in range(5):
-            state, _ = steps.discriminator_step(state, setup["batch"], setup["backbone"])
-        seen.append(grip(state))
-    (s0, t0, r0), (s1, t1, _), (s2, t2, r2) = seen
-    # measured: spatial margin -0.001 -> 0.056 -> 0.128, temporal -0.013 -> 0.102 -> 0.131, rank 0.5 -> 0.875
-    assert s0 < s1 < s2 and t0 < t1 < t2 and s2 > 0.08 and t2 > 0.08, seen
-    assert r2 > r0 and r2 >= 0.75, seen
-
-
-def _tree_rel(a, b) -> tuple[float, float]:
-    """(max |a - b| / max |b|, ||a - b|| / ||b||) over the whole gradient tree. (Per leaf the relative error
-    is meaningless for leaves whose exact gradient is 0, e.g. conv biases followed by a GroupNorm: their
-    float32 gradients are round-off, ~1e-10.)"""
-    la, lb = jax.tree.leaves(_np(a)), jax.tree.leaves(_np(b))
-    diff = [np.asarray(x, np.float64) - y for x, y in zip(la, lb, strict=True)]
-    max_rel = max(np.abs(d).max() for d in diff) / max(np.abs(y).max() for y in lb)
-    l2_rel = np.sqrt(sum((d**2).sum() for d in diff) / sum((np.asarray(y, np.float64) ** 2).sum() for y in lb))
-    return float(max_rel), float(l2_rel)
-
-
-def test_accumulation_equals_concatenated_batch(setup):
-    """k = 2 micro-batches of 1 give the gradients and metrics of one micro-batch of 2 (<= 1e-5)."""
-    steps, batch, backbone = setup["steps"], setup["batch"], setup["backbone"]
-    state = _dev(setup, setup["state"])
-    k, m = batch["index"].shape
-    assert (k, m) == (2, 1)
-    concat = {name: v.reshape(1, k * m, *v.shape[2:]) for name, v in batch.items()}
-    for grads_fn in (steps.g_grads, steps.d_grads):
-        g_acc, m_acc = grads_fn(state, batch, backbone)
-        g_cat, m_cat = grads_fn(state, concat, backbone)
-        max_rel, l2_rel = _tree_rel(g_acc, g_cat)
-        assert max_rel <= 1e-5 and l2_rel <= 1e-5, (grads_fn, max_rel, l2_rel)
-        for name in m_acc:
-            np.testing.assert_allclose(float(m_acc[name]), float(m_cat[name]), rtol=1e-5, atol=1e-7, err_msg=name)
-
-
-def test_nonfinite_batch_is_skipped(setup):
-    """A NaN in the batch: both updates are skipped, the state stays bitwise unchanged and finite."""
-    steps, state0 = setup["steps"], setup["state"]
-    bad = dict(setup["batch"])
-    bad["latents"] = bad["latents"].copy()
-    bad["latents"][1, 0, 0, 0, 0, 0] = np.nan
-    s1, gm = steps.generator_step(_dev(setup, state0), bad, setup["backbone"])
-    s2, dm = steps.discriminator_step(s1, bad, setup["backbone"])
-    s2 = _np(s2)
-    assert float(gm["g_finite"]) == 0 and float(dm["d_finite"]) == 0
-    assert not np.isfinite(float(gm["g_loss"]))
-    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng"):
-        assert _equal(getattr(s2, field), getattr(state0, field)), field
-    assert int(s2.step) == 1 and int(s2.skipped) == 2
-    assert _all_finite(s2)
+    return make_layout(config, sharding.Plan.from_config(config), *build_modules(config)).abstract_state
 
 
 def _config(**overrides):
@@ -257,11 +79,11 @@ def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
     resumed = trainer.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
     assert int(straight.step) == int(resumed.step) == 3
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):
-        assert _equal(getattr(straight, field), getattr(resumed, field)), field
+        assert trees_equal(getattr(straight, field), getattr(resumed, field)), field
     mngr = checkpoint_manager(tmp_path / "b")
     assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
     restored, meta = restore(mngr, straight)
-    assert _equal(restored, straight)
+    assert trees_equal(restored, straight)
     assert meta["data_position"] == 3 * 2 and meta["step"] == 3
     assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
     assert meta["data_iterator"]["records"] == 5
@@ -296,7 +118,7 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous(tmp_path, tiny_f
     assert (tmp_path / "b" / "unreadable_checkpoints" / "3").is_dir()
     assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps_this_run"] == 1  # from step 2
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
-        assert _equal(getattr(straight_run[1], field), getattr(resumed, field)), field
+        assert trees_equal(getattr(straight_run[1], field), getattr(resumed, field)), field
 
 
 @TINY_RUN
@@ -317,6 +139,12 @@ def test_resume_with_another_config_is_refused_before_writing(tmp_path, tiny_fol
     safe = _config(total_steps=9, keep_checkpoints=4, log_every_steps=5, **_folder_data(tiny_folder_dataset))
     safe.mesh.data = 1
     assert resume_conflicts(saved, safe) == []
+    # a workdir from before a setting existed resumes while the setting keeps the value its absence meant
+    for section, name in (("opt", "disc_updates"), ("loss", "sigma_max_prob"), ("disc", "spectral_norm")):
+        del saved[section][name]
+    assert resume_conflicts(saved, safe) == []
+    safe.opt.disc_updates = 2
+    assert resume_conflicts(saved, safe) == ["opt.disc_updates: 1 -> 2"]
 
 
 def test_workdir_that_is_a_file_refused(tmp_path):
@@ -328,7 +156,7 @@ def test_workdir_that_is_a_file_refused(tmp_path):
     assert (tmp_path / "w").read_text() == "x"
 
 
-def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkeypatch):
+def test_halt_on_nonfinite_checkpoints_last_finite_state(like, tmp_path, monkeypatch):
     """opt.nonfinite=halt: FloatingPointError, and the checkpoint of the failed step holds the finite state
     of the step before (both updates skipped); resuming would continue after the bad batch."""
     from sfv_jax.data.loader import Loader
@@ -348,12 +176,11 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(setup, tmp_path, monkey
         trainer.train(config, tmp_path)
     mngr = checkpoint_manager(tmp_path)
     assert mngr.all_steps() == [1, 2, 3]
-    like = _dev(setup, setup["state"])
     at2, _ = restore(mngr, like, 2)
     at3, meta = restore(mngr, like, 3)
-    assert _all_finite(at3) and int(at3.skipped) == 2 and meta["data_position"] == 3 * 2
+    assert all_finite(at3) and int(at3.skipped) == 2 and meta["data_position"] == 3 * 2
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt"):
-        assert _equal(getattr(at3, field), getattr(at2, field)), field
+        assert trees_equal(getattr(at3, field), getattr(at2, field)), field
 
 
 def _main(workdir, *flags):
@@ -362,7 +189,7 @@ def _main(workdir, *flags):
     return cmd, env
 
 
-def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
+def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(like, tmp_path):
     """``python -m sfv_jax.cli.train``: 3 steps leave checkpoints, TensorBoard scalars, a sample mp4 and a summary;
     a second run on the workdir resumes, a third started beside it is refused (one writer per workdir), and
     SIGTERM makes the second checkpoint and exit 0."""
@@ -416,10 +243,10 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert summary["step"] == 3 and summary["skipped_updates"] == 0 and np.isfinite(summary["metrics"]["g_loss"])
 
     # export: the EMA generator becomes a pipeline folder that load_pipeline (and so the sample CLI) reads
-    trained, _ = restore(mngr, _dev(setup, setup["state"]), 3)
+    trained, _ = restore(mngr, like, 3)
     out = export.export_run(workdir, tmp_path / "exported")
     pipe = pretrained.load_pipeline(out, progress=False)
-    assert _equal(pipe.unet_params, trained.ema) and not _equal(pipe.unet_params, trained.generator)
+    assert trees_equal(pipe.unet_params, trained.ema) and not trees_equal(pipe.unet_params, trained.generator)
     assert json.loads((out / "sfv_jax.json").read_text())["trained_step"] == 3
 
     cmd, env = _main(
@@ -452,8 +279,8 @@ def test_cli_trains_end_to_end_then_stops_cleanly_on_sigterm(setup, tmp_path):
     assert "stopped at step" in text
     stopped = checkpoint_manager(workdir).latest_step()
     assert stopped >= 4
-    state, meta = restore(checkpoint_manager(workdir), _dev(setup, setup["state"]))
-    assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and _all_finite(state)
+    state, meta = restore(checkpoint_manager(workdir), like)
+    assert int(state.step) == stopped and meta["data_position"] == stopped * 2 and all_finite(state)
 
 
 @TINY_RUN
@@ -494,7 +321,7 @@ def test_kill_9_at_a_random_moment_then_rerun_matches_the_straight_run(
     assert mngr.latest_step() == 3
     final, meta = restore(mngr, straight_run[1], 3)
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
-        assert _equal(getattr(final, field), getattr(straight_run[1], field)), (seed, delay, field)
+        assert trees_equal(getattr(final, field), getattr(straight_run[1], field)), (seed, delay, field)
     assert meta["data_position"] == 3 * 2
 
 
@@ -518,22 +345,24 @@ def test_init_from_a_converted_pipeline_folder_then_export(tmp_path, straight_ru
     state = trainer.train(config, tmp_path / "run")
     delta = max(
         float(np.abs(a - b).max())
-        for a, b in zip(jax.tree.leaves(_np(state.generator)), jax.tree.leaves(_np(source.unet_params)), strict=True)
+        for a, b in zip(
+            jax.tree.leaves(to_host(state.generator)), jax.tree.leaves(to_host(source.unet_params)), strict=True
+        )
     )
     # one SM3 step from zero accumulators: |update| <= lr (1 - b1) / sqrt(1 - b2) = 1.58e-4 per element
     assert 0 < delta <= 1e-5 * 0.5 / np.sqrt(1 - 0.999) * 1.001
     out = export.export_run(tmp_path / "run", tmp_path / "exported", weights="generator")
     assert json.loads((out / "sfv_jax.json").read_text())["weights"] == "generator"
     pipe = pretrained.load_pipeline(out, progress=False)
-    assert _equal(pipe.unet_params, state.generator)
-    assert _equal(pipe.vae_params, source.vae_params)
-    assert _equal(pipe.image_encoder_params, source.image_encoder_params)
+    assert trees_equal(pipe.unet_params, state.generator)
+    assert trees_equal(pipe.vae_params, source.vae_params)
+    assert trees_equal(pipe.image_encoder_params, source.image_encoder_params)
     # --dtype bfloat16: every component stored in bf16 (the converted VAE / image encoder re-saved), read
     # back as float32 by the loader: the bf16 rounding of the same weights, at about half the bytes
     half = export.export_run(tmp_path / "run", tmp_path / "bf16", weights="generator", dtype="bfloat16")
     pipe16 = pretrained.load_pipeline(half, progress=False)
     for got, want in ((pipe16.unet_params, state.generator), (pipe16.vae_params, source.vae_params)):
-        assert _equal(got, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(np.float32), _np(want)))
+        assert trees_equal(got, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16).astype(np.float32), to_host(want)))
     assert jax.tree.leaves(pipe16.image_encoder_params)[0].dtype == np.float32
 
     def size(folder):
@@ -543,48 +372,3 @@ def test_init_from_a_converted_pipeline_folder_then_export(tmp_path, straight_ru
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
         export.export_run(tmp_path / "run", tmp_path / "exported7", step=7)
     assert not (tmp_path / "exported7").exists()
-
-
-def test_step_settings_and_log_line_come_from_the_config():
-    """StepConfig has no defaults of its own: every field is the config's; the console's log line."""
-    config = tiny.get_config()
-    config.loss.r1_gamma, config.opt.ema_rate = 0.5, 0.9
-    cfg = train_steps.StepConfig.from_config(config)
-    assert cfg.r1_gamma == 0.5 and cfg.ema_rate == 0.9 and cfg.recon_weight == config.loss.recon_weight
-    assert cfg.nonfinite == config.opt.nonfinite and cfg.generator_grid == config.loss.generator_grid
-    line = trainer.format_metrics(10, 400, {"d_loss": 1.98, "g_loss": 0.123456, "g_finite": 1.0, "zeta": 2.0}, 3.14159)
-    assert line == "step 10/400  g_loss 0.1235  d_loss 1.98  zeta 2  3.14 steps/s"
-    assert trainer.describe_params("heads", {"a": np.zeros((2, 3), np.float32)}) == (
-        "heads: 6 parameters, 2.4e-08 GB (float32), 1 tensors"
-    )
-    config.opt.halt_check = "sometimes"
-    with pytest.raises(ConfigError, match="opt.halt_check"):
-        check_config(config)
-
-
-def test_nonfinite_steps_reads_each_steps_finite_flags():
-    """The loop's check: a step is non-finite when any of its ``*_finite`` flags is 0 (device arrays or
-    host numbers); other metrics, and steps without flags, never count."""
-    import jax.numpy as jnp
-
-    pending = [
-        (3, {"g_finite": jnp.float32(1), "d_finite": jnp.float32(1), "g_loss": jnp.float32(np.nan)}),
-        (4, {"g_finite": jnp.float32(1), "d_finite": jnp.float32(0)}),
-        (5, {"g_loss": 1.0}),
-        (6, {"g_finite": 0.0}),
-    ]
-    assert trainer.nonfinite_steps(pending) == [4, 6]
-    assert trainer.nonfinite_steps([]) == []
-
-
-@pytest.mark.parametrize("name", ["sfv_svd", "tiny", "svd_finetune", "toy_teacher", "toy_sfv"])
-def test_packaged_training_configs_pass_their_checks(name):
-    """Every packaged training config is runnable as written (check_config; toy_sfv and sfv_svd need
-    --config.init_from, which check_config leaves to the loader)."""
-    import importlib
-
-    from sfv_jax.training.run_config import check_config
-
-    config = importlib.import_module(f"sfv_jax.configs.{name}").get_config()
-    check_config(config)
-    assert config.objective in train_steps.OBJECTIVES

@@ -127,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.opt.warmup_steps = 0  # linear learning-rate warm-up (both optimizers)
     c.opt.clip_norm = ml_collections.FieldReference(None, field_type=float)  # global-norm clipping; None: off
     c.opt.ema_rate = 0.95
+    c.opt.disc_updates = 1  # discriminator updates per generator update, each on the same batch with fresh noise
     c.opt.nonfinite = "skip"  # "skip" | "halt"
     c.opt.halt_check = "log_steps"  # when the host reads the finite flags: "log_steps" | "every_step"
 

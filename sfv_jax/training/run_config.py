@@ -83,6 +83,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "must be in [0, 1] (the EMA keeps this fraction of itself per step; above 1 it extrapolates away)",
     )
     need(config.opt.weight_decay >= 0, "opt.weight_decay", "must be >= 0")
+    need(
+        isinstance(config.opt.disc_updates, int) and config.opt.disc_updates >= 1,
+        "opt.disc_updates",
+        "must be a whole number >= 1 (discriminator updates per generator update)",
+    )
     need(config.opt.clip_norm is None or config.opt.clip_norm > 0, "opt.clip_norm", "must be > 0 or None (off)")
     need(config.data.noise_aug in clips.NOISE_AUG_KINDS, "data.noise_aug", f"must be one of {clips.NOISE_AUG_KINDS}")
     need(
@@ -152,6 +157,10 @@ RESUME_SAFE = (
     "checkpoint_fallback",
 )
 
+# Settings added after runs were already being made, each with the value that means what their absence
+# meant: a workdir whose config.json predates one resumes when the new config keeps that value.
+ADDED_SETTINGS = {"loss.sigma_max_prob": None, "disc.spectral_norm": False, "opt.disc_updates": 1}
+
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
@@ -166,7 +175,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """``key: saved -> new`` for every key outside :data:`RESUME_SAFE` where ``config`` differs from the
     run's saved ``config.json`` (a dict), sorted."""
-    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    old = {**ADDED_SETTINGS, **_flat(saved)}
+    new = _flat(json.loads(config.to_json_best_effort()))
     keys = sorted(set(old) | set(new))
     missing = object()
     return [

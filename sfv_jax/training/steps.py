@@ -84,6 +84,7 @@ class StepConfig:
     grad_balance: bool  # log the adversarial / reconstruction gradient norms at the generator's output
     ema_rate: float
     nonfinite: str  # NONFINITE_POLICIES
+    disc_updates: int  # discriminator updates per generator update (paper: 1)
 
     @classmethod
     def from_config(cls, config: Any) -> StepConfig:
@@ -414,21 +415,32 @@ def generator_update(
     return state, {**metrics, "g_grad_norm": gnorm, "g_finite": finite.astype(jnp.float32)}
 
 
+DISC_SUBSTEP_STREAM = 1000  # the key of discriminator update j > 0 of one iteration: fold_in(step key, 1000 + j)
+
+
 def discriminator_grads(
-    state: TrainState, batch: dict, backbone: Any, *, models: Models, cfg: StepConfig
+    state: TrainState, batch: dict, backbone: Any, substep: jax.Array, *, models: Models, cfg: StepConfig
 ) -> tuple[Any, dict]:
-    """Mean discriminator gradient over the micro-batches (head parameters only)."""
+    """Mean discriminator gradient over the micro-batches (head parameters only). ``substep`` (int32 scalar)
+    numbers the discriminator updates of one iteration (``StepConfig.disc_updates``): update 0 draws from the
+    iteration's discriminator key, update j > 0 from its own, over the same batch (fresh generator levels,
+    sigma', noise)."""
     loss_fn = functools.partial(discriminator_loss_fn, models=models, cfg=cfg)
-    return accumulate_grads(loss_fn, state.heads, batch, state.unet_params(), backbone, _step_key(state, 1))
+    which = jnp.where(substep == 0, 1, DISC_SUBSTEP_STREAM + substep)
+    return accumulate_grads(loss_fn, state.heads, batch, state.unet_params(), backbone, _step_key(state, which))
 
 
 def discriminator_update(
-    state: TrainState, grads: Any, metrics: dict, *, tx: optax.GradientTransformation
+    state: TrainState, grads: Any, metrics: dict, last: jax.Array, *, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
-    """Optimizer update of the heads, then the iteration counter advances."""
+    """Optimizer update of the heads; after the iteration's ``last`` (bool scalar) discriminator update the
+    iteration counter advances."""
     finite, heads, opt, gnorm, _ = _apply(tx, grads, state.disc_opt, state.heads, metrics["d_loss"])
     state = state.replace(
-        heads=heads, disc_opt=opt, step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32)
+        heads=heads,
+        disc_opt=opt,
+        step=state.step + last.astype(jnp.int32),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
     )
     return state, {**metrics, "d_grad_norm": gnorm, "d_finite": finite.astype(jnp.float32)}
 
@@ -478,12 +490,14 @@ class JittedSteps:
         else:
             st, rep = sh.state, sh.replicated
             self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
-            self.d_grads = jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.heads, rep))
+            self.d_grads = jax.jit(
+                d_grads, in_shardings=(st, sh.batch, sh.backbone, rep), out_shardings=(st.heads, rep)
+            )
             self.g_update = jax.jit(
                 g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0
             )
             self.d_update = jax.jit(
-                d_update, in_shardings=(st, st.heads, rep), out_shardings=(st, rep), donate_argnums=0
+                d_update, in_shardings=(st, st.heads, rep, rep), out_shardings=(st, rep), donate_argnums=0
             )
         if not self.cfg.has_discriminator:
             self.d_grads = self.d_update = None
@@ -492,9 +506,23 @@ class JittedSteps:
         with self.context():
             return self.g_update(state, *self.g_grads(state, batch, backbone))
 
-    def discriminator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
+    def discriminator_step(
+        self, state: TrainState, batch: dict, backbone: Any, substep: int = 0, last: bool = True
+    ) -> tuple[TrainState, dict]:
+        """Discriminator update ``substep`` of the iteration; the ``last`` one advances the iteration."""
         with self.context():
-            return self.d_update(state, *self.d_grads(state, batch, backbone))
+            grads, metrics = self.d_grads(state, batch, backbone, *self.substep_args(substep))
+            return self.d_update(state, grads, metrics, *self.last_args(last))
+
+    @staticmethod
+    def substep_args(substep: int = 0) -> tuple[jax.Array]:
+        """``d_grads``'s last argument: the update's number within the iteration."""
+        return (jnp.int32(substep),)
+
+    @staticmethod
+    def last_args(last: bool = True) -> tuple[jax.Array]:
+        """``d_update``'s last argument: whether the iteration ends with this update."""
+        return (jnp.bool_(last),)
 
     def compile(self, state: Any, batch: Any, backbone: Any) -> None:
         """Compile every step program for these arguments (arrays or ``jax.ShapeDtypeStruct``s with the
@@ -506,9 +534,10 @@ class JittedSteps:
             self.g_grads.lower(state, batch, backbone).compile()
             self.g_update.lower(state, *self.update_args(g_grads, "generator")).compile()
             if self.d_grads is not None:
-                d_grads = jax.eval_shape(self.d_grads, state, batch, backbone)
-                self.d_grads.lower(state, batch, backbone).compile()
-                self.d_update.lower(state, *self.update_args(d_grads, "heads")).compile()
+                d_args = (state, batch, backbone, *self.substep_args())
+                d_grads = jax.eval_shape(self.d_grads, *d_args)
+                self.d_grads.lower(*d_args).compile()
+                self.d_update.lower(state, *self.update_args(d_grads, "heads"), *self.last_args()).compile()
 
     def update_args(self, grads_and_metrics: tuple, field: str) -> tuple:
         """Abstract (gradients, metrics) with the shardings the update step takes them in."""
@@ -524,10 +553,13 @@ class JittedSteps:
         return grads, jax.tree.map(lambda a: put(a, sh.replicated), metrics)
 
     def step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
-        """One training iteration of the objective: the generator step, then (sfv) the discriminator step.
-        Returns the new state and the device metrics of both."""
+        """One training iteration of the objective: the generator step, then (sfv) ``cfg.disc_updates``
+        discriminator steps on the same batch. Returns the new state and the device metrics of the generator
+        step and of the last discriminator step."""
         state, metrics = self.generator_step(state, batch, backbone)
         if self.d_grads is not None:
-            state, d_metrics = self.discriminator_step(state, batch, backbone)
+            n = self.cfg.disc_updates
+            for j in range(n):
+                state, d_metrics = self.discriminator_step(state, batch, backbone, j, j == n - 1)
             metrics = {**metrics, **d_metrics}
         return state, metrics
