@@ -95,9 +95,9 @@ def bench_train(args) -> dict:
         model_cfg = config.copy_and_resolve_references()
         model_cfg.model.remat_policy = "none"
         plain = make_layout(model_cfg, plan, *build_modules(model_cfg)).steps(model_cfg)
-    args = {"g": (state, batch, backbone), "d": (state, batch, backbone, *steps.substep_args())}
-    grads = [(f, args[k]) for k, f in (("g", steps.g_grads), ("d", steps.d_grads)) if f is not None]
-    plain_grads = [(f, args[k]) for k, f in (("g", plain.g_grads), ("d", plain.d_grads)) if f is not None]
+    call_args = {"g": (state, batch, backbone), "d": (state, batch, backbone, *steps.substep_args())}
+    grads = [(f, call_args[k]) for k, f in (("g", steps.g_grads), ("d", steps.d_grads)) if f is not None]
+    plain_grads = [(f, call_args[k]) for k, f in (("g", plain.g_grads), ("d", plain.d_grads)) if f is not None]
     with plan.context():
         hw = sum(common.flops(f.lower(*a).compile()) for f, a in grads)
         model_flops = sum(common.flops(f.lower(*a)) for f, a in plain_grads)
