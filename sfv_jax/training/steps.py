@@ -524,6 +524,13 @@ class JittedSteps:
         """``d_update``'s last argument: whether the iteration ends with this update."""
         return (jnp.bool_(last),)
 
+    def abstract(self, args: tuple) -> tuple:
+        """Scalar arguments (``substep_args()``, ``last_args()``) as ``jax.ShapeDtypeStruct``s, replicated
+        where the steps have shardings: a compile for a target must not carry arrays of this host's
+        devices (their memory kind is not the target's)."""
+        rep = None if self.shardings is None else self.shardings.replicated
+        return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args)
+
     def compile(self, state: Any, batch: Any, backbone: Any) -> None:
         """Compile every step program for these arguments (arrays or ``jax.ShapeDtypeStruct``s with the
         steps' shardings) without running anything; the calls then find them in jit's cache. A
@@ -534,10 +541,11 @@ class JittedSteps:
             self.g_grads.lower(state, batch, backbone).compile()
             self.g_update.lower(state, *self.update_args(g_grads, "generator")).compile()
             if self.d_grads is not None:
-                d_args = (state, batch, backbone, *self.substep_args())
+                d_args = (state, batch, backbone, *self.abstract(self.substep_args()))
                 d_grads = jax.eval_shape(self.d_grads, *d_args)
                 self.d_grads.lower(*d_args).compile()
-                self.d_update.lower(state, *self.update_args(d_grads, "heads"), *self.last_args()).compile()
+                last = self.abstract(self.last_args())
+                self.d_update.lower(state, *self.update_args(d_grads, "heads"), *last).compile()
 
     def update_args(self, grads_and_metrics: tuple, field: str) -> tuple:
         """Abstract (gradients, metrics) with the shardings the update step takes them in."""
