@@ -171,7 +171,7 @@ def tiny_folder_dataset(tmp_path_factory):
 # shared compilation cache already holds its steps.)
 SLOW_FIRST = (
     "test_sharding.py",
-    "test_toy_teacher.py",  # one 200-step SF-V distillation and its report (about 5 minutes on one core)
+    "test_toy_teacher.py",  # one 100-step SF-V distillation and its report (about 8 minutes on one core)
     "test_training.py",
     "test_train_steps.py",
     "test_diffusion_objective.py",

@@ -23,7 +23,8 @@ iterations (default the config's), trained in ``DIR/train/<run>`` and exported t
 Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "num_videos", "rows": [{"name", "steps",
 "fvd", "motion", "sharpness", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
 one per grid row), and, once teacher 1 / 25 steps and SF-V 1 step are evaluated, ``DIR/side_by_side.mp4``
-and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos).
+and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos; the SF-V
+column is ``sfv_1``, or the first one-step SF-V variant of ``--rows`` without it).
 Resumable: training runs resume from their checkpoints, finished exports and rows (``DIR/rows/<row>.json``,
 the first videos in ``<row>.npy``) are kept, so a killed run recomputes only what is missing. ``--quick``: a
 smoke-sized run (8 videos, 4 training steps) that checks the machinery, not the method.
@@ -53,7 +54,7 @@ from sfv_jax.training import export, trainer
 from sfv_jax.training.run_config import ConfigError
 
 GRID_VIDEOS = 4
-SIDE_BY_SIDE = (("teacher", 1), ("teacher", 25), ("sfv", 1))  # after the conditioning frame
+SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
 DEMO = {"rows": "real,vae,teacher_1,teacher_25,sfv_1", "num_videos": 32, "steps": 300}
 
 
@@ -124,11 +125,14 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
     return result
 
 
-def side_by_side(workdir: Path, real) -> list[Path]:
-    """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows (4x
-    upscaled); [] while one of them is missing."""
-    paths = [workdir / "rows" / f"{name}_{steps}.npy" for name, steps in SIDE_BY_SIDE]
-    if not all(p.is_file() for p in paths):
+def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
+    """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows and of
+    the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), 4x upscaled;
+    [] while one of them is missing."""
+    one_step = [r.key for r in rows if r.kind == "sfv" and r.steps == 1]
+    sfv = "sfv_1" if "sfv_1" in one_step else next(iter(one_step), None)
+    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, sfv)]
+    if sfv is None or not all(p.is_file() for p in paths):
         return []
     cond = real[:GRID_VIDEOS, :1]  # the conditioning frames, as 1-frame videos
     grid = video_io.video_grid([cond, *(np.load(p) for p in paths)], scale=4)
@@ -236,7 +240,7 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
     _write_json(workdir / "report.json", {**report, "rows": results})
     text = report_markdown(results, args, command, wall)
     write_atomic(workdir / "report.md", lambda p: p.write_text(text))
-    videos = side_by_side(workdir, real)
+    videos = side_by_side(workdir, real, rows)
     print(text)
     print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
     if videos:
