@@ -1,6 +1,6 @@
-"""The levers and diagnostics of SF-V's adversarial game that need no UNet: the generator-level
+"""The levers and diagnostics of SF-V's adversarial game that need no compiled UNet: the generator-level
 distribution, the per-level discriminator statistics and their log-interval reduction, the heads'
-spectral normalisation (docs/training.md, "Reading the GAN's health")."""
+spectral normalisation, the heads on conv_in's map (docs/training.md, "Reading the GAN's health")."""
 
 from __future__ import annotations
 
@@ -105,3 +105,50 @@ def test_spectral_norm_makes_every_head_conv_a_contraction():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     grads = jax.grad(lambda p: sum(jnp.sum(o) for o in normed.apply({"params": p}, feats, emb, sigma)))(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_heads_on_conv_in_see_the_latents_resolution():
+    """``disc.feature_maps="conv_in+blocks"``: the backbone hands conv_in's output (the latents' own
+    resolution) before the down blocks' outputs, the heads get a spatial and a temporal head on it, and the
+    logits come out at that resolution; "blocks" (the paper's) is unchanged. Shapes only (no compile)."""
+    from sfv_jax.configs import tiny
+    from sfv_jax.parallel import sharding
+    from sfv_jax.training.discriminator import backbone_features, backbone_subset, discriminator_logits
+    from sfv_jax.training.layout import build_modules, make_layout
+
+    def layout(feature_maps):
+        c = tiny.get_config()
+        c.disc.feature_maps = feature_maps
+        return c, make_layout(c, sharding.Plan.from_config(c), *build_modules(c))
+
+    (c, paper), (_, wide) = layout("blocks"), layout("conv_in+blocks")
+    state = wide.abstract_state
+    b, f, h, w = 2, c.data.num_frames, c.data.height // 4, c.data.width // 4  # the toy VAE: 4x smaller
+    x = jax.ShapeDtypeStruct((b, f, h, w, 4), jnp.float32)
+    sigma = jax.ShapeDtypeStruct((b,), jnp.float32)
+    cond = {
+        "image_latents": jax.ShapeDtypeStruct((b, h, w, 4), jnp.float32),
+        "image_embeds": jax.ShapeDtypeStruct((b, c.model.image_encoder["projection_dim"]), jnp.float32),
+        "added_time_ids": jax.ShapeDtypeStruct((b, 3), jnp.float32),
+    }
+    backbone = backbone_subset(state.unet_params())
+    blocks = jax.eval_shape(lambda p, x, s, c_: backbone_features(paper.unet, p, x, s, c_), backbone, x, sigma, cond)
+    both = jax.eval_shape(
+        lambda p, x, s, c_: backbone_features(wide.unet, p, x, s, c_, "conv_in+blocks"), backbone, x, sigma, cond
+    )
+    channels = c.model.unet["block_out_channels"]
+    assert [a.shape for a in both[1:]] == [a.shape for a in blocks] and len(blocks) == len(channels)
+    assert both[0].shape == (b, f, h, w, channels[0]) and blocks[0].shape[2] < h  # the blocks downsample
+    assert sorted(state.heads) == sorted(f"{k}_{i}" for k in ("spatial", "temporal") for i in range(len(both)))
+    assert len(paper.abstract_state.heads) == 2 * len(blocks)
+    logits = jax.eval_shape(
+        lambda p, hp, x, s, c_: discriminator_logits(wide.unet, p, wide.heads, hp, x, s, c_),
+        backbone,
+        state.heads,
+        x,
+        sigma,
+        cond,
+    )
+    assert len(logits) == 2 * len(both) and logits[0].shape == (b, f, h, w)  # spatial heads first
+    with pytest.raises(ValueError, match="feature maps 'x'"):
+        jax.eval_shape(lambda p, x, s, c_: backbone_features(paper.unet, p, x, s, c_, "x"), backbone, x, sigma, cond)

@@ -148,6 +148,7 @@ def test_model_index_that_is_not_json(tiny_pipeline_dirs, tmp_path, capsys):
         ("opt.weight_decay", -1.0, "opt.weight_decay=-1.0: must be >= 0"),
         ("loss.sigma_max_prob", 1.5, "loss.sigma_max_prob=1.5: must be a probability"),
         ("opt.disc_updates", 0, "opt.disc_updates=0: must be a whole number >= 1"),
+        ("disc.feature_maps", "pixels", "disc.feature_maps='pixels': must be one of"),
     ],
 )
 def test_numbers_in_the_config_are_checked(key, value, pattern):

@@ -140,7 +140,8 @@ def test_resume_with_another_config_is_refused_before_writing(tmp_path, tiny_fol
     safe.mesh.data = 1
     assert resume_conflicts(saved, safe) == []
     # a workdir from before a setting existed resumes while the setting keeps the value its absence meant
-    for section, name in (("opt", "disc_updates"), ("loss", "sigma_max_prob"), ("disc", "spectral_norm")):
+    added = (("opt", "disc_updates"), ("loss", "sigma_max_prob"), ("disc", "spectral_norm"), ("disc", "feature_maps"))
+    for section, name in added:
         del saved[section][name]
     assert resume_conflicts(saved, safe) == []
     safe.opt.disc_updates = 2

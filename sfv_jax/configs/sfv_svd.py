@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     # sigma' / frame-index sinusoids: "paper" (c_noise itself: nearly constant over sigma') | "spread" ([0, 1000])
     c.disc.cond_embedding = "paper"
     c.disc.spectral_norm = False  # the head bodies' convs spectrally normalised (StyleGAN-T's heads; paper: not said)
+    # the backbone maps the heads see: "blocks" (each down block's output, the paper's) | "conv_in+blocks"
+    c.disc.feature_maps = "blocks"
 
     # the diffusion objective (objective="diffusion"): sigma ~ lognormal(p_mean, p_std), EDM weighting,
     # conditioning dropout for classifier-free guidance (the embedding alone, both, the latent alone)

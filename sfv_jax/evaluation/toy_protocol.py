@@ -66,12 +66,16 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_heads128": {"disc.channels": 128, "disc.proj_dim": 64, "disc.groups": 32},
     # the adversarial game's levers (docs/training.md): half of the generator's updates at sigma_max (the
     # one-step sampler's level; uniform gives it a third), spectrally normalised heads, both; two
-    # discriminator updates per generator update; spectral norm without the reconstruction term
+    # discriminator updates per generator update; spectral norm without the reconstruction term; heads on
+    # conv_in's map too (the latents' resolution), with and without it; two D updates without it
     "sfv_top50": {"loss.sigma_max_prob": 0.5},
     "sfv_sn": {"disc.spectral_norm": True},
     "sfv_top50_sn": {"loss.sigma_max_prob": 0.5, "disc.spectral_norm": True},
     "sfv_d2": {"opt.disc_updates": 2},
     "sfv_sn_adv_only": {"disc.spectral_norm": True, "loss.recon_weight": 0.0},
+    "sfv_conv_in": {"disc.feature_maps": "conv_in+blocks"},
+    "sfv_conv_in_adv_only": {"disc.feature_maps": "conv_in+blocks", "loss.recon_weight": 0.0},
+    "sfv_d2_adv_only": {"opt.disc_updates": 2, "loss.recon_weight": 0.0},
 }
 
 

@@ -264,9 +264,13 @@ class UNetSpatioTemporal(nn.Module):
             outputs.append(x)
         return x, emb, skips, outputs
 
-    def encode(self, sample, timestep, encoder_hidden_states, added_time_ids) -> list[jax.Array]:
-        """Embeddings + ``conv_in`` + down blocks: each down block's output [B, F, H_i, W_i, C_i]."""
-        return self._down(sample, timestep, encoder_hidden_states, added_time_ids)[3]
+    def encode(
+        self, sample, timestep, encoder_hidden_states, added_time_ids, with_conv_in: bool = False
+    ) -> list[jax.Array]:
+        """Embeddings + ``conv_in`` + down blocks: each down block's output [B, F, H_i, W_i, C_i];
+        ``with_conv_in``: ``conv_in``'s output [B, F, h, w, C_0] first (the latents' own resolution)."""
+        _, _, skips, outputs = self._down(sample, timestep, encoder_hidden_states, added_time_ids)
+        return [skips[0], *outputs] if with_conv_in else outputs
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids) -> jax.Array:
         x, emb, skips, _ = self._down(sample, timestep, encoder_hidden_states, added_time_ids)

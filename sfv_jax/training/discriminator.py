@@ -40,6 +40,11 @@ HEAD_KINDS = ("both", "spatial", "temporal")
 #   spread  both inputs mapped onto [0, 1000] first (the UNet's timestep range): c_noise linearly from
 #           [c_noise(sigma_min), c_noise(sigma_max)], the frame index from [0, F - 1]
 COND_EMBEDDINGS = ("paper", "spread")
+# Which backbone maps the heads see (config ``disc.feature_maps``):
+#   blocks          each down block's output (the paper: after all 4 down blocks; 1/8 .. 1/64 of the latent size)
+#   conv_in+blocks  conv_in's output too, at the latents' own resolution, where fine texture and the small
+#                   moving details of a frame still are (an extra spatial and temporal head on it)
+FEATURE_MAPS = ("blocks", "conv_in+blocks")
 _COND_SINUSOID = 256
 _SPREAD = 1000.0
 
@@ -171,6 +176,7 @@ class DiscriminatorHeads(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     spectral_norm: bool = False  # the head bodies' conv kernels divided by their largest singular value
+    feature_maps: str = "blocks"  # FEATURE_MAPS: the backbone maps the heads see (backbone_features)
 
     def logit_kinds(self, num_logits: int) -> list[str]:
         """The kind ("spatial" | "temporal") of each of the ``num_logits`` maps the heads return."""
@@ -214,12 +220,20 @@ class DiscriminatorHeads(nn.Module):
 
 
 def backbone_features(
-    unet: nn.Module, backbone_params: Any, x_noisy: jax.Array, sigma: jax.Array, cond: dict
+    unet: nn.Module,
+    backbone_params: Any,
+    x_noisy: jax.Array,
+    sigma: jax.Array,
+    cond: dict,
+    feature_maps: str = "blocks",
 ) -> list[jax.Array]:
     """The frozen UNet encoder on noisy latents (paper Eq. 8, 11: D sees c_in(sigma') x'_t with c_noise(sigma')).
 
     ``x_noisy`` [B, F, h, w, 4]; ``sigma`` [B]; ``cond``: ``image_latents`` [B, h, w, 4] (unscaled),
-    ``image_embeds`` [B, D], ``added_time_ids`` [B, 3]. Returns the 4 down-block outputs."""
+    ``image_embeds`` [B, D], ``added_time_ids`` [B, 3]. Returns the down-block outputs, after ``conv_in``'s
+    output with ``feature_maps="conv_in+blocks"`` (FEATURE_MAPS)."""
+    if feature_maps not in FEATURE_MAPS:
+        raise ValueError(f"discriminator feature maps {feature_maps!r} is not one of {FEATURE_MAPS}")
     s = jnp.asarray(sigma, jnp.float32)
     x_in = x_noisy.astype(jnp.float32) / jnp.sqrt(s * s + 1.0).reshape(-1, 1, 1, 1, 1)
     image_latents = jnp.broadcast_to(cond["image_latents"][:, None], x_in.shape[:-1] + cond["image_latents"].shape[-1:])
@@ -230,6 +244,7 @@ def backbone_features(
         edm.c_noise(s),
         cond["image_embeds"][:, None],
         cond["added_time_ids"],
+        feature_maps == "conv_in+blocks",
         method=unet.encode,
     )
 
@@ -244,7 +259,7 @@ def discriminator_logits(
     cond: dict,
 ) -> list[jax.Array]:
     """D_phi(c_in(sigma') x'_t; c_noise(sigma'), c): backbone then heads -> list of logits [B, F, H_i, W_i]."""
-    feats = backbone_features(unet, backbone_params, x_noisy, sigma, cond)
+    feats = backbone_features(unet, backbone_params, x_noisy, sigma, cond, heads.feature_maps)
     return heads.apply({"params": head_params}, feats, cond["image_embeds"], sigma)
 
 

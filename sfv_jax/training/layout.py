@@ -139,6 +139,7 @@ def make_layout(
         config.disc.groups,
         config.disc.cond_embedding,
         spectral_norm=config.disc.spectral_norm,
+        feature_maps=config.disc.feature_maps,
     )
     if config.objective == "sfv":
         head_boxed = jax.eval_shape(
@@ -206,7 +207,7 @@ def _init_heads(
 ) -> Any:
     """The heads' boxed random init, sized from the backbone's feature shapes."""
     feats = jax.eval_shape(
-        lambda p, *a: unet.apply({"params": p}, *a, method=unet.encode),
+        lambda p, *a: unet.apply({"params": p}, *a, heads.feature_maps == "conv_in+blocks", method=unet.encode),
         backbone,
         *init_inputs(unet.config, batch, unet.config.num_frames, *latent_hw),
     )

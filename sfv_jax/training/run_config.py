@@ -16,7 +16,7 @@ from sfv_jax.models.build import COMPUTE_DTYPES
 from sfv_jax.paths import folder_problem
 from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
-from sfv_jax.training.discriminator import COND_EMBEDDINGS, HEAD_KINDS
+from sfv_jax.training.discriminator import COND_EMBEDDINGS, FEATURE_MAPS, HEAD_KINDS
 
 # When opt.nonfinite="halt" looks at the steps' finite flags: at log steps (the host never waits for the
 # device in between; a halt then names every non-finite step since the last check) or after every step.
@@ -54,6 +54,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(config.data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}")
     need(config.disc.heads in HEAD_KINDS, "disc.heads", f"must be one of {HEAD_KINDS}")
     need(config.disc.cond_embedding in COND_EMBEDDINGS, "disc.cond_embedding", f"must be one of {COND_EMBEDDINGS}")
+    need(config.disc.feature_maps in FEATURE_MAPS, "disc.feature_maps", f"must be one of {FEATURE_MAPS}")
     need(config.loss.r1_type in losses.R1_TYPES, "loss.r1_type", f"must be one of {losses.R1_TYPES}")
     need(
         config.opt.nonfinite in train_steps.NONFINITE_POLICIES,
@@ -159,7 +160,12 @@ RESUME_SAFE = (
 
 # Settings added after runs were already being made, each with the value that means what their absence
 # meant: a workdir whose config.json predates one resumes when the new config keeps that value.
-ADDED_SETTINGS = {"loss.sigma_max_prob": None, "disc.spectral_norm": False, "opt.disc_updates": 1}
+ADDED_SETTINGS = {
+    "loss.sigma_max_prob": None,
+    "disc.spectral_norm": False,
+    "opt.disc_updates": 1,
+    "disc.feature_maps": "blocks",
+}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -256,7 +256,8 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
     if cfg.r1_type == "paper":
         r1 = losses.r1_penalty(d, real)
     elif cfg.r1_type == "features":
-        feats = jax.lax.stop_gradient(backbone_features(models.unet, backbone, real, n["sigma_d"], cond))
+        feats = backbone_features(models.unet, backbone, real, n["sigma_d"], cond, models.heads.feature_maps)
+        feats = jax.lax.stop_gradient(feats)
         r1 = losses.r1_penalty(
             lambda f: models.heads.apply({"params": head_params}, f, cond["image_embeds"], n["sigma_d"]), feats
         )
