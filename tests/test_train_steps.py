@@ -21,7 +21,7 @@ from conftest import all_finite, to_host, trees_equal
 from sfv_jax.configs import tiny
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.parallel import sharding
-from sfv_jax.training import losses, trainer
+from sfv_jax.training import heldout, losses, trainer
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import backbone_param_subset
 from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
@@ -124,19 +124,20 @@ def test_grad_balance_only_adds_metrics(setup):
 
 
 def test_a_frozen_generator_gives_a_growing_margin(setup):
-    """Discriminator updates only (the generator frozen): on 8 held-out clips with fixed noise, all at the
-    one-step level sigma_max, the per-level margin (score(fake) - score(real)) and pair rank that the
-    training logs must grow as the heads learn to tell this generator's videos from real ones."""
+    """Discriminator updates only (the generator frozen): the held-out grip (``training.heldout.grip``: 8
+    fixed clips, each at every generator level, fixed sigma' and noise) has per-level margins (score(fake) -
+    score(real)) and a pair rank that grow at the one-step level sigma_max as the heads learn to tell this
+    generator's videos from real ones; every level is measured on every clip."""
     steps, config = setup["steps"], setup["config"]
     held = [trainer.make_batch(config, setup["encoder"], 1000 + 2 * i) for i in range(4)]
     held = {k: np.concatenate([b[k] for b in held], axis=0).reshape(1, 8, *held[0][k].shape[2:]) for k in held[0]}
-    cfg = dataclasses.replace(steps.cfg, sigma_max_prob=1.0)
-    loss_fn = jax.jit(functools.partial(train_steps.discriminator_loss_fn, models=steps.models, cfg=cfg))
-    micro = jax.tree.map(lambda v: v[0], held)
+    fn = jax.jit(functools.partial(heldout.batch_grip, models=steps.models, cfg=steps.cfg))
 
     def grip(state):
-        _, m = loss_fn(state.heads, micro, state.unet_params(), setup["backbone"], jax.random.PRNGKey(11))
-        m = losses.reduce_interval([jax.device_get(m)])
+        sums = fn(state.heads, held, state.unet_params(), setup["backbone"], jax.random.PRNGKey(11))
+        assert {float(v) for k, v in sums.items() if k.startswith(losses.COUNT_PREFIX)} == {8.0}, sums
+        m = losses.reduce_interval([jax.device_get(sums)])
+        assert len([k for k in m if k.startswith("d_rank_")]) == 3 * 2, m  # 3 levels x 2 head kinds
         return m["d_margin_spatial@700"], m["d_margin_temporal@700"], m["d_rank_spatial@700"]
 
     state = _dev(setup, setup["state"])

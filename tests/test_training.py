@@ -197,8 +197,8 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     1. SIGKILLed at a seeded random moment after its first checkpoint started to be written (mid-step,
        mid-save or between), the rerun resumes from a complete checkpoint and ends bitwise where the
        uninterrupted in-process run ended;
-    2. the rerun leaves its checkpoints, TensorBoard scalars for every step it ran, a sample mp4 with its
-       frame grid and diagnostics, and a summary; the export reads the EMA generator;
+    2. the rerun leaves its checkpoints, TensorBoard scalars for every step it ran, the held-out grip, a
+       sample mp4 with its frame grid and diagnostics, and a summary; the export reads the EMA generator;
     3. a third run resumes the workdir, a fourth started beside it is refused (one writer per workdir),
        and SIGTERM makes the third checkpoint and exit 0."""
     import random
@@ -210,6 +210,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
         "--config.keep_checkpoints=2",
         "--config.checkpoint_every_steps=1",
         "--config.sample_every_steps=3",
+        "--config.heldout_every_steps=3",
         *data,
     ]
     cmd, env = _main(workdir, *flags)
@@ -264,6 +265,12 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     assert any(t.startswith("d_margin_spatial@") for t in scalars) and not any(
         t.startswith(("sum:", "count@")) for t in scalars
     )
+    # the held-out grip at step 3: every level's margin and pair rank per head kind, and its console line
+    grip = {t: v[3] for t, v in scalars.items() if t.startswith("heldout/")}
+    kinds, levels = ("spatial", "temporal"), ("2.27", "70.5", "700")
+    assert set(grip) == {f"heldout/d_{m}_{k}@{x}" for m in ("margin", "rank") for k in kinds for x in levels}
+    assert all(0 <= v <= 1 for t, v in grip.items() if "rank" in t) and all(map(np.isfinite, grip.values()))
+    assert "held-out grip at step 3: d_margin_spatial@2.27 " in rerun.stderr
     frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
     # the sample's frame grid (real clip above it) and its diagnostics against the real clip

@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # from the newest readable one (False: stop with an error naming it)
     c.checkpoint_fallback = True
     c.sample_every_steps = 2000
+    # SF-V: the discriminator's margin and pair rank per generator level on fixed clips (training.heldout); 0: off
+    c.heldout_every_steps = 0
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
     # "sfv": SF-V (generator + discriminator); "diffusion": SVD's own denoising loss (configs/svd_finetune.py)
     c.objective = "sfv"

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.sample_every_steps = 100
+    c.heldout_every_steps = 100
     # the architectures come from init_from (the teacher's export)
     c.model.unet = c.model.vae = c.model.image_encoder = None
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14

@@ -152,7 +152,8 @@ def init_state(
 # ----------------------------------------------------------------------------- forward pieces
 
 
-def _cond(micro: dict) -> dict:
+def conditioning(micro: dict) -> dict:
+    """The conditioning entries of a micro-batch: ``image_latents``, ``image_embeds``, ``added_time_ids``."""
     return {k: micro[k] for k in ("image_latents", "image_embeds", "added_time_ids")}
 
 
@@ -199,7 +200,7 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     gen_params = param_groups.merge(gen_params, frozen)
     x0 = micro["latents"].astype(jnp.float32)
     n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
-    cond = _cond(micro)
+    cond = conditioning(micro)
     x0_hat = generate(
         models.unet, gen_params, x0 + n["sigma_g"][:, None, None, None, None] * n["eps_g"], n["sigma_g"], cond
     )
@@ -237,7 +238,7 @@ def discriminator_loss_fn(head_params, micro: dict, gen_params, backbone, key, *
     no gradient into it) + gamma * R1."""
     x0 = micro["latents"].astype(jnp.float32)
     n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
-    cond = _cond(micro)
+    cond = conditioning(micro)
     s_g = n["sigma_g"][:, None, None, None, None]
     x0_hat = jax.lax.stop_gradient(generate(models.unet, gen_params, x0 + s_g * n["eps_g"], n["sigma_g"], cond))
     s_d = n["sigma_d"][:, None, None, None, None]
@@ -301,7 +302,7 @@ def diffusion_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     del backbone, head_params
     x0 = micro["latents"].astype(jnp.float32)
     n = diffusion_noise(key, micro["index"], x0.shape[1:], cfg.diffusion)
-    cond = losses.drop_conditions(_cond(micro), n["drop_embed"], n["drop_latent"])
+    cond = losses.drop_conditions(conditioning(micro), n["drop_embed"], n["drop_latent"])
     x_t = x0 + n["sigma"][:, None, None, None, None] * n["eps"]
     denoised = generate(models.unet, param_groups.merge(gen_params, frozen), x_t, n["sigma"], cond)
     loss = losses.diffusion_loss(denoised, x0, n["sigma"])
@@ -317,7 +318,7 @@ def denoising_losses(unet: nn.Module, params: Any, micro: dict, sigmas: Any, key
 
     def one(sigma):  # one UNet in the program, whatever the number of levels
         s = jnp.full((x0.shape[0],), sigma, jnp.float32)
-        return losses.diffusion_loss(generate(unet, params, x0 + sigma * eps, s, _cond(micro)), x0, s)
+        return losses.diffusion_loss(generate(unet, params, x0 + sigma * eps, s, conditioning(micro)), x0, s)
 
     return jax.lax.map(one, jnp.asarray(sigmas, jnp.float32))
 

@@ -68,6 +68,7 @@ from sfv_jax.paths import OutputLock, write_atomic
 from sfv_jax.training import losses, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.checkpoints import checkpoint_manager, restore_newest_readable
+from sfv_jax.training.heldout import HeldOutGrip
 from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
 from sfv_jax.training.run_config import check_config, check_workdir, flat_hparams
 
@@ -338,6 +339,11 @@ def _train(
 
     # ------------------------------------------------------------------ samples
     write_sample = SampleWriter(config, workdir, writer, plan, lay, vae_params, clip_params, source)
+    grip = (  # SF-V: the heads' margin and pair rank on fixed clips
+        HeldOutGrip(config, plan, lay, steps, encoder, backbone, writer)
+        if config.heldout_every_steps and steps.d_grads is not None
+        else None
+    )
 
     # ------------------------------------------------------------------ loop
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
@@ -406,6 +412,8 @@ def _train(
                 save(state, done)
             if config.sample_every_steps and (done % config.sample_every_steps == 0 or last):
                 write_sample(state, done)
+            if grip and (done % config.heldout_every_steps == 0 or last):
+                grip(state, done)
             if stop.requested:
                 logging.warning("stopped at step %d on request; checkpoint saved in %s", done, mngr.directory)
                 break
