@@ -1,4 +1,4 @@
-"""The discriminator's grip on fixed clips, every ``heldout_every_steps`` (docs/training.md, "Reading the
+"""The discriminator's grip on fixed clips, every ``heldout_every_steps`` (docs/training.md, "The
 GAN's health"): how far, per generator level and head kind, the heads still tell the generator's one-step
 videos from real ones on clips that do not change during the run.
 
