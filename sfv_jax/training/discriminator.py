@@ -45,6 +45,15 @@ COND_EMBEDDINGS = ("paper", "spread")
 #   conv_in+blocks  conv_in's output too, at the latents' own resolution, where fine texture and the small
 #                   moving details of a frame still are (an extra spatial and temporal head on it)
 FEATURE_MAPS = ("blocks", "conv_in+blocks")
+
+
+def with_conv_in(feature_maps: str) -> bool:
+    """``UNetSpatioTemporal.encode``'s ``with_conv_in`` for ``feature_maps`` (FEATURE_MAPS)."""
+    if feature_maps not in FEATURE_MAPS:
+        raise ValueError(f"discriminator feature maps {feature_maps!r} is not one of {FEATURE_MAPS}")
+    return feature_maps == "conv_in+blocks"
+
+
 _COND_SINUSOID = 256
 _SPREAD = 1000.0
 
@@ -232,8 +241,6 @@ def backbone_features(
     ``x_noisy`` [B, F, h, w, 4]; ``sigma`` [B]; ``cond``: ``image_latents`` [B, h, w, 4] (unscaled),
     ``image_embeds`` [B, D], ``added_time_ids`` [B, 3]. Returns the down-block outputs, after ``conv_in``'s
     output with ``feature_maps="conv_in+blocks"`` (FEATURE_MAPS)."""
-    if feature_maps not in FEATURE_MAPS:
-        raise ValueError(f"discriminator feature maps {feature_maps!r} is not one of {FEATURE_MAPS}")
     s = jnp.asarray(sigma, jnp.float32)
     x_in = x_noisy.astype(jnp.float32) / jnp.sqrt(s * s + 1.0).reshape(-1, 1, 1, 1, 1)
     image_latents = jnp.broadcast_to(cond["image_latents"][:, None], x_in.shape[:-1] + cond["image_latents"].shape[-1:])
@@ -244,7 +251,7 @@ def backbone_features(
         edm.c_noise(s),
         cond["image_embeds"][:, None],
         cond["added_time_ids"],
-        feature_maps == "conv_in+blocks",
+        with_conv_in(feature_maps),
         method=unet.encode,
     )
 

@@ -30,7 +30,7 @@ from sfv_jax.models.unet import init_inputs
 from sfv_jax.parallel import sharding
 from sfv_jax.training import param_groups
 from sfv_jax.training import steps as train_steps
-from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset
+from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset, with_conv_in
 from sfv_jax.training.run_config import ConfigError
 
 
@@ -207,7 +207,7 @@ def _init_heads(
 ) -> Any:
     """The heads' boxed random init, sized from the backbone's feature shapes."""
     feats = jax.eval_shape(
-        lambda p, *a: unet.apply({"params": p}, *a, heads.feature_maps == "conv_in+blocks", method=unet.encode),
+        lambda p, *a: unet.apply({"params": p}, *a, with_conv_in(heads.feature_maps), method=unet.encode),
         backbone,
         *init_inputs(unet.config, batch, unet.config.num_frames, *latent_hw),
     )

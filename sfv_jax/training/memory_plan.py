@@ -132,17 +132,7 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
     }
     for note in notes:
         log(f"note: {note}")
-    g_grads_abs = jax.eval_shape(steps.g_grads, state, batch, backbone)
-    calls = {
-        "g_grads": (steps.g_grads, (state, batch, backbone)),
-        "g_update": (steps.g_update, (state, *steps.update_args(g_grads_abs, "generator"))),
-    }
-    if steps.d_grads is not None:  # SF-V's discriminator step
-        d_args = (state, batch, backbone, *steps.abstract(steps.substep_args()))
-        d_grads_abs = jax.eval_shape(steps.d_grads, *d_args)
-        last = steps.abstract(steps.last_args())
-        calls["d_grads"] = (steps.d_grads, d_args)
-        calls["d_update"] = (steps.d_update, (state, *steps.update_args(d_grads_abs, "heads"), *last))
+    calls = steps.abstract_calls(state, batch, backbone)
     if programs:
         calls = {name: call for name, call in calls.items() if name in programs}
     resident_total = sum(resident.values())

@@ -533,21 +533,33 @@ class JittedSteps:
         rep = None if self.shardings is None else self.shardings.replicated
         return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args)
 
-    def compile(self, state: Any, batch: Any, backbone: Any) -> None:
-        """Compile every step program for these arguments (arrays or ``jax.ShapeDtypeStruct``s with the
-        steps' shardings) without running anything; the calls then find them in jit's cache. A
-        multi-process run compiles first and meets at a barrier, so that no process waits in a
-        collective while another is still compiling."""
+    def abstract_calls(self, state: Any, batch: Any, backbone: Any) -> dict[str, tuple[Callable, tuple]]:
+        """``{name: (jitted step, its arguments)}`` for every step program of the objective (``g_grads``,
+        ``g_update``, then SF-V's ``d_grads``, ``d_update``), from ``state``, ``batch``, ``backbone`` (arrays
+        or ``jax.ShapeDtypeStruct``s with the steps' shardings): the gradients and scalars the updates take
+        are abstract, so the programs can be compiled, for this host or a target, without running any."""
+        substep, last = self.abstract(self.substep_args()), self.abstract(self.last_args())  # outside a target's mesh
         with self.context():
             g_grads = jax.eval_shape(self.g_grads, state, batch, backbone)
-            self.g_grads.lower(state, batch, backbone).compile()
-            self.g_update.lower(state, *self.update_args(g_grads, "generator")).compile()
+            calls = {
+                "g_grads": (self.g_grads, (state, batch, backbone)),
+                "g_update": (self.g_update, (state, *self.update_args(g_grads, "generator"))),
+            }
             if self.d_grads is not None:
-                d_args = (state, batch, backbone, *self.abstract(self.substep_args()))
+                d_args = (state, batch, backbone, *substep)
                 d_grads = jax.eval_shape(self.d_grads, *d_args)
-                self.d_grads.lower(*d_args).compile()
-                last = self.abstract(self.last_args())
-                self.d_update.lower(state, *self.update_args(d_grads, "heads"), *last).compile()
+                calls["d_grads"] = (self.d_grads, d_args)
+                calls["d_update"] = (self.d_update, (state, *self.update_args(d_grads, "heads"), *last))
+        return calls
+
+    def compile(self, state: Any, batch: Any, backbone: Any) -> None:
+        """Compile every step program for these arguments (:meth:`abstract_calls`) without running anything;
+        the calls then find them in jit's cache. A multi-process run compiles first and meets at a barrier,
+        so that no process waits in a collective while another is still compiling."""
+        calls = self.abstract_calls(state, batch, backbone)
+        with self.context():
+            for fn, args in calls.values():
+                fn.lower(*args).compile()
 
     def update_args(self, grads_and_metrics: tuple, field: str) -> tuple:
         """Abstract (gradients, metrics) with the shardings the update step takes them in."""
