@@ -76,6 +76,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_conv_in": {"disc.feature_maps": "conv_in+blocks"},
     "sfv_conv_in_adv_only": {"disc.feature_maps": "conv_in+blocks", "loss.recon_weight": 0.0},
     "sfv_d2_adv_only": {"opt.disc_updates": 2, "loss.recon_weight": 0.0},
+    # without the reconstruction term: every generator update at sigma_max (only the one-step sampler's
+    # level is trained); heads on conv_in's map too and spectrally normalised
+    "sfv_top100_adv_only": {"loss.sigma_max_prob": 1.0, "loss.recon_weight": 0.0},
+    "sfv_conv_in_sn_adv_only": {
+        "disc.feature_maps": "conv_in+blocks",
+        "disc.spectral_norm": True,
+        "loss.recon_weight": 0.0,
+    },
 }
 
 
