@@ -149,12 +149,13 @@ def test_model_index_that_is_not_json(tiny_pipeline_dirs, tmp_path, capsys):
         ("loss.sigma_max_prob", 1.5, "loss.sigma_max_prob=1.5: must be a probability"),
         ("opt.disc_updates", 0, "opt.disc_updates=0: must be a whole number >= 1"),
         ("disc.feature_maps", "pixels", "disc.feature_maps='pixels': must be one of"),
+        ("heldout_steps", 0, "heldout_steps=0: must be >= 1"),
     ],
 )
 def test_numbers_in_the_config_are_checked(key, value, pattern):
     config = tiny.get_config()
-    section, name = key.split(".")
-    config[section][name] = value
+    *section, name = key.split(".")
+    (config[section[0]] if section else config)[name] = value
     with pytest.raises(ConfigError, match=pattern.replace(".", r"\.").replace("[", r"\[")):
         check_config(config)
 

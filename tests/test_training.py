@@ -211,6 +211,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
         "--config.checkpoint_every_steps=1",
         "--config.sample_every_steps=3",
         "--config.heldout_every_steps=3",
+        "--config.heldout_steps=2",
         *data,
     ]
     cmd, env = _main(workdir, *flags)
@@ -270,7 +271,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     kinds, levels = ("spatial", "temporal"), ("2.27", "70.5", "700")
     assert set(grip) == {f"heldout/d_{m}_{k}@{x}" for m in ("margin", "rank") for k in kinds for x in levels}
     assert all(0 <= v <= 1 for t, v in grip.items() if "rank" in t) and all(map(np.isfinite, grip.values()))
-    assert "held-out grip at step 3: d_margin_spatial@2.27 " in rerun.stderr
+    assert "held-out grip at step 3 (4 clips): d_margin_spatial@2.27 " in rerun.stderr  # 2 steps x 2 clips
     frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
     # the sample's frame grid (real clip above it) and its diagnostics against the real clip

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_every_steps = 2000
     # SF-V: the discriminator's margin and pair rank per generator level on fixed clips (training.heldout); 0: off
     c.heldout_every_steps = 0
+    c.heldout_steps = 1  # its fixed clips: this many training steps' worth of samples (more: a finer pair rank)
     c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted or diffusers SVD folder
     # "sfv": SF-V (generator + discriminator); "diffusion": SVD's own denoising loss (configs/svd_finetune.py)
     c.objective = "sfv"

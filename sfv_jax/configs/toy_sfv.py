@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 100
     c.sample_every_steps = 100
     c.heldout_every_steps = 100
+    c.heldout_steps = 8  # 32 fixed clips (4 per step): pair ranks in steps of 1/32
     # the architectures come from init_from (the teacher's export)
     c.model.unet = c.model.vae = c.model.image_encoder = None
     c.data.height, c.data.width, c.data.num_frames = 32, 32, 14

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sfv_jax.data.loader import Loader
 from sfv_jax.diffusion import edm
@@ -76,15 +77,18 @@ def batch_grip(head_params, batch: dict, gen_params, backbone, key, *, models, c
 
 
 class HeldOutGrip:
-    """``grip(state, step)``: :func:`batch_grip` of the current generator and heads on the fixed clips (one
-    step's samples from ``HELD_OUT_POSITION``, this process's rows of them), written as
+    """``grip(state, step)``: :func:`batch_grip` of the current generator and heads on the fixed clips
+    (``config.heldout_steps`` steps' samples from ``HELD_OUT_POSITION`` on, this process's rows of them), written as
     ``heldout/d_margin_<kind>@<level>`` / ``heldout/d_rank_<kind>@<level>`` and logged in one line.
     Sharded like the training step."""
 
     def __init__(self, config, plan, lay, steps: train_steps.JittedSteps, encoder, backbone: Any, writer):
         self.plan, self.backbone, self.writer = plan, backbone, writer
         loader = Loader(config, encoder, global_micro=lay.global_micro, rows=plan.local_rows(lay.global_micro))
-        self.batch = plan.global_batch(loader.batch(HELD_OUT_POSITION), lay.global_micro)
+        steps_of_clips = [loader.batch(HELD_OUT_POSITION + i * loader.per_step) for i in range(config.heldout_steps)]
+        local = {k: np.concatenate([b[k] for b in steps_of_clips]) for k in steps_of_clips[0]}  # [steps * k, R, ...]
+        self.batch = plan.global_batch(local, lay.global_micro)
+        self.clips = config.heldout_steps * loader.per_step
         self.key = jax.random.PRNGKey(HELD_OUT_KEY)
         fn = functools.partial(batch_grip, models=steps.models, cfg=steps.cfg)
         self.fn = jax.jit(fn, out_shardings=plan.replicated)
@@ -95,8 +99,9 @@ class HeldOutGrip:
         out = {f"heldout/{k}": v for k, v in losses.reduce_interval([jax.device_get(sums)]).items()}
         self.writer.write_scalars(step, out)
         logging.info(
-            "held-out grip at step %d: %s",
+            "held-out grip at step %d (%d clips): %s",
             step,
+            self.clips,
             "  ".join(f"{k.removeprefix('heldout/')} {v:.3g}" for k, v in sorted(out.items())),
         )
         return out

@@ -46,6 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         need(config_get(config, flag) >= 1, flag, "must be >= 1")
     need(config.sample_every_steps >= 0, "sample_every_steps", "must be >= 0 (0: no samples)")
     need(config.heldout_every_steps >= 0, "heldout_every_steps", "must be >= 0 (0: no held-out grip)")
+    need(config.heldout_steps >= 1, "heldout_steps", "must be >= 1 (steps' worth of fixed clips)")
     need(config.model.dtype in COMPUTE_DTYPES, "model.dtype", f"must be one of {COMPUTE_DTYPES}")
     need(
         config.model.get("attention_impl") in ATTENTION_IMPLS,
@@ -151,6 +152,7 @@ RESUME_SAFE = (
     "keep_checkpoints",
     "sample_every_steps",
     "heldout_every_steps",
+    "heldout_steps",
     "sample.",
     "mesh.",
     "data.workers",
