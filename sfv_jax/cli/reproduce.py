@@ -55,7 +55,7 @@ from sfv_jax.training.run_config import ConfigError
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
-DEMO = {"rows": "real,vae,teacher_1,teacher_25,sfv_1", "num_videos": 32, "steps": 300}
+DEMO = {"rows": "real,vae,teacher_1,teacher_4,teacher_25,sfv_1", "num_videos": 32, "steps": 300}
 
 
 def _write_json(path: Path, obj: dict) -> None:
