@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sfv_jax.cli import reproduce
 from sfv_jax.evaluation import toy_protocol as tp
-from sfv_jax.training.run_config import flat_hparams
+from sfv_jax.training.run_config import ConfigError, flat_hparams
 
 
 def test_rows_and_selection():
@@ -64,3 +66,28 @@ def test_bad_flags(tiny_pipeline_dirs, tmp_path, capsys):
         assert err.startswith("error: ") and message in err, err
     assert reproduce.main(["--workdir", str(tmp_path / "t" / "inside"), "--teacher", str(tmp_path / "t")]) == 2
     assert not (tmp_path / "w").exists()
+
+
+def test_a_rerun_that_would_mix_protocols_or_run_settings_is_refused(tmp_path):
+    """Cached rows and exported runs are reused only under the settings they were made with: another seed,
+    video count or teacher in the same workdir, or a finished run whose settings or steps differ from what
+    the command asks for (a changed override or toy default), is refused naming what differs."""
+    protocol = {"seed": 2, "num_videos": 256, "teacher": "/t"}
+    reproduce.check_protocol(tmp_path, protocol)
+    reproduce.check_protocol(tmp_path, protocol)  # the same protocol: accepted
+    with pytest.raises(ConfigError, match=r"another protocol[\s\S]*seed: 2 -> 0"):
+        reproduce.check_protocol(tmp_path, {**protocol, "seed": 0})
+
+    train = tmp_path / "train" / "sfv"
+    train.mkdir(parents=True)
+    config = reproduce.run_config("sfv", Path("/t"), 2, 300)
+    (train / "config.json").write_text(config.to_json_best_effort(indent=2))
+    reproduce.check_trained_run(train, reproduce.run_config("sfv", Path("/t"), 2, 300))
+    for other, pattern in [
+        (reproduce.run_config("sfv_spatial", Path("/t"), 2, 300), "disc.heads: 'both' -> 'spatial'"),
+        (reproduce.run_config("sfv", Path("/t"), 3, 300), "seed: 2 -> 3"),
+        (reproduce.run_config("sfv", Path("/t"), 2, 100), "total_steps: 300 -> 100"),
+    ]:
+        with pytest.raises(ConfigError, match="trained and exported with other settings") as e:
+            reproduce.check_trained_run(train, other)
+        assert pattern in str(e.value), str(e.value)

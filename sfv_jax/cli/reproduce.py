@@ -26,7 +26,9 @@ one per grid row), and, once teacher 1 / 25 steps and SF-V 1 step are evaluated,
 and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos; the SF-V
 column is ``sfv_1``, or the first one-step SF-V variant of ``--rows`` without it).
 Resumable: training runs resume from their checkpoints, finished exports and rows (``DIR/rows/<row>.json``,
-the first videos in ``<row>.npy``) are kept, so a killed run recomputes only what is missing. ``--quick``: a
+the first videos in ``<row>.npy``) are kept, so a killed run recomputes only what is missing. A rerun must
+ask for the same seed, video count and teacher (``DIR/protocol.json``) and, for each finished SF-V run, the
+same settings and steps (its ``DIR/train/<run>/config.json``); otherwise it is refused before writing. ``--quick``: a
 smoke-sized run (8 videos, 4 training steps) that checks the machinery, not the method.
 """
 
@@ -51,7 +53,7 @@ from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
 from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import export, trainer
-from sfv_jax.training.run_config import ConfigError
+from sfv_jax.training.run_config import ConfigError, resume_conflicts
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
@@ -76,15 +78,35 @@ def run_config(name: str, teacher: Path, seed: int, steps: int | None) -> ml_col
 def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None) -> Path:
     """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder."""
     out = workdir / "models" / name
-    if out.is_dir():
-        return out
     config = run_config(name, teacher, seed, steps)
+    if out.is_dir():
+        check_trained_run(workdir / "train" / name, config)
+        return out
     t0 = time.time()
     print(f"[reproduce] training {name} ({config.total_steps} steps) in {workdir / 'train' / name}", flush=True)
     trainer.train(config, workdir / "train" / name)
     export.export_run(workdir / "train" / name, out)
     print(f"[reproduce] {name}: trained and exported in {time.time() - t0:.0f} s", flush=True)
     return out
+
+
+def check_trained_run(train_dir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuse a finished run whose saved config (``train_dir/config.json``) is not ``config``: another seed,
+    teacher or step count, or a run whose overrides (or the toy config's defaults) changed since. Its export
+    and rows would otherwise be reused under the new meaning."""
+    try:
+        saved = json.loads((train_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{train_dir}: its config.json cannot be read ({e}); it was exported from there") from None
+    conflicts = resume_conflicts(saved, config)
+    if saved.get("total_steps") != config.total_steps:
+        conflicts.append(f"total_steps: {saved.get('total_steps')!r} -> {config.total_steps!r}")
+    if conflicts:
+        raise ConfigError(
+            f"{train_dir} was trained and exported with other settings than this command asks for (its rows "
+            "would be reused under another meaning; nothing was written; use another --workdir):\n  "
+            + "\n  ".join(conflicts)
+        )
 
 
 def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, args, features, real, real_stats) -> dict:
@@ -217,9 +239,28 @@ def main(argv: list[str] | None = None) -> int:
         return _reproduce(args, rows, workdir, teacher, command)
 
 
+def check_protocol(workdir: Path, protocol: dict) -> None:
+    """``DIR/protocol.json`` holds the seed, video count and teacher of the rows kept in ``DIR``; a command
+    that asks for others is refused before anything is written (its cached rows would be mixed in)."""
+    path = workdir / "protocol.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--workdir {workdir}: {path.name} cannot be read ({e})") from None
+        if diff := [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in protocol.items() if saved.get(k) != v]:
+            raise ConfigError(
+                f"--workdir {workdir} holds rows made with another protocol (nothing was written; use another "
+                "--workdir):\n  " + "\n  ".join(diff)
+            )
+    else:
+        _write_json(path, protocol)
+
+
 def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Path, command: str) -> int:
     t0 = time.time()
     try:
+        check_protocol(workdir, {"seed": args.seed, "num_videos": args.num_videos, "teacher": str(teacher.absolute())})
         real = tp.reference_clips(args.seed, args.num_videos)
         features = I3DFeatures()
         stats_path = workdir / "reference" / f"real_stats_{args.seed}_{args.num_videos}.npz"
