@@ -20,10 +20,10 @@ from sfv_jax.data import video_io
 from sfv_jax.evaluation import toy_protocol as tp
 
 N = 8  # videos per row: the cheap metrics average N x 14 frames
-# the short distillation: toy_sfv (the paper's settings at toy size) with the adversarial loss only
-# (lambda = 0), which passes the teacher's one step in half the steps of the paper's lambda (see below)
+# the short distillation: toy_sfv's defaults (the paper's method at toy size with the adversarial loss only,
+# lambda = 0), which pass the teacher's one step in half the steps of the paper's lambda (see below)
 STEPS = 100
-SFV = "sfv_adv_only_1"
+SFV = "sfv_1"
 ROWS = f"real,vae,teacher_1,teacher_25,{SFV}"
 
 
@@ -104,7 +104,7 @@ def test_teacher_25_steps_beat_its_1_step(report):
 
 @ON_REPORT
 def test_short_distillation_beats_the_teachers_one_step(report):
-    """SF-V from the shipped teacher for STEPS steps (the main job's training path, adversarial loss only): its one-step
+    """SF-V from the shipped teacher for STEPS steps (the main job's run, adversarial loss only): its one-step
     videos, from the same conditioning frames and noise as the teacher's, are sharper, move more like the
     real clips and have a lower FVD than the teacher's own one step. Measured with these N and seeds
     (FVD / motion / sharpness): teacher 1 step 2584 / 0.368 / 0.0205; this run 2234 / 0.584 / 0.040; the
