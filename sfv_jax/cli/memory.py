@@ -11,13 +11,13 @@ memory to compare with is the target's. A mesh axis of -1 (the configs' default)
 target.
 
 It builds the run's layout (modules, shardings) from the config with ``jax.eval_shape`` only, compiles
-the four jitted train steps (generator gradients / update, discriminator gradients / update) ahead of
-time on abstract inputs that carry their shardings, and reads each executable's memory analysis:
-outputs, donated (aliased) buffers and XLA's temporaries, per device. Everything the trainer keeps
-between steps (parameters, EMA, optimizer states, frozen backbone, the batch) is *resident*; a step's
-peak is resident + the gradients it receives (update steps) + outputs - aliased + temporaries (an
-executable's own argument size leaves out the resident arrays it does not read); the run's peak is the
-largest. The last line is
+the jitted train steps (generator gradients / update, discriminator gradients / update, and SF-V's
+held-out grip when ``heldout_every_steps`` is on) ahead of time on abstract inputs that carry their
+shardings, and reads each executable's memory analysis: outputs, donated (aliased) buffers and XLA's
+temporaries, per device. Everything the trainer keeps between steps (parameters, EMA, optimizer states,
+frozen backbone, the batch, the grip's clips) is *resident*; a step's peak is resident + the gradients it
+receives (update steps) + outputs - aliased + temporaries (an executable's own argument size leaves out
+the resident arrays it does not read); the run's peak is the largest. The last line is
 ``peak_bytes_per_device=<int>``.
 
 Devices without ``--target``: the accelerators present if there are enough of them; otherwise the mesh
@@ -110,7 +110,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("mesh", None, "mesh as AXIS=SIZE[,AXIS=SIZE] over data, fsdp, tensor (default: the config's)")
 flags.DEFINE_enum("target", None, list(targets.TARGETS), "compile for this accelerator (sfv_jax.parallel.targets)")
-flags.DEFINE_list("steps", None, "compile only these steps (g_grads, g_update, d_grads, d_update; default all)")
+flags.DEFINE_list(
+    "steps",
+    None,
+    "compile only these programs (g_grads, g_update, d_grads, d_update, heldout: SF-V's held-out grip; "
+    "default all that the run executes)",
+)
 flags.DEFINE_float(
     "device_gb", None, "device memory to compare the peak with, in GB (1e9 bytes; default: the target's, else 80)"
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -76,6 +77,23 @@ def batch_grip(head_params, batch: dict, gen_params, backbone, key, *, models, c
     return jax.tree.map(lambda v: jnp.sum(v, axis=0), per_micro)
 
 
+def grip_program(steps: train_steps.JittedSteps, plan) -> Callable:
+    """The jitted :func:`batch_grip` of a run's steps: ``(heads, batch, unet_params, backbone, key) ->``
+    replicated sums; one definition for the trainer and the memory planner."""
+    return jax.jit(functools.partial(batch_grip, models=steps.models, cfg=steps.cfg), out_shardings=plan.replicated)
+
+
+def abstract_call(steps: train_steps.JittedSteps, plan, state, batch, backbone, heldout_steps: int) -> tuple:
+    """(the grip program, its abstract arguments) for abstract ``state`` / ``batch`` / ``backbone`` of a run
+    whose fixed clips are ``heldout_steps`` steps' samples: compiled without running, as the planner does."""
+    clips = {
+        k: jax.ShapeDtypeStruct((heldout_steps * a.shape[0], *a.shape[1:]), a.dtype, sharding=a.sharding)
+        for k, a in batch.items()
+    }
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=plan.replicated)
+    return grip_program(steps, plan), (state.heads, clips, state.unet_params(), backbone, key)
+
+
 class HeldOutGrip:
     """``grip(state, step)``: :func:`batch_grip` of the current generator and heads on the fixed clips
     (``config.heldout_steps`` steps' samples from ``HELD_OUT_POSITION`` on, this process's rows of them), written as
@@ -90,8 +108,7 @@ class HeldOutGrip:
         self.batch = plan.global_batch(local, lay.global_micro)
         self.clips = config.heldout_steps * loader.per_step
         self.key = jax.random.PRNGKey(HELD_OUT_KEY)
-        fn = functools.partial(batch_grip, models=steps.models, cfg=steps.cfg)
-        self.fn = jax.jit(fn, out_shardings=plan.replicated)
+        self.fn = grip_program(steps, plan)
 
     def __call__(self, state: train_steps.TrainState, step: int) -> dict[str, float]:
         with self.plan.context():

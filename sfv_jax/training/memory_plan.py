@@ -23,6 +23,7 @@ import numpy as np
 from sfv_jax.diffusion.pipeline import sampling_program
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
+from sfv_jax.training import heldout
 from sfv_jax.training.discriminator import backbone_subset
 from sfv_jax.training.layout import build_modules, make_layout
 
@@ -61,7 +62,7 @@ def plan_devices(config, target: str | None = None) -> list:
     return devices[:n]
 
 
-PROGRAMS = ("g_grads", "g_update", "d_grads", "d_update")
+PROGRAMS = ("g_grads", "g_update", "d_grads", "d_update", "heldout")  # heldout: the grip (SF-V, when on)
 
 
 def step_figures(compiled, resident: int, gradients_in: int, compile_s: float) -> dict:
@@ -86,7 +87,8 @@ def step_figures(compiled, resident: int, gradients_in: int, compile_s: float) -
 def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | None = None, programs=None) -> dict:
     """Compile the train steps for ``config`` on the mesh (for ``target``'s devices, or the local / CPU
     ones) and return the per-device memory figures; ``programs``: a subset of :data:`PROGRAMS` (default
-    all that the objective has; the peak is then over those)."""
+    all that the run executes: the objective's steps, and SF-V's held-out grip when ``heldout_every_steps``
+    is on; the peak is then over those)."""
     unknown = set(programs or ()) - set(PROGRAMS)
     if unknown:
         raise sharding.ShardingError(f"--steps {','.join(sorted(unknown))}: not among {', '.join(PROGRAMS)}")
@@ -133,6 +135,10 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
     for note in notes:
         log(f"note: {note}")
     calls = steps.abstract_calls(state, batch, backbone)
+    if steps.d_grads is not None and (config.heldout_every_steps or "heldout" in (programs or ())):
+        calls["heldout"] = heldout.abstract_call(steps, plan, state, batch, backbone, config.heldout_steps)
+    if "heldout" in calls:  # the grip's fixed clips stay on the devices for the whole run
+        resident["heldout_clips"] = shard_bytes(calls["heldout"][1][1])
     if programs:
         calls = {name: call for name, call in calls.items() if name in programs}
     resident_total = sum(resident.values())
