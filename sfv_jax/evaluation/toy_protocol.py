@@ -72,6 +72,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_d2": {"opt.disc_updates": 2},
     "sfv_conv_in": {"disc.feature_maps": "conv_in+blocks"},
     "sfv_conv_in_sn": {"disc.feature_maps": "conv_in+blocks", "disc.spectral_norm": True},
+    # the two best single changes at 256 videos together: temporal heads only, half the updates at sigma_max
+    "sfv_temporal_top50": {"disc.heads": "temporal", "loss.sigma_max_prob": 0.5},
 }
 
 
