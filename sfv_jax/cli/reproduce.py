@@ -54,7 +54,7 @@ from sfv_jax.evaluation import toy_protocol as tp
 from sfv_jax.evaluation.fvd import FeatureStats, I3DFeatures
 from sfv_jax.paths import OutputLock, folder_problem, output_overlaps, write_atomic
 from sfv_jax.training import export, trainer
-from sfv_jax.training.run_config import ConfigError, resume_conflicts
+from sfv_jax.training.run_config import ConfigError, saved_conflicts
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
@@ -95,14 +95,8 @@ def check_trained_run(train_dir: Path, config: ml_collections.ConfigDict) -> Non
     """Refuse a finished run whose saved config (``train_dir/config.json``) is not ``config``: another seed,
     teacher or step count, or a run whose overrides (or the toy config's defaults) changed since. Its export
     and rows would otherwise be reused under the new meaning."""
-    try:
-        saved = json.loads((train_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{train_dir}: its config.json cannot be read ({e}); it was exported from there") from None
-    conflicts = resume_conflicts(saved, config)
-    if saved.get("total_steps") != config.total_steps:
-        conflicts.append(f"total_steps: {saved.get('total_steps')!r} -> {config.total_steps!r}")
-    if conflicts:
+    # total_steps may change when a run resumes, not once it is exported
+    if conflicts := saved_conflicts(train_dir, config, also=("total_steps",)):
         raise ConfigError(
             f"{train_dir} was trained and exported with other settings than this command asks for (its rows "
             "would be reused under another meaning; nothing was written; use another --workdir):\n  "

@@ -196,6 +196,17 @@ def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
     ]
 
 
+def saved_conflicts(workdir: Path, config: ml_collections.ConfigDict, also: tuple[str, ...] = ()) -> list[str]:
+    """:func:`resume_conflicts` of the run's saved ``workdir/config.json`` against ``config``, plus the
+    top-level keys ``also`` even where resume-safe; an unreadable file is a ConfigError naming it."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--workdir {workdir}: its config.json cannot be read ({e})") from None
+    extra = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in also if saved.get(k) != config.get(k)]
+    return resume_conflicts(saved, config) + extra
+
+
 def _has_checkpoints(workdir: Path) -> bool:
     folder = workdir / "checkpoints"
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
@@ -215,14 +226,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
             f"--workdir {workdir}: {links[0]} is a symbolic link; the run writes and deletes the checkpoints "
             "there itself (older ones are removed as it goes), so it holds only its own folders: move the link out"
         )
-    saved_path = workdir / "config.json"
-    if not (saved_path.is_file() and _has_checkpoints(workdir)):
+    if not ((workdir / "config.json").is_file() and _has_checkpoints(workdir)):
         return
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--workdir {workdir}: its config.json cannot be read ({e}); it has checkpoints") from None
-    if conflicts := resume_conflicts(saved, config):
+    if conflicts := saved_conflicts(workdir, config):
         raise ConfigError(
             f"--workdir {workdir}: its checkpoints were made with another config; resuming would change "
             f"{len(conflicts)} setting(s) that change shapes or meaning (nothing was written; use a new "
