@@ -64,23 +64,25 @@ def plan_for(spec: str | None) -> sharding.Plan:
     return sharding.Plan(sharding.make_mesh(sharding.parse_mesh(spec)), min_shard_size=MIN_SHARD)
 
 
-def replay(single_steps, host_state, arrays: dict, like) -> dict:
+def replay(single_steps, host_state, arrays: dict, like, metrics: tuple[dict, dict]) -> dict:
     """The single-device updates applied to a mesh run's own gradients (isolates the sharded update from
-    the gradients' round-off, which SM3's normalisation amplifies)."""
+    the gradients' round-off, which SM3's normalisation amplifies). ``metrics``: the mesh run's generator
+    and discriminator metrics as each update received them (the same pytrees: the single-device run's
+    compiled updates are reused)."""
 
     def tree(prefix, example):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(example)[0]]
         return jax.tree.unflatten(jax.tree.structure(example), [arrays[prefix + p] for p in paths])
 
     state = jax.device_put(host_state, like)
-    metrics = {k[len("metrics['") : -2]: v for k, v in arrays.items() if k.startswith("metrics")}
-    state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), metrics)
+    g_metrics, d_metrics = (jax.device_put(m, like.step) for m in metrics)
+    state, _ = single_steps.g_update(state, tree("g_grads", host_state.generator), g_metrics)
     if single_steps.d_update is not None:
-        state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), metrics, *single_steps.last_args())
+        state, _ = single_steps.d_update(state, tree("d_grads", host_state.heads), d_metrics, *single_steps.last_args())
     return {"state" + k: v for k, v in flat(state).items()}
 
 
-def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv") -> tuple[dict, object, object]:
+def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv") -> tuple[dict, object, object, tuple]:
     config = config_for(plan, objective)
     lay = make_layout(config, plan, *build_modules(config))
     steps = lay.steps(config)
@@ -100,7 +102,7 @@ def run(plan: sharding.Plan, host_state, host_backbone, encoder, objective="sfv"
         **{"metrics" + k: v for k, v in flat({**g_metrics, **d_metrics}).items()},
         **{"state" + k: v for k, v in flat(state).items()},
     }
-    return out, state, lay
+    return out, state, lay, jax.device_get((g_metrics, d_metrics))
 
 
 def run_diffusion(out: Path, spec: str) -> None:
@@ -115,11 +117,11 @@ def run_diffusion(out: Path, spec: str) -> None:
     single_steps = lay.steps(config)
     for name in (None, spec):
         plan = single if name is None else plan_for(name)
-        arrays, _, _ = run(plan, state0, {}, encoder, "diffusion")
+        arrays, _, _, metrics = run(plan, state0, {}, encoder, "diffusion")
         np.savez(out / f"diffusion_{name or 'single'}.npz", **arrays)
         if name is not None:
             with single.context():
-                replayed = replay(single_steps, state0, arrays, lay.state_shardings)
+                replayed = replay(single_steps, state0, arrays, lay.state_shardings, metrics)
             np.savez(out / f"diffusion_{name}_replay.npz", **replayed)
         print(f"diffusion {name or 'single'}: done", flush=True)
 
@@ -140,12 +142,13 @@ def main(out: Path, specs: list[str]) -> None:
     results, layouts = {}, {}
     for spec in [None, *specs]:
         plan = single if spec is None else plan_for(spec)
-        arrays, state, lay_m = run(plan, state0, backbone0, encoder)
+        arrays, state, lay_m, metrics = run(plan, state0, backbone0, encoder)
         name = spec or "single"
         np.savez(out / f"{name}.npz", **arrays)
         if spec is not None:
             with single.context():
-                np.savez(out / f"{name}_replay.npz", **replay(single_steps, state0, arrays, lay.state_shardings))
+                replayed = replay(single_steps, state0, arrays, lay.state_shardings, metrics)
+                np.savez(out / f"{name}_replay.npz", **replayed)
         leaves = []
         for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
             if x.size >= MIN_SHARD:

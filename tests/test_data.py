@@ -1,7 +1,7 @@
 """Real video data: the folder builder (fps resampling, resize + crop, skips), the CLI, clip
 sampling and its determinism, per-process shards, UCF-101 through TFDS mock data, latent pre-encoding
 (sharded CLI == on-the-fly encoding) and the loader's iterator state. Training on a built folder dataset:
-tests/test_training.py::test_resume_is_bitwise (one process) and tests/test_sharding.py (two processes).
+tests/test_training.py (one process: the resume tests) and tests/test_sharding.py (two processes).
 
 Every video is made here: each source frame ``i`` is a flat grey of level ``8 * i``, so the frames a
 build keeps name the source frames it picked.

@@ -50,7 +50,20 @@ def test_size_presets():
     )
     assert reproduce.parse_args(["--workdir", "w", "--demo", "--rows", "real", "--steps", "7"]).rows == "real"
     full = reproduce.parse_args(["--workdir", "w"])
-    assert (full.num_videos, full.steps, full.rows, full.seed) == (256, None, None, 0)
+    assert (full.num_videos, full.steps, full.rows, full.seed, full.train_seed) == (256, None, None, 0, 0)
+
+
+def test_train_seed_repeats_a_run_under_the_same_protocol():
+    """``--train-seed`` defaults to ``--seed``; another value trains the runs with it (their config's seed, which
+    a finished run's check compares) while the protocol keeps ``--seed``; the report's title says so."""
+    assert reproduce.parse_args(["--workdir", "w", "--seed", "2"]).train_seed == 2
+    args = reproduce.parse_args(["--workdir", "w", "--seed", "2", "--train-seed", "7"])
+    assert (args.seed, args.train_seed) == (2, 7)
+    assert reproduce.run_config("sfv", Path("/t"), args.train_seed, 300).seed == 7
+    title = reproduce.report_markdown([], args, "cmd", 60.0).splitlines()[0]
+    assert title == "# SF-V toy-scale reproduction (seed 2, 256 videos per row; SF-V runs trained with seed 7)"
+    same = reproduce.parse_args(["--workdir", "w", "--seed", "2"])
+    assert reproduce.report_markdown([], same, "cmd", 60.0).startswith("# SF-V toy-scale reproduction (seed 2, 256 ")
 
 
 def test_bad_flags(tiny_pipeline_dirs, tmp_path, capsys):

@@ -72,7 +72,7 @@ def test_report_grids_and_resume(report):
     that row on rerun, with the same numbers."""
     work, rows = report
     meta = json.loads((work / "report.json").read_text())
-    assert meta["seed"] == 0 and meta["num_videos"] == N and meta["wall_s"] > 0
+    assert meta["seed"] == meta["train_seed"] == 0 and meta["num_videos"] == N and meta["wall_s"] > 0
     assert list(rows) == ["real_0", "vae_0", "teacher_1", "teacher_25", SFV]
     for r in rows.values():
         assert np.isfinite(r["fvd"]) and r["motion"] > 0 and r["sharpness"] > 0, r

@@ -67,31 +67,6 @@ def straight_run(tmp_path_factory, tiny_folder_dataset):
     return workdir, trainer.train(config, workdir)
 
 
-@TINY_RUN
-def test_resume_is_bitwise(tmp_path, tiny_folder_dataset, straight_run):
-    """3 steps straight == the same run stopped after 2 steps (its last checkpoint removed) and resumed
-    (restored checkpoint and data iterator) to 3, training on a folder dataset built from mp4s (a tiny
-    run from a built dataset)."""
-    data = _folder_data(tiny_folder_dataset)
-    straight = straight_run[1]
-    # the straight run's workdir as it was after step 2: its step-3 checkpoint removed
-    shutil.copytree(straight_run[0], tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
-    resumed = trainer.train(_config(total_steps=3, keep_checkpoints=2, **data), tmp_path / "b")
-    assert int(straight.step) == int(resumed.step) == 3
-    for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped"):
-        assert trees_equal(getattr(straight, field), getattr(resumed, field)), field
-    mngr = checkpoint_manager(tmp_path / "b")
-    assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
-    restored, meta = restore(mngr, straight)
-    assert trees_equal(restored, straight)
-    assert meta["data_position"] == 3 * 2 and meta["step"] == 3
-    assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
-    assert meta["data_iterator"]["records"] == 5
-    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
-    assert summary["step"] == 3 and summary["steps_this_run"] == 1
-
-
 def _corrupt(checkpoint) -> None:
     """Truncate the largest file of a checkpoint folder (a write cut short)."""
     biggest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -99,9 +74,10 @@ def _corrupt(checkpoint) -> None:
 
 
 @TINY_RUN
-def test_unreadable_latest_checkpoint_resumes_from_the_previous(like, tmp_path, tiny_folder_dataset, straight_run):
-    """A damaged latest checkpoint: named in one warning, moved aside (kept), the run resumes from
-    the newest readable one and ends bitwise where the uninterrupted run ended. Without the fallback
+def test_resume_is_bitwise_and_skips_an_unreadable_latest_checkpoint(like, tmp_path, tiny_folder_dataset, straight_run):
+    """3 steps straight == the same run resumed from its step-2 checkpoint (restored state and data
+    iterator) to 3, on a folder dataset built from mp4s. The step-3 checkpoint is damaged: named in one
+    warning, moved aside (kept), the run resumes from the newest readable one. Without the fallback
     (checkpoint_fallback=False: the trainer's restore below) an error names it and nothing moves."""
     config = _config(total_steps=3, keep_checkpoints=2, **_folder_data(tiny_folder_dataset))
     shutil.copytree(straight_run[0], tmp_path / "b")
@@ -119,6 +95,13 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous(like, tmp_path, 
     assert json.loads((tmp_path / "b" / "train_summary.json").read_text())["steps_this_run"] == 1  # from step 2
     for field in ("generator", "ema", "heads", "gen_opt", "disc_opt", "rng", "skipped", "step"):
         assert trees_equal(getattr(straight_run[1], field), getattr(resumed, field)), field
+    mngr = checkpoint_manager(tmp_path / "b")
+    assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
+    restored, meta = restore(mngr, straight_run[1])
+    assert trees_equal(restored, straight_run[1])
+    assert meta["data_position"] == 3 * 2 and meta["step"] == 3
+    assert meta["data_iterator"]["position"] == 3 * 2 and meta["data_iterator"]["kind"] == "folder"
+    assert meta["data_iterator"]["records"] == 5
 
 
 @TINY_RUN

@@ -1,8 +1,8 @@
 """The toy-scale reproduction of the paper's Tables 1-3 (docs/reproduction.md): distil SF-V from a toy teacher,
 evaluate every row and write a report.
 
-    python -m sfv_jax.cli.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--num-videos N]
-        [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
+    python -m sfv_jax.cli.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--train-seed T]
+        [--num-videos N] [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
 
 The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``). ``--demo`` is the
 README's main job: rows real, vae, teacher 1, 4 and 25 steps, SF-V 1 step, 32 videos, a short SF-V run.
@@ -20,8 +20,11 @@ paper's size (``sfv_heads128``) and the adversarial game's levers (``sfv_top50``
 ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``).
 Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
 iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
+``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default, the runs' training
+seed; ``--train-seed`` trains the runs with another one under the same protocol (repeats of one row, to
+measure run-to-run spread: one workdir per training seed, the real and teacher rows copied or recomputed).
 
-Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "num_videos", "rows": [{"name", "steps",
+Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "train_seed", "num_videos", "rows": [{"name", "steps",
 "fvd", "motion", "sharpness", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
 one per grid row), and, once teacher 1 / 25 steps and SF-V 1 step are evaluated, ``DIR/side_by_side.mp4``
 and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos; the SF-V
@@ -158,7 +161,8 @@ def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
 
 def report_markdown(results: list[dict], args, command: str, wall_s: float) -> str:
     lines = [
-        f"# SF-V toy-scale reproduction (seed {args.seed}, {args.num_videos} videos per row)",
+        f"# SF-V toy-scale reproduction (seed {args.seed}, {args.num_videos} videos per row"
+        + (f"; SF-V runs trained with seed {args.train_seed})" if args.train_seed != args.seed else ")"),
         "",
         f"Command: `{command}` ({wall_s / 60:.1f} min). FVD with the project's I3D (frames resized to 224) "
         f"against {args.num_videos} held-out real clips; motion and sharpness are ratios to the real clips' "
@@ -190,7 +194,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=str(tp.TOY_TEACHER),
         help="the toy teacher's pipeline folder (an export of configs/toy_teacher.py; default: the shipped one)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the protocol's seed (clips, noise) and the runs' (default 0)")
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="the SF-V runs' training seed (default: --seed); the protocol stays --seed's",
+    )
     p.add_argument("--num-videos", type=int, default=None, help="videos per row (default 256; --quick 8, --demo 32)")
     p.add_argument("--rows", default=None, help="comma-separated row names or name_steps (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each SF-V run (default: toy_sfv's)")
@@ -211,6 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default_videos = DEMO["num_videos"]
         args.rows, args.steps = args.rows or DEMO["rows"], args.steps or DEMO["steps"]
     args.num_videos = default_videos if args.num_videos is None else args.num_videos
+    args.train_seed = args.seed if args.train_seed is None else args.train_seed
     return args
 
 
@@ -267,12 +278,13 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
         for row in rows:
             model = teacher if row.kind in ("teacher", "vae") else None
             if row.kind == "sfv":
-                model = train_run(workdir, row.run, teacher, args.seed, args.steps)
+                model = train_run(workdir, row.run, teacher, args.train_seed, args.steps)
             results.append(evaluate_row(workdir, row, pipes, model, args, features, real, real_stats))
     except (ConfigError, CheckpointError, video_io.VideoError) as e:
         return console.fail(e)
     wall = time.time() - t0
-    report = {"seed": args.seed, "num_videos": args.num_videos, "command": command, "wall_s": round(wall, 1)}
+    report = {"seed": args.seed, "train_seed": args.train_seed, "num_videos": args.num_videos}
+    report.update(command=command, wall_s=round(wall, 1))
     _write_json(workdir / "report.json", {**report, "rows": results})
     text = report_markdown(results, args, command, wall)
     write_atomic(workdir / "report.md", lambda p: p.write_text(text))
