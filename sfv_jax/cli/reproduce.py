@@ -17,7 +17,7 @@ variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond 
 (``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method fixes
 (``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at the
 paper's size (``sfv_heads128``) and the adversarial game's levers (``sfv_top50`` / ``sfv_top100``,
-``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``).
+``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``, ``sfv_temporal_top50``).
 Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
 iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
 ``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default, the runs' training
