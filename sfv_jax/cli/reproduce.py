@@ -283,8 +283,13 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
     except (ConfigError, CheckpointError, video_io.VideoError) as e:
         return console.fail(e)
     wall = time.time() - t0
-    report = {"seed": args.seed, "train_seed": args.train_seed, "num_videos": args.num_videos}
-    report.update(command=command, wall_s=round(wall, 1))
+    report = {
+        "seed": args.seed,
+        "train_seed": args.train_seed,
+        "num_videos": args.num_videos,
+        "command": command,
+        "wall_s": round(wall, 1),
+    }
     _write_json(workdir / "report.json", {**report, "rows": results})
     text = report_markdown(results, args, command, wall)
     write_atomic(workdir / "report.md", lambda p: p.write_text(text))
