@@ -10,14 +10,16 @@ README's main job: rows real, vae, teacher 1, 4 and 25 steps, SF-V 1 step, 32 vi
 Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that
 set through the teacher's VAE: the floor of every generated row), ``teacher`` at
 1, 2, 4, 8, 16, 25 Euler steps with guidance 1 -> 3, ``sfv`` (the toy default: the paper's method without
-the reconstruction term, lambda 0) at 1, 2, 3 steps, ``sfv_paper_lambda`` (the paper's lambda 0.1), and the
-ablations at one step: ``sfv_spatial`` / ``sfv_temporal`` heads, (P_mean, P_std) ``sfv_p-2_-1`` /
-``sfv_p0_1`` / ``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term) and the R1
-variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond the paper: the R1 weight
-(``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method fixes
-(``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at the
-paper's size (``sfv_heads128``) and the adversarial game's levers (``sfv_top50`` / ``sfv_top100``,
-``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``, ``sfv_temporal_top50``).
+the reconstruction term, with temporal heads only and half of the generator's updates at sigma_max) at 1, 2, 3
+steps, ``sfv_paper`` (the paper's values: lambda 0.1, both heads, uniform levels), and the ablations at one
+step: ``sfv_both_heads`` / ``sfv_spatial`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` /
+``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term), ``sfv_with_recon`` (lambda
+0.1) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond the paper:
+the R1 weight (``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method
+fixes (``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at
+the paper's size (``sfv_heads128``), the adversarial game's levers (``sfv_uniform`` / ``sfv_top100``: the
+generator's levels uniform or all at sigma_max, ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``,
+``sfv_conv_in_sn``) and the previous default (``sfv_both_uniform``).
 Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
 iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
 ``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default, the runs' training

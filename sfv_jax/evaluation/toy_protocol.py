@@ -37,18 +37,21 @@ TEACHER_STEPS = (1, 2, 4, 8, 16, 25)  # the paper's SVD baseline at toy size (gu
 SFV_STEPS = (1, 2, 3)  # the generator's trained levels (T_g = 4)
 
 # SF-V training runs: config overrides on configs/toy_sfv.py. "sfv" is the toy default: the paper's method
-# (both heads, (P_mean, P_std) = (-1, -1), the features R1) without its reconstruction term (lambda = 0,
-# chosen by the reproduction's seeds: docs/reproduction.md); "sfv_paper_lambda" puts the paper's lambda 0.1 back.
+# with three changes chosen by the reproduction's seeds (docs/reproduction.md): no reconstruction term
+# (lambda 0), temporal heads only, half of the generator's updates at sigma_max. "sfv_paper" puts the
+# paper's values back (lambda 0.1, both heads, the generator's levels uniform).
+PAPER = {"loss.recon_weight": 0.1, "disc.heads": "both", "loss.sigma_max_prob": None}
 RUNS: dict[str, dict[str, Any]] = {
     "sfv": {},
-    "sfv_paper_lambda": {"loss.recon_weight": 0.1},
+    "sfv_paper": PAPER,
     # the paper's ablations (Tables 2 and 3, the reconstruction / adversarial terms, R1), from the toy default
+    "sfv_both_heads": {"disc.heads": "both"},
     "sfv_spatial": {"disc.heads": "spatial"},
-    "sfv_temporal": {"disc.heads": "temporal"},
     "sfv_p-2_-1": {"loss.p_mean": -2.0, "loss.p_std": -1.0},
     "sfv_p0_1": {"loss.p_mean": 0.0, "loss.p_std": 1.0},
     "sfv_p1_1": {"loss.p_mean": 1.0, "loss.p_std": 1.0},
     "sfv_recon_only": {"loss.adv_weight": 0.0, "loss.recon_weight": 0.1},
+    "sfv_with_recon": {"loss.recon_weight": 0.1},
     "sfv_r1_none": {"loss.r1_type": "none"},
     "sfv_r1_paper": {"loss.r1_type": "paper"},
     "sfv_r1_approx": {"loss.r1_type": "approx"},
@@ -62,18 +65,18 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_warmup0": {"opt.warmup_steps": 0},
     # the heads at the paper's size (configs/sfv_svd.py) instead of configs/tiny.py's 32 channels
     "sfv_heads128": {"disc.channels": 128, "disc.proj_dim": 64, "disc.groups": 32},
-    # the adversarial game's levers (docs/training.md): half or all of the generator's updates at sigma_max
-    # (the one-step sampler's level; uniform gives it a third), spectrally normalised heads, two
-    # discriminator updates per generator update, heads on conv_in's map too (the latents' resolution),
-    # and conv_in heads with spectral norm
-    "sfv_top50": {"loss.sigma_max_prob": 0.5},
+    # the adversarial game's levers (docs/training.md): the generator's levels uniform (the paper's; the
+    # default trains half of its updates at sigma_max, the one-step sampler's level) or all at sigma_max,
+    # spectrally normalised heads, two discriminator updates per generator update, heads on conv_in's map
+    # too (the latents' resolution), and conv_in heads with spectral norm
+    "sfv_uniform": {"loss.sigma_max_prob": None},
     "sfv_top100": {"loss.sigma_max_prob": 1.0},
     "sfv_sn": {"disc.spectral_norm": True},
     "sfv_d2": {"opt.disc_updates": 2},
     "sfv_conv_in": {"disc.feature_maps": "conv_in+blocks"},
     "sfv_conv_in_sn": {"disc.feature_maps": "conv_in+blocks", "disc.spectral_norm": True},
-    # the two best single changes at 256 videos together: temporal heads only, half the updates at sigma_max
-    "sfv_temporal_top50": {"disc.heads": "temporal", "loss.sigma_max_prob": 0.5},
+    # the default before the heads and the levels were chosen: both heads, uniform levels, lambda 0
+    "sfv_both_uniform": {"disc.heads": "both", "loss.sigma_max_prob": None},
 }
 
 
