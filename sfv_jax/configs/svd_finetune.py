@@ -12,13 +12,12 @@ Run (init_from: the converted SVD folder, ``python -m sfv_jax.cli.convert --src 
   python -m sfv_jax.cli.train --config configs/svd_finetune.py --workdir runs/svd_finetune \
       --config.init_from=checkpoints/svd --config.data.kind=folder --config.data.path=data/clips
   python -m sfv_jax.cli.train --config configs/svd_finetune.py:xt ...     (SVD-XT; init_from the XT folder)
-Memory check first (the planner's XLA:CPU estimate per device, 8 devices, measured 2026-12-02):
-  python -m sfv_jax.cli.memory --config configs/svd_finetune.py --mesh fsdp=8
-      -> trainable=all: peak 119.95 GB (the diffusion step's temporaries 116.1 GB): does not fit in 80 GB
-  python -m sfv_jax.cli.memory --config configs/svd_finetune.py --mesh fsdp=8 --config.trainable=temporal
-      -> trainable=temporal: peak 65.35 GB: fits in 80 GB
-  (XLA:CPU honours remat only partly; on 80 GB cards with trainable=all use 768x448:
-  --config.data.height=448 --config.data.width=768)
+Memory check first, by XLA:GPU for 8 H100s on any host (docs/targets.md; measured 2026-12-06):
+  python -m sfv_jax.cli.memory --config configs/svd_finetune.py --mesh fsdp=8 --target h100
+      -> trainable=all: peak 30.25 GB per device (the diffusion step; 26.4 GB of it temporaries)
+  ... --config.trainable=temporal -> 32.35 GB (the activations dominate: no saving at this size)
+  python -m sfv_jax.cli.memory --config configs/svd_finetune.py:xt --mesh fsdp=8 --target h100
+      -> SVD-XT, 25 frames: 40.01 GB
 Export the EMA for sampling: python -m sfv_jax.cli.export --workdir runs/svd_finetune --out checkpoints/svd_ft
 """
 
