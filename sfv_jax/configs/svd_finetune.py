@@ -18,6 +18,7 @@ Memory check first, by XLA:GPU for 8 H100s on any host (docs/targets.md; measure
   ... --config.trainable=temporal -> 32.35 GB (the activations dominate: no saving at this size)
   python -m sfv_jax.cli.memory --config configs/svd_finetune.py:xt --mesh fsdp=8 --target h100
       -> SVD-XT, 25 frames: 40.01 GB
+  (--target a100: all layers 15.89, temporal 12.02, SVD-XT 25.66 GB; docs/scaling.md)
 Export the EMA for sampling: python -m sfv_jax.cli.export --workdir runs/svd_finetune --out checkpoints/svd_ft
 """
 
