@@ -40,7 +40,8 @@ SFV_STEPS = (1, 2, 3)  # the generator's trained levels (T_g = 4)
 # with three changes chosen by the reproduction's seeds (docs/reproduction.md): no reconstruction term
 # (lambda 0), temporal heads only, half of the generator's updates at sigma_max. "sfv_paper" puts the
 # paper's values back (lambda 0.1, both heads, the generator's levels uniform).
-PAPER = {"loss.recon_weight": 0.1, "disc.heads": "both", "loss.sigma_max_prob": None}
+BOTH_UNIFORM = {"disc.heads": "both", "loss.sigma_max_prob": None}  # the paper's heads and levels
+PAPER = {**BOTH_UNIFORM, "loss.recon_weight": 0.1}
 RUNS: dict[str, dict[str, Any]] = {
     "sfv": {},
     "sfv_paper": PAPER,
@@ -76,7 +77,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_conv_in": {"disc.feature_maps": "conv_in+blocks"},
     "sfv_conv_in_sn": {"disc.feature_maps": "conv_in+blocks", "disc.spectral_norm": True},
     # the default before the heads and the levels were chosen: both heads, uniform levels, lambda 0
-    "sfv_both_uniform": {"disc.heads": "both", "loss.sigma_max_prob": None},
+    "sfv_both_uniform": BOTH_UNIFORM,
 }
 
 
