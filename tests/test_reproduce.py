@@ -66,6 +66,28 @@ def test_train_seed_repeats_a_run_under_the_same_protocol():
     assert reproduce.report_markdown([], same, "cmd", 60.0).startswith("# SF-V toy-scale reproduction (seed 2, 256 ")
 
 
+def test_report_table_has_the_colour_column_and_dashes_for_missing_values():
+    """A row cached before the colour metric existed (no ``colour``) and a row without a conditioning frame
+    (``frame0_psnr`` None) print "-" in their cells."""
+    args = reproduce.parse_args(["--workdir", "w", "--seed", "2"])
+    rows = [
+        {
+            "name": "real",
+            "steps": 0,
+            "fvd": 90.4,
+            "motion": 0.965,
+            "sharpness": 1.058,
+            "colour": 1.0,
+            "frame0_psnr": None,
+        },
+        {"name": "sfv", "steps": 1, "fvd": 1173.1, "motion": 1.045, "sharpness": 0.082, "frame0_psnr": 23.04},
+    ]
+    table = reproduce.report_markdown(rows, args, "cmd", 60.0)
+    assert "| row | steps | FVD ↓ | motion | sharpness | colour | frame-0 PSNR (dB) |" in table
+    assert "| real | 0 | 90.4 | 0.965 | 1.058 | 1.000 | - |" in table
+    assert "| sfv | 1 | 1173.1 | 1.045 | 0.082 | - | 23.0 |" in table
+
+
 def test_bad_flags(tiny_pipeline_dirs, tmp_path, capsys):
     teacher = str(tiny_pipeline_dirs[2])
     cases = [

@@ -76,7 +76,7 @@ def test_report_grids_and_resume(report):
     assert meta["seed"] == meta["train_seed"] == 0 and meta["num_videos"] == N and meta["wall_s"] > 0
     assert list(rows) == ["real_0", "vae_0", "teacher_1", "teacher_25", SFV]
     for r in rows.values():
-        assert np.isfinite(r["fvd"]) and r["motion"] > 0 and r["sharpness"] > 0, r
+        assert np.isfinite(r["fvd"]) and r["motion"] > 0 and r["sharpness"] > 0 and r["colour"] > 0, r
     assert rows["real_0"]["frame0_psnr"] is None and np.isfinite(rows["teacher_1"]["frame0_psnr"])
     md = (work / "report.md").read_text()
     assert "| teacher | 1 |" in md and f"--rows {ROWS}" in md

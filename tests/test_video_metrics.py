@@ -1,4 +1,4 @@
-"""The cheap video metrics (motion, sharpness, PSNR) and the frame grids that the reproduction's reports use."""
+"""The cheap video metrics (motion, sharpness, colourfulness, PSNR) and the frame grids of the reports."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ def test_video_metrics():
         video_metrics.motion(video[0])
     with pytest.raises(ValueError, match="one shape"):
         video_metrics.psnr(video, video[:1])
+
+
+def test_colourfulness_is_zero_for_grey_and_drops_as_colour_drains():
+    rng = np.random.default_rng(1)
+    video = rng.integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8)
+    grey = np.repeat(video.mean(axis=-1, keepdims=True), 3, axis=-1).round().astype(np.uint8)
+    assert video_metrics.colourfulness(grey) == 0.0
+    washed = (0.5 * video + 0.5 * grey).round().astype(np.uint8)  # half the way to grey
+    assert video_metrics.colourfulness(washed) == pytest.approx(0.5 * video_metrics.colourfulness(video), rel=0.02)
+    # the last frame only by default: a video whose earlier frames are grey keeps its last frame's figure
+    early_grey = np.concatenate([grey[:, :-1], video[:, -1:]], axis=1)
+    assert video_metrics.colourfulness(early_grey) == video_metrics.colourfulness(video)
+    v = video[0, -1].astype(np.float64)
+    rg, yb = v[..., 0] - v[..., 1], 0.5 * (v[..., 0] + v[..., 1]) - v[..., 2]
+    one = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    assert video_metrics.colourfulness(video[:1]) == pytest.approx(one)
 
 
 def test_frame_grid(tmp_path):

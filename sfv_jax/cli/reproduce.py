@@ -27,7 +27,7 @@ seed; ``--train-seed`` trains the runs with another one under the same protocol 
 measure run-to-run spread: one workdir per training seed, the real and teacher rows copied or recomputed).
 
 Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "train_seed", "num_videos", "rows": [{"name", "steps",
-"fvd", "motion", "sharpness", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
+"fvd", "motion", "sharpness", "colour", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
 one per grid row), and, once teacher 1 / 25 steps and SF-V 1 step are evaluated, ``DIR/side_by_side.mp4``
 and ``.gif`` (conditioning frame | teacher 1 step | teacher 25 steps | SF-V 1 step, 4 videos; the SF-V
 column is ``sfv_1``, or the first one-step SF-V variant of ``--rows`` without it).
@@ -141,7 +141,7 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
     _write_json(path, result)
     print(
         f"[reproduce] {row.key}: FVD {result['fvd']:.1f}, motion {result['motion']:.3f}, sharpness "
-        f"{result['sharpness']:.3f} ({result['wall_s']:.0f} s)",
+        f"{result['sharpness']:.3f}, colour {result['colour']:.3f} ({result['wall_s']:.0f} s)",
         flush=True,
     )
     return result
@@ -161,21 +161,27 @@ def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
     return [video_io.write_video(workdir / f"side_by_side{ext}", grid, fps=tp.FPS) for ext in (".mp4", ".gif")]
 
 
+def _optional(value: float | None, spec: str) -> str:
+    """``value`` formatted, "-" for None (no conditioning frame; a row cached before its metric existed)."""
+    return "-" if value is None else format(value, spec)
+
+
 def report_markdown(results: list[dict], args, command: str, wall_s: float) -> str:
     lines = [
         f"# SF-V toy-scale reproduction (seed {args.seed}, {args.num_videos} videos per row"
         + (f"; SF-V runs trained with seed {args.train_seed})" if args.train_seed != args.seed else ")"),
         "",
         f"Command: `{command}` ({wall_s / 60:.1f} min). FVD with the project's I3D (frames resized to 224) "
-        f"against {args.num_videos} held-out real clips; motion and sharpness are ratios to the real clips' "
-        "(1 = real; motion ~0: the video does not move); frame-0 PSNR against the conditioning frame.",
+        f"against {args.num_videos} held-out real clips; motion, sharpness and the last frame's colourfulness "
+        "are ratios to the real clips' (1 = real; motion ~0: the video does not move; colour < 1: greyish); "
+        "frame-0 PSNR against the conditioning frame.",
         "",
-        "| row | steps | FVD ↓ | motion | sharpness | frame-0 PSNR (dB) |",
-        "|---|---|---|---|---|---|",
+        "| row | steps | FVD ↓ | motion | sharpness | colour | frame-0 PSNR (dB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['name']} | {r['steps']} | {r['fvd']:.1f} | {r['motion']:.3f} | {r['sharpness']:.3f} "
-        f"| {'-' if r['frame0_psnr'] is None else format(r['frame0_psnr'], '.1f')} |"
+        f"| {_optional(r.get('colour'), '.3f')} | {_optional(r['frame0_psnr'], '.1f')} |"
         for r in results
     ]
     if args.num_videos <= 400:

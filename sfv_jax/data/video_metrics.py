@@ -5,6 +5,8 @@ one float. Each catches a failure FVD reports only as "worse":
 
     motion(videos)            mean |frame t+1 - frame t|: 0 for a generator that copies its conditioning frame
     sharpness(videos)         mean squared Laplacian: high-frequency energy, low for blurry (1-step) samples
+    colourfulness(videos)     Hasler & Suesstrunk's colourfulness of the last frame: low for greyish, washed-out
+                              frames (one-step samples whose colour drains over the clip)
     psnr(a, b)                10 log10(255^2 / MSE), the VAE's reconstruction and frame-0 fidelity
     frame0_fidelity(v, imgs)  PSNR of each video's first frame against its conditioning image
 
@@ -37,6 +39,19 @@ def sharpness(videos: np.ndarray) -> float:
     g = _check(videos).mean(axis=-1)
     lap = 4 * g[..., 1:-1, 1:-1] - g[..., :-2, 1:-1] - g[..., 2:, 1:-1] - g[..., 1:-1, :-2] - g[..., 1:-1, 2:]
     return float(np.mean(lap * lap))
+
+
+def colourfulness(videos: np.ndarray, frame: int = -1) -> float:
+    """Hasler & Suesstrunk's colourfulness (2003) of one frame of every video, averaged: with rg = R - G and
+    yb = (R + G) / 2 - B per pixel, sqrt(std(rg)^2 + std(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2) per frame,
+    in [0, 255] units; 0 for grey frames. The last frame by default: the one furthest from the conditioning
+    frame, where a sampler that loses colour has lost the most."""
+    v = _check(videos)[:, frame]
+    r, g, b = v[..., 0], v[..., 1], v[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    spread = np.sqrt(rg.std(axis=(1, 2)) ** 2 + yb.std(axis=(1, 2)) ** 2)
+    level = np.sqrt(rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2)
+    return float(np.mean(spread + 0.3 * level))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

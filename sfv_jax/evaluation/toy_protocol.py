@@ -157,11 +157,13 @@ def reconstruct(pipe: Any, videos: np.ndarray, batch: int = 8) -> np.ndarray:
 
 def row_metrics(videos: np.ndarray, real: np.ndarray, features: I3DFeatures, real_stats: FeatureStats) -> dict:
     """FVD against the reference statistics, and the cheap metrics against the reference clips: motion and
-    sharpness as ratios to the real clips' (1 = real), frame-0 PSNR against the conditioning frames."""
+    sharpness as ratios to the real clips' (1 = real), the last frame's colourfulness as a ratio too (below 1:
+    greyish), frame-0 PSNR against the conditioning frames."""
     stats = FeatureStats.of(features(videos))
     return {
         "fvd": fvd_from_stats(stats, real_stats),
         "motion": video_metrics.motion(videos) / video_metrics.motion(real),
         "sharpness": video_metrics.sharpness(videos) / video_metrics.sharpness(real),
+        "colour": video_metrics.colourfulness(videos) / video_metrics.colourfulness(real),
         "frame0_psnr": min(video_metrics.frame0_fidelity(videos, real[:, 0]), 100.0),
     }
