@@ -58,9 +58,9 @@ def xla_flags_with(devices: int | None = None, *extra: str) -> str:
 # machine (CPU seconds, cold cache): the diffusion run's two tests 312 at -O0 against 138 at -O2, the toy
 # teacher's report 358 against 266; compilation-bound tests go the other way (the parity and pipeline
 # files 236 at -O0 against 290 at -O2).
-def run_time_bound_env(devices: int | None = None) -> dict[str, str]:
-    """``os.environ`` for a subprocess at XLA's -O2 (see above), with ``xla_flags_with(devices)``."""
-    flags = [f for f in xla_flags_with(devices).split() if not f.startswith("--xla_backend_optimization_level")]
+def run_time_bound_env(devices: int | None = None, *extra: str) -> dict[str, str]:
+    """``os.environ`` for a subprocess at XLA's -O2 (see above), with ``xla_flags_with(devices, *extra)``."""
+    flags = [f for f in xla_flags_with(devices, *extra).split() if not f.startswith("--xla_backend_optimization_level")]
     return {**os.environ, "XLA_FLAGS": " ".join([*flags, "--xla_backend_optimization_level=2"])}
 
 

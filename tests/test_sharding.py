@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags_with
+from conftest import run_time_bound_env
 
 from sfv_jax.parallel import sharding
 
@@ -34,13 +34,12 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def _env(devices: int | None = None, **extra) -> dict:
-    flags = [f for f in xla_flags_with(devices, SCHEDULER_FLAG).split() if "optimization_level" not in f]
     return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
         **extra,
-        "XLA_FLAGS": " ".join([*flags, "--xla_backend_optimization_level=2"]),
+        "XLA_FLAGS": run_time_bound_env(devices, SCHEDULER_FLAG)["XLA_FLAGS"],
     }
 
 
