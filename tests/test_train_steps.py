@@ -237,6 +237,34 @@ def test_step_settings_and_log_line_come_from_the_config():
         check_config(config)
 
 
+def test_equal_settings_reuse_the_jitted_programs():
+    """Two layouts built from equal configs give the same jitted steps and optimizers (a second
+    ``trainer.train`` in one process finds its programs traced and loaded); a different step setting,
+    optimizer setting, mesh or logical-axis rule gives new ones."""
+    from sfv_jax.training import layout as layout_lib
+
+    def steps_of(config, rules=None):
+        plan = sharding.Plan.from_config(config)
+        if rules is not None:
+            plan = sharding.Plan(plan.mesh, rules, plan.min_shard_size, plan.fsdp_fallback)
+        return make_layout(config, plan, *build_modules(config)).steps(config)
+
+    a, b = steps_of(tiny.get_config()), steps_of(tiny.get_config())
+    assert all(getattr(a, n) is getattr(b, n) for n in ("g_grads", "g_update", "d_grads", "d_update"))
+    r1 = tiny.get_config()
+    r1.loss.r1_gamma = 0.5
+    assert steps_of(r1).g_grads is not a.g_grads
+    lr = tiny.get_config()
+    lr.opt.generator_lr = 2e-5
+    other = steps_of(lr)
+    assert other.g_update is not a.g_update and other.gen_tx is not a.gen_tx and other.disc_tx is a.disc_tx
+    assert steps_of(tiny.get_config(), rules=(("batch", None),)).g_grads is not a.g_grads
+    c = tiny.get_config()
+    assert layout_lib.make_optimizer(c, 1e-3) is layout_lib.make_optimizer(tiny.get_config(), 1e-3)
+    c.opt.warmup_steps = 5
+    assert layout_lib.make_optimizer(c, 1e-3) is not layout_lib.make_optimizer(tiny.get_config(), 1e-3)
+
+
 def test_nonfinite_steps_reads_each_steps_finite_flags():
     """The loop's check: a step is non-finite when any of its ``*_finite`` flags is 0 (device arrays or
     host numbers); other metrics, and steps without flags, never count."""

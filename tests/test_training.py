@@ -9,6 +9,7 @@ persistent XLA cache shares them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -175,11 +176,12 @@ def _main(workdir, *flags):
 
 @TINY_RUN
 @pytest.mark.parametrize("seed", [1])  # one seeded moment per CI run (0.5 s after the first save began)
-def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_dataset, straight_run, seed):
+def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_dataset, straight_run, seed, caplog):
     """``python -m sfv_jax.cli.train`` through a run's life, on the straight run's config:
     1. SIGKILLed at a seeded random moment after its first checkpoint started to be written (mid-step,
        mid-save or between), the rerun resumes from a complete checkpoint and ends bitwise where the
-       uninterrupted in-process run ended;
+       uninterrupted in-process run ended (the rerun is ``trainer.train`` in this process, what the CLI
+       runs: it reuses the straight run's programs instead of tracing and loading them in a new process);
     2. the rerun leaves its checkpoints, TensorBoard scalars for every step it ran, the held-out grip, a
        sample mp4 with its frame grid and diagnostics, and a summary; the export reads the EMA generator;
     3. a third run resumes the workdir, a fourth started beside it is refused (one writer per workdir),
@@ -209,8 +211,17 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     finally:
         proc.kill()  # SIGKILL: no handler runs
         proc.wait(timeout=60)
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    rerun_config = _config(
+        total_steps=3,
+        keep_checkpoints=2,
+        sample_every_steps=3,
+        heldout_every_steps=3,
+        heldout_steps=2,
+        **_folder_data(tiny_folder_dataset),
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.train(rerun_config, workdir)
+    rerun_log = caplog.text
     mngr = checkpoint_manager(workdir)
     assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
     final, meta = restore(mngr, straight_run[1], 3)
@@ -219,7 +230,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     assert meta["data_position"] == 3 * 2
 
     # 2. the rerun's outputs: scalars for every step it ran (after the checkpoint it resumed from)
-    resumed = re.search(r"resumed from \S+ at step (\d+)", rerun.stderr)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", rerun_log)
     resumed_at = int(resumed.group(1)) if resumed else 0
     ran = set(range(resumed_at + 1, 4))
     scalars = tensorboard_scalars(workdir)
@@ -254,7 +265,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     kinds, levels = ("spatial", "temporal"), ("2.27", "70.5", "700")
     assert set(grip) == {f"heldout/d_{m}_{k}@{x}" for m in ("margin", "rank") for k in kinds for x in levels}
     assert all(0 <= v <= 1 for t, v in grip.items() if "rank" in t) and all(map(np.isfinite, grip.values()))
-    assert "held-out grip at step 3 (4 clips): d_margin_spatial@2.27 " in rerun.stderr  # 2 steps x 2 clips
+    assert "held-out grip at step 3 (4 clips): d_margin_spatial@2.27 " in rerun_log  # 2 steps x 2 clips
     frames, fps = video_io.read_video(workdir / "samples" / "step_0000003.mp4")
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and fps == pytest.approx(7)
     # the sample's frame grid (real clip above it) and its diagnostics against the real clip

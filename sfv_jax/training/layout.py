@@ -28,7 +28,7 @@ from sfv_jax.models.build import (
 )
 from sfv_jax.models.unet import init_inputs
 from sfv_jax.parallel import sharding
-from sfv_jax.training import param_groups
+from sfv_jax.training import param_groups, programs
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset, with_conv_in
 from sfv_jax.training.run_config import ConfigError
@@ -99,6 +99,7 @@ class Layout:
             self.disc_tx,
             self.step_shardings(),
             self.plan.context,
+            (self.plan.mesh, self.plan.rules),
         )
 
     def abstract_batch(self, config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
@@ -217,7 +218,11 @@ def _init_heads(
 
 
 def _random_init(model: nn.Module, key: jax.Array, out: Any) -> Any:
-    return jax.jit(lambda k: nn.meta.unbox(model.init(k, *init_args(model))["params"]), out_shardings=out)(key)
+    init = programs.jitted(
+        ("init", model, programs.shardings_key(out)),
+        lambda: jax.jit(lambda k: nn.meta.unbox(model.init(k, *init_args(model))["params"]), out_shardings=out),
+    )
+    return init(key)
 
 
 def frozen_encoders(config: ml_collections.ConfigDict, vae: nn.Module, clip: nn.Module, key: jax.Array):
@@ -251,20 +256,21 @@ def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
     if config.objective != "sfv":  # no discriminator
         return unet_params, vae_params, clip_params, {}, {}
     d, f = config.data, lay.vae.config.downsample_factor
-    head_params = jax.jit(
-        lambda k: nn.meta.unbox(
-            _init_heads(
-                lay.heads,
-                lay.unet,
-                backbone_subset(unet_params),
-                k,
-                embed_dim=lay.clip.config.projection_dim,
-                latent_hw=(d.height // f, d.width // f),
-            )
+    kw = dict(embed_dim=lay.clip.config.projection_dim, latent_hw=(d.height // f, d.width // f))
+    backbone_shapes = jax.eval_shape(backbone_subset, unet_params)  # the heads' init needs only its shapes
+    init_heads = programs.jitted(
+        ("init_heads", lay.heads, lay.unet, tuple(kw.items()), programs.shardings_key(lay.head_shardings)),
+        lambda: jax.jit(
+            lambda k: nn.meta.unbox(_init_heads(lay.heads, lay.unet, backbone_shapes, k, **kw)),
+            out_shardings=lay.head_shardings,
         ),
-        out_shardings=lay.head_shardings,
-    )(jax.random.fold_in(key, 2))
-    backbone = jax.jit(backbone_param_subset, out_shardings=lay.backbone_shardings)(unet_params)
+    )
+    head_params = init_heads(jax.random.fold_in(key, 2))
+    subset = programs.jitted(
+        ("backbone", programs.shardings_key(lay.backbone_shardings)),
+        lambda: jax.jit(backbone_param_subset, out_shardings=lay.backbone_shardings),
+    )
+    backbone = subset(unet_params)
     return unet_params, vae_params, clip_params, head_params, backbone
 
 
@@ -276,7 +282,9 @@ def init_train_state(lay: Layout, unet_params: Any, head_params: Any, rng: jax.A
         train, frozen = param_groups.split(unet_params, lay.trainable)
         return train_steps.init_state(train, head_params, lay.gen_tx, lay.disc_tx, rng, frozen=frozen)
 
-    return jax.jit(fn, out_shardings=lay.state_shardings)(unet_params, head_params, rng)
+    key = ("train_state", lay.trainable, lay.gen_tx, lay.disc_tx, programs.shardings_key(lay.state_shardings))
+    init = programs.jitted(key, lambda: jax.jit(fn, out_shardings=lay.state_shardings))
+    return init(unet_params, head_params, rng)
 
 
 def optimizer_name(config: ml_collections.ConfigDict) -> str:
@@ -287,22 +295,27 @@ def make_optimizer(config: ml_collections.ConfigDict, learning_rate: float) -> o
     """One optimizer of ``config.opt``: SM3 (paper Sec. 4; momentum ``b1``, second-moment decay ``b2``) or
     AdamW (``adamw_b1``, ``adamw_b2``, ``weight_decay``), both after global-norm gradient clipping at
     ``clip_norm`` (None: none) and with a linear warm-up of the learning rate over ``warmup_steps``
-    (0: none; the paper's SM3 has neither)."""
+    (0: none; the paper's SM3 has neither). Equal settings return the same object within a process, so
+    that the update steps jitted with it are built once (:mod:`sfv_jax.training.programs`)."""
     o = config.opt
-    # warm-up: update n (from 1) uses lr * min(1, n / warmup_steps), so the first update already moves
-    lr = (
-        (lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / o.warmup_steps))
-        if o.warmup_steps
-        else learning_rate
-    )
     name = optimizer_name(config)
-    if name == "sm3":
-        tx = train_steps.make_optimizer(lr, o.b1, o.b2)
-    elif name == "adamw":
-        tx = optax.adamw(lr, b1=o.adamw_b1, b2=o.adamw_b2, eps=o.adamw_eps, weight_decay=o.weight_decay)
-    else:
+    if name not in train_steps.OPTIMIZERS:
         raise ConfigError(f"--config.opt.optimizer={o.optimizer!r}: must be one of {train_steps.OPTIMIZERS} or None")
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx) if o.clip_norm else tx
+    return _optimizer(
+        name, float(learning_rate), o.b1, o.b2, o.adamw_b1, o.adamw_b2, o.adamw_eps, o.weight_decay,
+        o.warmup_steps, o.clip_norm,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(name, learning_rate, b1, b2, adamw_b1, adamw_b2, adamw_eps, weight_decay, warmup_steps, clip_norm):
+    # warm-up: update n (from 1) uses lr * min(1, n / warmup_steps), so the first update already moves
+    lr = (lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / warmup_steps)) if warmup_steps else learning_rate
+    if name == "sm3":
+        tx = train_steps.make_optimizer(lr, b1, b2)
+    else:
+        tx = optax.adamw(lr, b1=adamw_b1, b2=adamw_b2, eps=adamw_eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
 
 
 def make_optimizers(config: ml_collections.ConfigDict):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import flax
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from sfv_jax.diffusion import edm
-from sfv_jax.training import losses, param_groups
+from sfv_jax.training import losses, param_groups, programs
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_features, discriminator_logits
 
 NONFINITE_POLICIES = ("skip", "halt")
@@ -477,8 +477,29 @@ class JittedSteps:
     disc_tx: optax.GradientTransformation
     shardings: StepShardings | None = None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # what ``context`` sets that the traces depend on (a Plan's mesh and logical-axis rules); by default
+    # the context itself, so that steps built with different contexts never share programs
+    context_key: Hashable | None = None
 
     def __post_init__(self):
+        # equal models, settings, optimizers and shardings give the same jitted objects within a process
+        # (sfv_jax.training.programs): a second run finds its steps in jit's cache, traced and loaded
+        sh = self.shardings
+        key = (
+            "steps",
+            self.models,
+            self.cfg,
+            self.gen_tx,
+            self.disc_tx,
+            None if sh is None else programs.shardings_key((sh.state, sh.backbone, sh.batch, sh.replicated)),
+            self.context if self.context_key is None else self.context_key,
+        )
+        self.g_grads, self.g_update, self.d_grads, self.d_update = programs.jitted(key, self._jit)
+        if not self.cfg.has_discriminator:
+            self.d_grads = self.d_update = None
+
+    def _jit(self) -> tuple[Callable, Callable, Callable, Callable]:
+        """(g_grads, g_update, d_grads, d_update) jitted, with the shardings where there are some."""
         kw = dict(models=self.models, cfg=self.cfg)
         g_grads = functools.partial(generator_grads, **kw)
         g_update = functools.partial(generator_update, cfg=self.cfg, tx=self.gen_tx)
@@ -486,23 +507,19 @@ class JittedSteps:
         d_update = functools.partial(discriminator_update, tx=self.disc_tx)
         sh = self.shardings
         if sh is None:
-            self.g_grads, self.d_grads = jax.jit(g_grads), jax.jit(d_grads)
-            self.g_update = jax.jit(g_update, donate_argnums=0)
-            self.d_update = jax.jit(d_update, donate_argnums=0)
-        else:
-            st, rep = sh.state, sh.replicated
-            self.g_grads = jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep))
-            self.d_grads = jax.jit(
-                d_grads, in_shardings=(st, sh.batch, sh.backbone, rep), out_shardings=(st.heads, rep)
+            return (
+                jax.jit(g_grads),
+                jax.jit(g_update, donate_argnums=0),
+                jax.jit(d_grads),
+                jax.jit(d_update, donate_argnums=0),
             )
-            self.g_update = jax.jit(
-                g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0
-            )
-            self.d_update = jax.jit(
-                d_update, in_shardings=(st, st.heads, rep, rep), out_shardings=(st, rep), donate_argnums=0
-            )
-        if not self.cfg.has_discriminator:
-            self.d_grads = self.d_update = None
+        st, rep = sh.state, sh.replicated
+        return (
+            jax.jit(g_grads, in_shardings=(st, sh.batch, sh.backbone), out_shardings=(st.generator, rep)),
+            jax.jit(g_update, in_shardings=(st, st.generator, rep), out_shardings=(st, rep), donate_argnums=0),
+            jax.jit(d_grads, in_shardings=(st, sh.batch, sh.backbone, rep), out_shardings=(st.heads, rep)),
+            jax.jit(d_update, in_shardings=(st, st.heads, rep, rep), out_shardings=(st, rep), donate_argnums=0),
+        )
 
     def generator_step(self, state: TrainState, batch: dict, backbone: Any) -> tuple[TrainState, dict]:
         with self.context():
