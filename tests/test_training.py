@@ -168,6 +168,11 @@ def test_halt_on_nonfinite_checkpoints_last_finite_state(like, tmp_path, monkeyp
         assert trees_equal(getattr(at3, field), getattr(at2, field)), field
 
 
+def _flags(overrides: dict) -> list[str]:
+    """``--config.KEY=VALUE`` flags of the overrides ``_config`` takes."""
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 def _main(workdir, *flags):
     cmd = [sys.executable, "-m", "sfv_jax.cli.train", "--config", "configs/tiny.py", "--workdir", str(workdir), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -189,17 +194,17 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     import random
 
     workdir = tmp_path / "run"
-    data = ["--config.data.kind=folder", f"--config.data.path={tiny_folder_dataset}", "--config.log_every_steps=1"]
-    flags = [
-        "--config.total_steps=3",
-        "--config.keep_checkpoints=2",
-        "--config.checkpoint_every_steps=1",
-        "--config.sample_every_steps=3",
-        "--config.heldout_every_steps=3",
-        "--config.heldout_steps=2",
-        *data,
-    ]
-    cmd, env = _main(workdir, *flags)
+    data = {**_folder_data(tiny_folder_dataset), "log_every_steps": 1}
+    run = dict(
+        total_steps=3,
+        keep_checkpoints=2,
+        checkpoint_every_steps=1,
+        sample_every_steps=3,
+        heldout_every_steps=3,
+        heldout_steps=2,
+        **data,
+    )
+    cmd, env = _main(workdir, *_flags(run))
     delay = random.Random(seed).uniform(0.0, 4.0)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -211,16 +216,8 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
     finally:
         proc.kill()  # SIGKILL: no handler runs
         proc.wait(timeout=60)
-    rerun_config = _config(
-        total_steps=3,
-        keep_checkpoints=2,
-        sample_every_steps=3,
-        heldout_every_steps=3,
-        heldout_steps=2,
-        **_folder_data(tiny_folder_dataset),
-    )
     with caplog.at_level(logging.INFO):
-        trainer.train(rerun_config, workdir)
+        trainer.train(_config(**run), workdir)
     rerun_log = caplog.text
     mngr = checkpoint_manager(workdir)
     assert mngr.all_steps() == [2, 3]  # keep_checkpoints = 2
@@ -289,7 +286,7 @@ def test_cli_lifecycle_sigkill_rerun_outputs_then_sigterm(tmp_path, tiny_folder_
         "--config.keep_checkpoints=2",
         "--config.checkpoint_every_steps=100000",
         "--config.sample_every_steps=0",
-        *data,
+        *_flags(data),
     )
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     log, deadline = [], time.time() + 600

@@ -301,10 +301,8 @@ def make_optimizer(config: ml_collections.ConfigDict, learning_rate: float) -> o
     name = optimizer_name(config)
     if name not in train_steps.OPTIMIZERS:
         raise ConfigError(f"--config.opt.optimizer={o.optimizer!r}: must be one of {train_steps.OPTIMIZERS} or None")
-    return _optimizer(
-        name, float(learning_rate), o.b1, o.b2, o.adamw_b1, o.adamw_b2, o.adamw_eps, o.weight_decay,
-        o.warmup_steps, o.clip_norm,
-    )  # fmt: skip
+    settings = (o.b1, o.b2, o.adamw_b1, o.adamw_b2, o.adamw_eps, o.weight_decay, o.warmup_steps, o.clip_norm)
+    return _optimizer(name, float(learning_rate), *settings)
 
 
 @functools.lru_cache(maxsize=32)
