@@ -279,6 +279,7 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
         features = I3DFeatures()
         stats_path = workdir / "reference" / f"real_stats_{args.seed}_{args.num_videos}.npz"
         if not stats_path.is_file():
+            print(f"[reproduce] I3D statistics of the {args.num_videos} reference clips (once per workdir)", flush=True)
             stats_path.parent.mkdir(parents=True, exist_ok=True)
             FeatureStats.of(features(real)).save(stats_path)
         real_stats = FeatureStats.load(stats_path)
