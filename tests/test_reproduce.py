@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sfv_jax.cli import reproduce
@@ -19,6 +20,23 @@ def test_rows_and_selection():
     assert {"sfv_1", "sfv_2", "sfv_3", "sfv_spatial_1", "sfv_both_heads_1", "sfv_recon_only_1"} <= set(keys)
     assert [r.key for r in tp.select_rows(["teacher_25", "sfv"])] == ["teacher_25", "sfv_1", "sfv_2", "sfv_3"]
     assert all(r.run in tp.RUNS for r in tp.all_rows() if r.kind == "sfv")
+
+
+def test_unguided_teacher_rows_turn_guidance_off():
+    """``teacher_unguided`` samples the teacher as SF-V samples (no classifier-free guidance); ``teacher``
+    keeps SVD's guidance 1 -> 3."""
+    seen = []
+
+    class Pipe:
+        def generate(self, images, seeds, settings):
+            seen.append(settings)
+            return [np.zeros((tp.FRAMES, tp.SIZE, tp.SIZE, 3), np.float32) for _ in images]
+
+    images = np.zeros((2, tp.SIZE, tp.SIZE, 3), np.uint8)
+    for key in ("teacher_25", "teacher_unguided_25"):
+        (row,) = tp.select_rows([key])
+        assert tp.generate(Pipe(), row, images, [0, 1]).shape == (2, tp.FRAMES, tp.SIZE, tp.SIZE, 3)
+    assert [(s.num_inference_steps, s.guided) for s in seen] == [(25, True), (25, False)]
 
 
 def test_every_run_overrides_the_toy_config():

@@ -34,6 +34,8 @@ REFERENCE_SEED = 2_000_003
 HELD_OUT_SEED = 3_000_017
 SIZE, FRAMES, FPS = 32, 14, 7
 TEACHER_STEPS = (1, 2, 4, 8, 16, 25)  # the paper's SVD baseline at toy size (guidance 1 -> 3)
+# the teacher without guidance: how much of its colour and FVD is guidance, which SF-V does not use
+UNGUIDED_STEPS = (4, 25)
 SFV_STEPS = (1, 2, 3)  # the generator's trained levels (T_g = 4)
 
 # SF-V training runs: config overrides on configs/toy_sfv.py. "sfv" is the toy default: the paper's method
@@ -95,6 +97,7 @@ class Row:
     kind: str
     steps: int
     run: str | None = None
+    guided: bool = True  # teacher rows: SVD's guidance 1 -> 3 over the frames (False: none, as SF-V samples)
 
     @property
     def key(self) -> str:
@@ -104,6 +107,7 @@ class Row:
 def all_rows() -> list[Row]:
     rows = [Row("real", "real", 0), Row("vae", "vae", 0)]
     rows += [Row("teacher", "teacher", s) for s in TEACHER_STEPS]
+    rows += [Row("teacher_unguided", "teacher", s, guided=False) for s in UNGUIDED_STEPS]
     rows += [Row("sfv", "sfv", s, "sfv") for s in SFV_STEPS]
     rows += [Row(name, "sfv", 1, name) for name in RUNS if name != "sfv"]
     return rows
@@ -140,6 +144,7 @@ def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batc
         num_inference_steps=row.steps,
         fps=FPS,
         sampler="svd" if row.kind == "teacher" else "sfv",  # the teacher with SVD's guidance 1 -> 3
+        **({} if row.guided else {"max_guidance_scale": 1.0}),  # 1 -> 1: guidance off
     )
     out = []
     for i in range(0, len(images), batch):
