@@ -185,6 +185,17 @@ def test_sfv_few_steps_renoise_on_the_grid(jax_pipeline, image):
     for i in (1, 2):
         x0 = denoise(x0 + sigmas[i] * noise[i], sigmas[i])
     assert rel_err(got, x0) <= 1e-5
+    # with sfv_guidance the one step takes the teacher's per-frame guidance (the batch doubled), else none
+    one = {"height": H, "width": W, "sampler": "sfv", "seed": 1}
+    plain, guided = pipe(image, **one), pipe(image, **one, sfv_guidance=True)
+    np.testing.assert_array_equal(pipe(image, **one, sfv_guidance=True, max_guidance_scale=1.0), plain)
+    assert np.abs(guided - plain).max() > 1e-3
+    scales = samplers.guidance_scales(1.0, 3.0, LATENT[1])
+    one_noise = noise[:1]
+    want = pipe.sample_latents(one_noise, image_latents, embeds, ids, sigmas[:1], sampler="sfv", scales=scales)
+    guided_velocity = pipeline.velocity_fn(pipe.unet, pipe.unet_params, image_latents, embeds, ids, scales)
+    x0 = edm.denoise(guided_velocity, one_noise[0] * edm.init_noise_sigma(700.0), sigmas[0])
+    assert rel_err(want, x0) <= 1e-5
     # only trained levels unless asked: 4 steps would denoise at sigma_min (docs/method.md, "Sampling")
     with pytest.raises(ValueError, match="1 to 3 steps.*never trained on"):
         edm.sfv_sigmas(4)

@@ -22,9 +22,9 @@ def test_rows_and_selection():
     assert all(r.run in tp.RUNS for r in tp.all_rows() if r.kind == "sfv")
 
 
-def test_unguided_teacher_rows_turn_guidance_off():
-    """``teacher_unguided`` samples the teacher as SF-V samples (no classifier-free guidance); ``teacher``
-    keeps SVD's guidance 1 -> 3."""
+def test_rows_choose_the_guidance():
+    """``teacher`` keeps SVD's guidance 1 -> 3, ``teacher_unguided`` samples the teacher as SF-V samples (no
+    classifier-free guidance), ``sfv_guided`` gives the toy default's generator the teacher's guidance."""
     seen = []
 
     class Pipe:
@@ -33,10 +33,13 @@ def test_unguided_teacher_rows_turn_guidance_off():
             return [np.zeros((tp.FRAMES, tp.SIZE, tp.SIZE, 3), np.float32) for _ in images]
 
     images = np.zeros((2, tp.SIZE, tp.SIZE, 3), np.uint8)
-    for key in ("teacher_25", "teacher_unguided_25"):
+    keys = ("teacher_25", "teacher_unguided_25", "sfv_1", "sfv_guided_1")
+    for key in keys:
         (row,) = tp.select_rows([key])
         assert tp.generate(Pipe(), row, images, [0, 1]).shape == (2, tp.FRAMES, tp.SIZE, tp.SIZE, 3)
-    assert [(s.num_inference_steps, s.guided) for s in seen] == [(25, True), (25, False)]
+    got = [(s.sampler, s.num_inference_steps, s.guided, s.max_guidance_scale) for s in seen]
+    assert got == [("svd", 25, True, 3.0), ("svd", 25, False, 1.0), ("sfv", 1, False, 3.0), ("sfv", 1, True, 3.0)]
+    assert {r.run for r in tp.select_rows(["sfv_1", "sfv_guided_1"])} == {"sfv"}  # one training run for both
 
 
 def test_every_run_overrides_the_toy_config():

@@ -46,13 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output video: .mp4, .gif or .png (frame strip)")
     p.add_argument("--seed", type=int, default=0, help="drives every random draw")
     for f in dataclasses.fields(GenerationSettings):  # one flag per generation setting, named for it
+        if str(f.type) == "bool":  # --sfv-guidance / --no-sfv-guidance
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": _TYPES[str(f.type)], "choices": SAMPLERS if f.name == "sampler" else None}
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_TYPES[str(f.type)],
             default=CLI_DEFAULTS.get(f.name, f.default),
-            choices=SAMPLERS if f.name == "sampler" else None,
             help=GenerationSettings.HELP[f.name],
+            **kind,
         )
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="compute dtype of UNet / CLIP / decoder")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to --out")

@@ -31,8 +31,11 @@ class GenerationSettings:
     width: int = 1024
     num_frames: int | None = None  # None: the UNet config's (14 for SVD, 25 for SVD-XT)
     num_inference_steps: int | None = None  # None: 25 for "svd", 1 for the SF-V samplers
-    min_guidance_scale: float = 1.0  # the teacher's guidance of the first frame ("svd" only)
+    min_guidance_scale: float = 1.0  # the teacher's guidance of the first frame ("svd"; "sfv" with sfv_guidance)
     max_guidance_scale: float = 3.0  # ... and of the last (linear in between; off when both are <= 1)
+    # the SF-V samplers with the same classifier-free guidance (the batch doubled: two UNet evaluations per
+    # step in one forward pass). Off is the paper's SF-V; on, the one step takes the teacher's guidance too
+    sfv_guidance: bool = False
     fps: float = 7  # the fps conditioning (SVD's added time id fps - 1)
     motion_bucket_id: int = 127  # the motion conditioning
     noise_aug_strength: float = 0.02  # noise added to the conditioning image (and its conditioning value)
@@ -46,6 +49,7 @@ class GenerationSettings:
         "num_inference_steps": "sampling steps (none given: 25 for svd, 1 for sfv)",
         "min_guidance_scale": "svd: guidance of the first frame",
         "max_guidance_scale": "svd: guidance of the last frame",
+        "sfv_guidance": "sfv: apply the same guidance (the batch doubled; the paper's SF-V has none)",
         "fps": "fps conditioning (and the output's frame rate)",
         "motion_bucket_id": "motion conditioning",
         "noise_aug_strength": "noise augmentation of the conditioning image",
@@ -74,6 +78,8 @@ class GenerationSettings:
             positive_int(name, getattr(self, name), optional=True)
         if isinstance(self.motion_bucket_id, bool) or not isinstance(self.motion_bucket_id, int):
             raise ValueError(f"motion_bucket_id must be an integer, got {self.motion_bucket_id!r}")
+        if not isinstance(self.sfv_guidance, bool):
+            raise ValueError(f"sfv_guidance must be True or False, got {self.sfv_guidance!r}")
         for name in ("min_guidance_scale", "max_guidance_scale", "noise_aug_strength"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -86,8 +92,10 @@ class GenerationSettings:
 
     @property
     def guided(self) -> bool:
-        """Whether the teacher runs classifier-free guidance (the batch doubled): ``svd`` with a scale > 1."""
-        return self.sampler == "svd" and max(self.min_guidance_scale, self.max_guidance_scale) > 1
+        """Whether the sampler runs classifier-free guidance (the batch doubled): a scale > 1 with ``svd``, or
+        with an SF-V sampler and ``sfv_guidance``."""
+        scale = max(self.min_guidance_scale, self.max_guidance_scale)
+        return (self.sampler == "svd" or self.sfv_guidance) and scale > 1
 
     def replace(self, **changes: Any) -> GenerationSettings:
         return dataclasses.replace(self, **changes)

@@ -235,7 +235,7 @@ class SVDPipeline:
     ) -> jax.Array:
         """Run a sampler over the UNet. ``image_latents`` [B, F, h, w, L] (unscaled posterior means),
         ``embeds`` [B, 1, D], ``added_time_ids`` [B, 3], ``noise`` [B, F, h, w, L] (svd) or
-        [n, B, F, h, w, L] (sfv), ``scales`` [F] enables guidance (svd only). -> latents [B, F, h, w, L]."""
+        [n, B, F, h, w, L] (sfv), ``scales`` [F] enables guidance. -> latents [B, F, h, w, L]."""
         args = (self.unet_params, noise, image_latents, embeds, added_time_ids, jnp.asarray(sigmas), scales)
         return self._run("unet", sampling_program(self.unet, sampler), args, static=(sampler,))
 
@@ -250,6 +250,7 @@ class SVDPipeline:
         num_inference_steps: int | None = None,
         min_guidance_scale: float = 1.0,
         max_guidance_scale: float = 3.0,
+        sfv_guidance: bool = False,
         fps: int = 7,
         motion_bucket_id: int = 127,
         noise_aug_strength: float = 0.02,
@@ -264,7 +265,8 @@ class SVDPipeline:
 
         ``num_inference_steps``: default 25 for ``sampler="svd"`` (the teacher: Euler, guidance
         linspace(min_guidance_scale, max_guidance_scale, F), on when max > 1) and 1 for ``"sfv"`` (the
-        SF-V generator: 1-3 steps, no guidance; ``"sfv_grid"``: 1-4, the 4th at an untrained level).
+        SF-V generator: 1-3 steps, guided the same way only with ``sfv_guidance``; ``"sfv_grid"``: 1-4, the
+        4th at an untrained level).
         ``latents``: unit Gaussian noise (1, F, h, w, 4), scaled
         inside as diffusers scales it (with ``"sfv"`` and n > 1 steps the re-noising draws come from
         ``seed``). ``seed`` drives every random draw (noise augmentation, initial noise). Returns
@@ -277,6 +279,7 @@ class SVDPipeline:
             num_inference_steps=num_inference_steps,
             min_guidance_scale=min_guidance_scale,
             max_guidance_scale=max_guidance_scale,
+            sfv_guidance=sfv_guidance,
             fps=fps,
             motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength,
@@ -344,10 +347,8 @@ class SVDPipeline:
         )
         # 3. sampling
         noise = jnp.asarray(latents, jnp.float32) if latents is not None else draw(1, (1, *shape[1:]))
+        scales = samplers.guidance_scales(g.min_guidance_scale, g.max_guidance_scale, num_frames) if g.guided else None
         if sampler == "svd":
-            scales = (
-                samplers.guidance_scales(g.min_guidance_scale, g.max_guidance_scale, num_frames) if g.guided else None
-            )
             out = self.sample_latents(
                 self._put(noise), image_latents, embeds, ids, sigmas, sampler="svd", scales=scales
             )
@@ -360,6 +361,7 @@ class SVDPipeline:
                 ids,
                 sigmas,
                 sampler="sfv",
+                scales=scales,
             )
         # 4. decode
         frames = self.decode(out, g.decode_chunk_size)

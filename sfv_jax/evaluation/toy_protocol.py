@@ -97,7 +97,9 @@ class Row:
     kind: str
     steps: int
     run: str | None = None
-    guided: bool = True  # teacher rows: SVD's guidance 1 -> 3 over the frames (False: none, as SF-V samples)
+    # classifier-free guidance, SVD's 1 -> 3 over the frames. None: the sampler's own (the teacher guided, SF-V
+    # not, as in the paper); False: a teacher row without it; True: an SF-V row with it (the batch doubled)
+    guided: bool | None = None
 
     @property
     def key(self) -> str:
@@ -109,6 +111,7 @@ def all_rows() -> list[Row]:
     rows += [Row("teacher", "teacher", s) for s in TEACHER_STEPS]
     rows += [Row("teacher_unguided", "teacher", s, guided=False) for s in UNGUIDED_STEPS]
     rows += [Row("sfv", "sfv", s, "sfv") for s in SFV_STEPS]
+    rows += [Row("sfv_guided", "sfv", 1, "sfv", guided=True)]  # the toy default's generator, guided
     rows += [Row(name, "sfv", 1, name) for name in RUNS if name != "sfv"]
     return rows
 
@@ -144,7 +147,8 @@ def generate(pipe: Any, row: Row, images: np.ndarray, seeds: Sequence[int], batc
         num_inference_steps=row.steps,
         fps=FPS,
         sampler="svd" if row.kind == "teacher" else "sfv",  # the teacher with SVD's guidance 1 -> 3
-        **({} if row.guided else {"max_guidance_scale": 1.0}),  # 1 -> 1: guidance off
+        max_guidance_scale=1.0 if row.guided is False else GenerationSettings.max_guidance_scale,  # 1 -> 1: off
+        sfv_guidance=bool(row.guided),
     )
     out = []
     for i in range(0, len(images), batch):
