@@ -5,26 +5,28 @@ evaluate every row and write a report.
         [--num-videos N] [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
 
 The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``). ``--demo`` is the
-README's main job: rows real, vae, teacher 1, 4 and 25 steps, SF-V 1 step, 32 videos, a short SF-V run.
+README's main job: rows real, vae, teacher 1, 4 and 25 steps, SF-V 1 step unguided and guided, 32 videos, a
+short SF-V run.
 
-Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that
-set through the teacher's VAE: the floor of every generated row), ``teacher`` at
-1, 2, 4, 8, 16, 25 Euler steps with guidance 1 -> 3, ``sfv`` (the toy default: the paper's method without
-the reconstruction term, with temporal heads only and half of the generator's updates at sigma_max) at 1, 2, 3
-steps, ``sfv_paper`` (the paper's values: lambda 0.1, both heads, uniform levels), and the ablations at one
-step: ``sfv_both_heads`` / ``sfv_spatial`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` /
-``sfv_p1_1`` (``sfv`` is (-1, -1)), ``sfv_recon_only`` (no adversarial term), ``sfv_with_recon`` (lambda
-0.1) and the R1 variants ``sfv_r1_none`` / ``_paper`` / ``_approx`` (``sfv``: features); beyond the paper:
-the R1 weight (``sfv_r1_g10`` / ``_g100`` / ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method
-fixes (``sfv_spread``: ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at
-the paper's size (``sfv_heads128``), the adversarial game's levers (``sfv_uniform`` / ``sfv_top100``: the
-generator's levels uniform or all at sigma_max, ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``,
-``sfv_conv_in_sn``) and the previous default (``sfv_both_uniform``).
-Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the teacher, for ``--steps``
-iterations (default the config's), trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``.
-``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default, the runs' training
-seed; ``--train-seed`` trains the runs with another one under the same protocol (repeats of one row, to
-measure run-to-run spread: one workdir per training seed, the real and teacher rows copied or recomputed).
+Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that set
+through the teacher's VAE: the floor of every generated row), ``teacher`` at 1, 2, 4, 8, 16, 25 Euler steps with
+guidance 1 -> 3 (``teacher_unguided``: 4 and 25 without), ``sfv_guided`` (the toy default's one step with the
+teacher's guidance, not in the paper), ``sfv`` (the toy default: the paper's method without the reconstruction
+term, with temporal heads only and half of the generator's updates at sigma_max) at 1, 2, 3 steps, ``sfv_paper``
+(the paper's values: lambda 0.1, both heads, uniform levels), and the ablations at one step: ``sfv_both_heads``
+/ ``sfv_spatial`` heads, (P_mean, P_std) ``sfv_p-2_-1`` / ``sfv_p0_1`` / ``sfv_p1_1`` (``sfv`` is (-1, -1)),
+``sfv_recon_only`` (no adversarial term), ``sfv_with_recon`` (lambda 0.1) and the R1 variants ``sfv_r1_none`` /
+``_paper`` / ``_approx`` (``sfv``: features); beyond the paper: the R1 weight (``sfv_r1_g10`` / ``_g100`` /
+``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method fixes (``sfv_spread``:
+``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at the paper's size
+(``sfv_heads128``), the adversarial game's levers (``sfv_uniform`` / ``sfv_top100``: the generator's levels
+uniform or all at sigma_max, ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``) and the previous
+default (``sfv_both_uniform``). Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the
+teacher, for ``--steps`` iterations (default the config's), trained in ``DIR/train/<run>`` and exported to
+``DIR/models/<run>``. ``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default,
+the runs' training seed; ``--train-seed`` trains the runs with another one under the same protocol (repeats of
+one row, to measure run-to-run spread: one workdir per training seed, the real and teacher rows copied or
+recomputed).
 
 Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "train_seed", "num_videos", "rows": [{"name", "steps",
 "fvd", "motion", "sharpness", "colour", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
@@ -63,7 +65,7 @@ from sfv_jax.training.run_config import ConfigError, saved_conflicts
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
-DEMO = {"rows": "real,vae,teacher_1,teacher_4,teacher_25,sfv_1", "num_videos": 32, "steps": 300}
+DEMO = {"rows": "real,vae,teacher_1,teacher_4,teacher_25,sfv_1,sfv_guided_1", "num_videos": 32, "steps": 300}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -149,11 +151,12 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
 
 def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
     """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows and of
-    the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), 4x upscaled;
-    [] while one of them is missing."""
+    the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), then the guided
+    one step if ``rows`` has it, 4x upscaled; [] while one of them is missing."""
     one_step = [r.key for r in rows if r.kind == "sfv" and r.steps == 1]
     sfv = "sfv_1" if "sfv_1" in one_step else next(iter(one_step), None)
-    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, sfv)]
+    guided = ["sfv_guided_1"] if "sfv_guided_1" in one_step and sfv != "sfv_guided_1" else []
+    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, sfv, *guided)]
     if sfv is None or not all(p.is_file() for p in paths):
         return []
     cond = real[:GRID_VIDEOS, :1]  # the conditioning frames, as 1-frame videos
@@ -306,7 +309,9 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
     print(text)
     print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
     if videos:
-        print(f"[reproduce] side by side (conditioning | teacher 1 step | teacher 25 steps | SF-V 1 step): {videos[0]}")
+        guided = " | SF-V 1 step, guided" if "sfv_guided_1" in {r.key for r in rows} else ""
+        columns = f"conditioning | teacher 1 step | teacher 25 steps | SF-V 1 step{guided}"
+        print(f"[reproduce] side by side ({columns}): {videos[0]}")
     return 0
 
 
