@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from sfv_jax.cli import sample
-from sfv_jax.diffusion.generation import SAMPLERS, GenerationSettings
+from sfv_jax.diffusion.generation import OWN_FIELDS, SAMPLERS, GenerationSettings
 from sfv_jax.diffusion.pipeline import SVDPipeline
 
 FIELDS = [f.name for f in dataclasses.fields(GenerationSettings)]
@@ -22,9 +22,10 @@ def test_defaults_are_diffusers_svd_pipeline_defaults():
 
     theirs = inspect.signature(StableVideoDiffusionPipeline.__call__).parameters
     ours = GenerationSettings()
-    for name in FIELDS:
-        if name in ("sampler", "sfv_guidance"):  # ours only: which network samples, and whether SF-V is guided
-            continue
+    kwargs = ours.diffusers_kwargs()  # what the comparisons pass to diffusers' call: every name must be there
+    assert sorted(kwargs) == sorted(n for n in FIELDS if n not in OWN_FIELDS)
+    for name in kwargs:
+        assert name in theirs, name
         want = theirs[name].default
         if name == "num_inference_steps":  # None here: the sampler's own default, 25 for the teacher as there
             assert ours.num_inference_steps is None and ours.steps == want == 25

@@ -61,7 +61,7 @@ def bench_pipeline(args) -> dict:
         min_guidance_scale=args.min_guidance_scale,
         max_guidance_scale=args.max_guidance_scale,
     )
-    kw = {k: v for k, v in settings.as_dict().items() if k != "sampler"}  # diffusers' call: the same names
+    kw = settings.diffusers_kwargs()
 
     jax_t = median_time(
         lambda: pipe(image, latents=latents, **kw), args.repeats, args.warmup, stages=lambda: pipe.last_timings

@@ -20,6 +20,7 @@ from sfv_jax.diffusion import conditioning
 
 SAMPLERS = ("svd", "sfv", "sfv_grid")  # the teacher's Euler sampler; SF-V's on its trained levels / full grid
 DEFAULT_STEPS = {"svd": 25, "sfv": 1, "sfv_grid": 1}
+OWN_FIELDS = ("sampler", "sfv_guidance")  # ours only: which network samples and whether SF-V is guided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,11 @@ class GenerationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        """The fields diffusers' ``StableVideoDiffusionPipeline.__call__`` takes, under the same names (all but
+        ``OWN_FIELDS``): the teacher's call there, for the comparisons against the reference."""
+        return {k: v for k, v in self.as_dict().items() if k not in OWN_FIELDS}
 
     @classmethod
     def from_mapping(cls, values: Any, **overrides: Any) -> GenerationSettings:
