@@ -101,7 +101,7 @@ def test_cache_key_follows_the_model_not_its_path(tiny_pipeline_dirs, tmp_path):
     import shutil
 
     from sfv_jax.configs import eval_tiny
-    from sfv_jax.evaluation.runner import Row
+    from sfv_jax.evaluation.runner import Row, generation_settings, rows
 
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline_dirs[2], model)
@@ -115,6 +115,18 @@ def test_cache_key_follows_the_model_not_its_path(tiny_pipeline_dirs, tmp_path):
     config_file = model / "unet" / "config.json"
     config_file.write_text(config_file.read_text().replace("{", '{"changed": 1, ', 1))
     assert Row("SF-V", str(model), "sfv", 1).fingerprint != after.fingerprint
+
+    # SF-V with the teacher's guidance: its own name and cache; the teacher's rows and keys stay as they were
+    config.eval.sfv_model = config.eval.teacher_model = str(model)
+    plain = [(r, r.key(config)) for r in rows(config)]
+    config.eval.sfv_guidance = True
+    for (p, p_key), g in zip(plain, rows(config), strict=True):
+        assert generation_settings(config, g).guided
+        if g.sampler == "svd":
+            assert g == p and g.key(config) == p_key
+        else:
+            assert g.name == "SF-V guided" and g.key(config) != p_key
+            assert not generation_settings(eval_tiny.get_config(), p).guided
 
 
 def test_bad_configs_fail_cleanly(tiny_pipeline_dirs, tiny_folder_dataset, tmp_path):

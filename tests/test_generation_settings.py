@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from sfv_jax.cli import sample
+from sfv_jax.configs import toy_sfv
 from sfv_jax.diffusion.generation import OWN_FIELDS, SAMPLERS, GenerationSettings
 from sfv_jax.diffusion.pipeline import SVDPipeline
 
@@ -72,3 +73,7 @@ def test_from_a_config_section_and_the_sampler_defaults():
     assert g.decode_chunk_size is None and g.steps == 1 and not g.guided
     assert GenerationSettings(sampler="svd").guided and not GenerationSettings(max_guidance_scale=1.0).guided
     assert set(SAMPLERS) == {"svd", "sfv", "sfv_grid"}
+    sample = toy_sfv.get_config().sample  # the trainer's periodic samples: unguided, or guided when asked
+    assert not GenerationSettings.from_mapping(sample, sampler="sfv").guided
+    sample.sfv_guidance = True
+    assert GenerationSettings.from_mapping(sample, sampler="sfv").guided

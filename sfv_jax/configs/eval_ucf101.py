@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.teacher_model = ml_collections.FieldReference(None, field_type=str)  # SVD folder (diffusers/converted)
     c.eval.teacher_steps = (25, 16, 8, 4)
     c.eval.min_guidance_scale, c.eval.max_guidance_scale = 1.0, 3.0  # the teacher's per-frame guidance (SF-V: none)
+    c.eval.sfv_guidance = False  # True: the SF-V rows take that guidance too (not the paper's; 2 UNet evaluations)
     c.eval.height, c.eval.width = 576, 1024
     c.eval.motion_bucket_id = 127
     c.eval.noise_aug_strength = 0.02

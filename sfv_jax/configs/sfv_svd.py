@@ -141,4 +141,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.height, c.sample.width = 576, 1024
     c.sample.steps = 1  # sfv: the SF-V sampler's steps; diffusion: the teacher's Euler steps
     c.sample.min_guidance_scale, c.sample.max_guidance_scale = 1.0, 3.0  # diffusion: the teacher's per-frame guidance
+    c.sample.sfv_guidance = False  # sfv: True samples the generator with that guidance too (not the paper's)
     return c

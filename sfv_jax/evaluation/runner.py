@@ -83,6 +83,8 @@ class Row:
             "guidance": (e.min_guidance_scale, e.max_guidance_scale),
             "chunk_size": e.chunk_size,
         }
+        if self.sampler != "svd" and e.get("sfv_guidance", False):  # only when on: unguided rows keep their keys
+            settings["sfv_guidance"] = True
         return f"{self.name}-{self.sampler}-{self.steps}steps-{protocol.digest(settings)}"
 
 
@@ -90,8 +92,9 @@ def rows(config: ml_collections.ConfigDict) -> list[Row]:
     e = config.eval
     # 1..T_g - 1 steps on the generator's trained levels; the paper's T_g-step row ends at the untrained sigma_min
     top = edm.SFV_GRID_SIZE - 1
+    sfv_name = "SF-V guided" if e.get("sfv_guidance", False) else "SF-V"  # guided: the eval's guidance scales
     out = [
-        Row("SF-V", e.sfv_model, "sfv" if int(s) <= top else "sfv_grid", int(s))
+        Row(sfv_name, e.sfv_model, "sfv" if int(s) <= top else "sfv_grid", int(s))
         for s in (e.sfv_steps if e.sfv_model else ())
     ]
     out += [Row("SVD", e.teacher_model, "svd", int(s)) for s in (e.teacher_steps if e.teacher_model else ())]
