@@ -139,6 +139,9 @@ def test_a_rerun_that_would_mix_protocols_or_run_settings_is_refused(tmp_path):
     config = reproduce.run_config("sfv", Path("/t"), 2, 300)
     (train / "config.json").write_text(config.to_json_best_effort(indent=2))
     reproduce.check_trained_run(train, reproduce.run_config("sfv", Path("/t"), 2, 300))
+    quiet = reproduce.run_config("sfv", Path("/t"), 2, 300, diagnostics=False)  # the main job's: the same run
+    assert (quiet.heldout_every_steps, quiet.sample_every_steps) == (0, 0) and config.heldout_every_steps > 0
+    reproduce.check_trained_run(train, quiet)
     for other, pattern in [
         (reproduce.run_config("sfv_spatial", Path("/t"), 2, 300), "disc.heads: 'temporal' -> 'spatial'"),
         (reproduce.run_config("sfv", Path("/t"), 3, 300), "seed: 2 -> 3"),
