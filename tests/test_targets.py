@@ -185,3 +185,17 @@ def test_spectrally_normalised_heads_compile_for_targets(target):
 
     compiled = targets.compile(jax.jit(jax.grad(loss)), params, feats, emb, sigma, mesh=plan.mesh, rules=plan.rules)
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_guided_sfv_sampler_compiles_for_h100():
+    """``sfv-memory --sampler`` with ``sample.sfv_guidance``: SF-V's one step with the teacher's guidance
+    (the batch doubled in one UNet call), the tiny config's, compiled by XLA:GPU for one H100 (measured 12 s
+    at -O2, 9.9 MB against the unguided step's 9.5 MB)."""
+    from sfv_jax.configs import tiny
+    from sfv_jax.training.memory_plan import plan_sampler
+
+    config = tiny.get_config()
+    config.sample.sfv_guidance = True
+    record = plan_sampler(config, target="h100", log=lambda *a: None)
+    assert list(record["steps"]) == ["sample_sfv1_guided"] and record["device_kind"].startswith("NVIDIA H100")
+    assert record["peak_bytes_per_device"] > 0

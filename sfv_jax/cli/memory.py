@@ -3,6 +3,7 @@
     sfv-memory --config sfv_svd --target h100 --mesh fsdp=8          # XLA:GPU's own figures, 8 H100s
     sfv-memory --config sfv_svd --target v5p --mesh fsdp=8           # libtpu's, a v5p-8 slice (+ FLOPs)
     sfv-memory --config sfv_svd --target h100 --sampler              # SF-V's one step, 1024x576x14, one GPU
+    sfv-memory --config sfv_svd --target h100 --sampler --config.sample.sfv_guidance=True   # ... guided
     python -m sfv_jax.cli.memory --config configs/sfv_svd.py --mesh fsdp=8     # XLA:CPU estimate
 
 ``--target NAME`` (h100, h200, a100, v5p, v6e, v5e: :mod:`sfv_jax.parallel.targets`) compiles the steps

@@ -162,7 +162,8 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
 
 def plan_sampler(config, target: str | None = None, log=print) -> dict:
     """Compile the pipeline's UNet stage for one device and return its memory figures: the SF-V sampler
-    (``objective="sfv"``: ``config.sample.steps`` single-forward steps, no guidance) or the teacher
+    (``objective="sfv"``: ``config.sample.steps`` single-forward steps, no guidance; with
+    ``sample.sfv_guidance`` the teacher's guidance, the batch doubled) or the teacher
     (``"diffusion"``: ``sample.steps`` Euler steps with per-frame guidance, the batch doubled), one video of
     ``data.num_frames`` at ``sample.height`` x ``sample.width``, parameters stored in ``model.dtype``."""
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
@@ -181,10 +182,11 @@ def plan_sampler(config, target: str | None = None, log=print) -> dict:
     latent = (1, f, h, w, 4)
     noise = sds((steps, *latent) if sampler == "sfv" else latent, jnp.float32)
     n_sigmas = steps if sampler == "sfv" else steps + 1
-    scales = sds((f,), jnp.float32) if sampler == "svd" else None
+    guided = sampler == "svd" or bool(config.sample.get("sfv_guidance", False))
+    scales = sds((f,), jnp.float32) if guided else None
     args = (params, noise, sds(latent, jnp.float32), sds((1, 1, unet.config.cross_attention_dim[0]), jnp.float32))
     args += (sds((1, 3), jnp.float32), sds((n_sigmas,), jnp.float32), scales)
-    name = f"sample_{sampler}{steps}"
+    name = f"sample_{sampler}{steps}" + ("_guided" if guided and sampler == "sfv" else "")
     size = f"{f} x {config.sample.height} x {config.sample.width}"
     log(f"compiling {name}: {size}, {jnp.dtype(dtype).name} on {device.device_kind}")
     t0 = time.time()
