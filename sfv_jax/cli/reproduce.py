@@ -78,7 +78,7 @@ def run_config(
 ) -> ml_collections.ConfigDict:
     """SF-V run ``name``'s config: ``configs/toy_sfv.py`` with the run's overrides (``toy_protocol.RUNS``).
     ``diagnostics=False`` (the main job) skips the training's held-out grip and its sample at the end,
-    about 40 s of a 300-step run; neither changes what is trained (both are resume-safe settings)."""
+    70-90 s of a 300-step run on 2 cores; neither changes what is trained (both are resume-safe settings)."""
     config = toy_sfv.get_config()
     config.update_from_flattened_dict({**tp.RUNS[name], "init_from": str(teacher), "seed": seed})
     if steps is not None:
