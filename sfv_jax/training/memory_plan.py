@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import sampling_program
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
@@ -182,7 +183,7 @@ def plan_sampler(config, target: str | None = None, log=print) -> dict:
     latent = (1, f, h, w, 4)
     noise = sds((steps, *latent) if sampler == "sfv" else latent, jnp.float32)
     n_sigmas = steps if sampler == "sfv" else steps + 1
-    guided = sampler == "svd" or bool(config.sample.get("sfv_guidance", False))
+    guided = GenerationSettings.from_mapping(config.sample, sampler=sampler).guided  # the pipeline's own rule
     scales = sds((f,), jnp.float32) if guided else None
     args = (params, noise, sds(latent, jnp.float32), sds((1, 1, unet.config.cross_attention_dim[0]), jnp.float32))
     args += (sds((1, 3), jnp.float32), sds((n_sigmas,), jnp.float32), scales)
