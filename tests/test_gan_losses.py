@@ -1,6 +1,6 @@
 """The GAN terms and diagnostics of ``sfv_jax.training.losses`` beyond the paper's equations: the per-head-kind
 logit statistics, the reconstruction gradient at the generator's output (what ``loss.grad_balance`` logs) and
-the adversarial weight of Eq. 10."""
+the adversarial weight of Eq. 10, and adversarial diffusion distillation's teacher term."""
 
 from __future__ import annotations
 
@@ -51,3 +51,16 @@ def test_reconstruction_only_ablation_drops_the_adversarial_term():
     only, _ = losses.generator_loss(fake, x0_hat, x0, **kw, adv_weight=0.0)
     assert float(full) == float(aux["adv"] + 0.1 * aux["recon"])
     assert float(only) == pytest.approx(0.1 * float(aux["recon"]), rel=1e-7)
+
+
+def test_distillation_loss_is_alpha_weighted_squared_error_without_gradient_into_the_target():
+    """mean_b alpha(sigma_b) mean (x - t)^2 with alpha = 1 / sqrt(1 + sigma^2); the gradient reaches the student's
+    output only (the teacher's target is a constant)."""
+    x = jnp.asarray([[1.0, 2.0], [0.0, 0.0]])
+    t = jnp.asarray([[0.0, 0.0], [3.0, -1.0]])
+    sigma = jnp.asarray([0.0, np.sqrt(3.0)])  # alpha 1 and 1/2
+    want = 0.5 * ((1 + 4) / 2 * 1.0 + (9 + 1) / 2 * 0.5)
+    assert float(losses.distillation_loss(x, t, sigma)) == pytest.approx(want)
+    gx, gt = jax.grad(losses.distillation_loss, argnums=(0, 1))(x, t, sigma)
+    np.testing.assert_allclose(np.asarray(gx), 0.5 * np.asarray([[1.0, 2.0], [-1.5, 0.5]]), rtol=1e-6)
+    assert not np.any(np.asarray(gt))

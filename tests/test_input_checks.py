@@ -148,6 +148,7 @@ def test_model_index_that_is_not_json(tiny_pipeline_dirs, tmp_path, capsys):
         ("opt.weight_decay", -1.0, "opt.weight_decay=-1.0: must be >= 0"),
         ("loss.sigma_max_prob", 1.5, "loss.sigma_max_prob=1.5: must be a probability"),
         ("opt.disc_updates", 0, "opt.disc_updates=0: must be a whole number >= 1"),
+        ("loss.distill_weight", -1.0, "loss.distill_weight=-1.0: must be >= 0"),
         ("disc.feature_maps", "pixels", "disc.feature_maps='pixels': must be one of"),
         ("heldout_steps", 0, "heldout_steps=0: must be >= 1"),
     ],

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import all_finite, to_host, trees_equal
@@ -121,6 +122,52 @@ def test_grad_balance_only_adds_metrics(setup):
     assert "g_adv_out_grad" not in out[False][1]
     for name in ("g_adv_out_grad", "g_recon_out_grad"):
         assert np.isfinite(float(out[True][1][name])) and float(out[True][1][name]) > 0, name
+
+
+def test_distillation_term_adds_the_guided_teacher_pull(setup):
+    """``loss.distill_weight``: the run keeps the whole teacher frozen (the layout's backbone has its decoder too);
+    the generator's loss gains weight x the term and nothing else (its noise has its own stream, so the
+    adversarial term is the same to the bit); the term's target is the teacher's guidance as the sampler
+    computes it (pipeline.velocity_fn, SVD's per-frame scales)."""
+    from sfv_jax.diffusion import edm, pipeline, samplers
+    from sfv_jax.training.discriminator import backbone_subset
+
+    steps, state, batch, config = setup["steps"], setup["state"], setup["batch"], setup["config"]
+    on = copy.deepcopy(config)
+    on.loss.distill_weight = 2.0
+    lay = make_layout(on, sharding.Plan.from_config(on), *build_modules(on))
+    assert set(lay.backbone_shardings) == set(backbone_subset(state.unet_params(), whole=True))
+    assert any(k.startswith("up_blocks") for k in lay.backbone_shardings)
+    assert not any(k.startswith("up_blocks") for k in setup["backbone"])
+
+    teacher = backbone_param_subset(state.unet_params(), whole=True)
+    micro = jax.tree.map(lambda v: v[0], batch)
+    key = jax.random.PRNGKey(5)
+    out = {}
+    for weight in (0.0, 2.0):
+        cfg = dataclasses.replace(steps.cfg, distill_weight=weight)
+        fn = jax.jit(functools.partial(train_steps.generator_loss_fn, models=steps.models, cfg=cfg))
+        out[weight] = fn(state.generator, micro, state.frozen, teacher, state.heads, key)
+    (loss0, m0), (loss2, m2) = out[0.0], out[2.0]
+    assert "g_distill" not in m0 and float(m2["g_distill"]) > 0
+    assert float(m2["g_adv"]) == float(m0["g_adv"])
+    assert float(loss2) == pytest.approx(float(loss0) + 2.0 * float(m2["g_distill"]), rel=1e-6)
+
+    cond = train_steps.conditioning(micro)
+    x = jax.random.normal(jax.random.PRNGKey(1), micro["latents"].shape)
+    scales = samplers.guidance_scales(1.0, 3.0, x.shape[1])
+    sigma = 1.7
+    got = train_steps.guided_denoise(steps.models.unet, teacher, x, jnp.full((x.shape[0],), sigma), cond, scales)
+    velocity = pipeline.velocity_fn(
+        steps.models.unet,
+        teacher,
+        cond["image_latents"][:, None].repeat(x.shape[1], 1),
+        cond["image_embeds"][:, None],
+        cond["added_time_ids"],
+        scales,
+    )
+    want = edm.denoise(velocity, x, jnp.float32(sigma))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_a_frozen_generator_gives_a_growing_margin(setup):

@@ -124,7 +124,8 @@ def test_resume_with_another_config_is_refused_before_writing(tmp_path, tiny_fol
     safe.mesh.data = 1
     assert resume_conflicts(saved, safe) == []
     # a workdir from before a setting existed resumes while the setting keeps the value its absence meant
-    added = (("opt", "disc_updates"), ("loss", "sigma_max_prob"), ("disc", "spectral_norm"), ("disc", "feature_maps"))
+    added = [("opt", "disc_updates"), ("loss", "sigma_max_prob"), ("disc", "spectral_norm"), ("disc", "feature_maps")]
+    added += [("loss", f"distill_{name}") for name in ("weight", "min_guidance", "max_guidance")]
     for section, name in added:
         del saved[section][name]
     assert resume_conflicts(saved, safe) == []

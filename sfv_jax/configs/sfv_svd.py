@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.parallel import sharding
 
 
@@ -118,6 +119,14 @@ def get_config() -> ml_collections.ConfigDict:
     # log g_adv_out_grad / g_recon_out_grad: each generator term's gradient norm at x0_hat (one more
     # discriminator backward pass per micro-batch)
     c.loss.grad_balance = False
+    # beyond the paper: adversarial diffusion distillation's teacher term (ADD, Sauer et al. 2023), the
+    # generator's output renoised at the teacher's training levels (diffusion.p_mean / p_std) and pulled towards
+    # the frozen teacher's guided denoising of it; its weight (0: off, the paper) and the teacher's per-frame
+    # guidance (the teacher sampler's defaults). On, the run keeps the whole teacher UNet frozen, not only its
+    # encoder, and each generator step runs it once on a doubled batch
+    c.loss.distill_weight = 0.0
+    c.loss.distill_min_guidance = GenerationSettings.min_guidance_scale
+    c.loss.distill_max_guidance = GenerationSettings.max_guidance_scale
 
     c.opt = ml_collections.ConfigDict()
     # None: the objective's default (sfv: "sm3", the paper's; diffusion: "adamw"); or "sm3" | "adamw"

@@ -270,14 +270,16 @@ def discriminator_logits(
     return heads.apply({"params": head_params}, feats, cond["image_embeds"], sigma)
 
 
-def backbone_subset(unet_tree: Any) -> dict:
+def backbone_subset(unet_tree: Any, whole: bool = False) -> dict:
     """The entries of a UNet parameter tree (or a tree of its shardings, shapes ...) that
-    ``UNetSpatioTemporal.encode`` reads: embeddings, conv_in, down blocks (a view, nothing copied)."""
+    ``UNetSpatioTemporal.encode`` reads: embeddings, conv_in, down blocks (a view, nothing copied).
+    ``whole``: every entry, the whole frozen teacher (the generator step's distillation term runs all of it;
+    the discriminator still reads only its encoder)."""
     keep = ("conv_in", "time_embedding", "add_embedding")
-    return {k: v for k, v in unet_tree.items() if k in keep or k.startswith("down_blocks_")}
+    return {k: v for k, v in unet_tree.items() if whole or k in keep or k.startswith("down_blocks_")}
 
 
-def backbone_param_subset(unet_params: Any) -> dict:
-    """A copy of :func:`backbone_subset` of the parameters: the frozen backbone. It is a copy, not a view:
-    the generator's own buffers are updated (and donated) by every step, the backbone's never change."""
-    return jax.tree.map(jnp.copy, backbone_subset(unet_params))
+def backbone_param_subset(unet_params: Any, whole: bool = False) -> dict:
+    """A copy of :func:`backbone_subset` of the parameters: the frozen backbone (or teacher). It is a copy, not
+    a view: the generator's own buffers are updated (and donated) by every step, the backbone's never change."""
+    return jax.tree.map(jnp.copy, backbone_subset(unet_params, whole))

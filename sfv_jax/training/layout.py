@@ -66,6 +66,12 @@ def build_modules(config: ml_collections.ConfigDict, *, svd_defaults: bool = Fal
     )
 
 
+def whole_teacher(config: ml_collections.ConfigDict) -> bool:
+    """Whether the frozen copy an SF-V run keeps is the whole teacher UNet (the distillation term,
+    ``loss.distill_weight`` > 0, runs it) rather than the discriminator's backbone, its encoder."""
+    return config.objective == "sfv" and config.loss.distill_weight > 0
+
+
 @dataclasses.dataclass
 class Layout:
     """Everything about a run's arrays but the arrays: modules, optimizers and the shardings (on
@@ -151,7 +157,7 @@ def make_layout(
             jax.random.PRNGKey(0),
         )
         head_abs, head_sh = nn.meta.unbox(head_boxed), plan.param_shardings(head_boxed)
-        backbone_sh = backbone_subset(unet_sh)
+        backbone_sh = backbone_subset(unet_sh, whole_teacher(config))
     else:  # the diffusion objective: no discriminator, no frozen backbone
         head_abs, head_sh, backbone_sh = {}, {}, {}
     (train_abs, frozen_abs), (train_sh, frozen_sh) = (
@@ -267,8 +273,10 @@ def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
     )
     head_params = init_heads(jax.random.fold_in(key, 2))
     subset = programs.jitted(
-        ("backbone", programs.shardings_key(lay.backbone_shardings)),
-        lambda: jax.jit(backbone_param_subset, out_shardings=lay.backbone_shardings),
+        ("backbone", whole_teacher(config), programs.shardings_key(lay.backbone_shardings)),
+        lambda: jax.jit(
+            functools.partial(backbone_param_subset, whole=whole_teacher(config)), out_shardings=lay.backbone_shardings
+        ),
     )
     backbone = subset(unet_params)
     return unet_params, vae_params, clip_params, head_params, backbone

@@ -69,6 +69,17 @@ def generator_loss(
     return adv_weight * adv + recon_weight * recon, {"adv": adv, "recon": recon}
 
 
+def distillation_loss(x0_hat: jax.Array, target: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Adversarial diffusion distillation's teacher term (Sauer et al. 2023, ADD Eq. 4; not in SF-V): the
+    student's output pulled towards the teacher's guided denoising of it, renoised at ``sigma`` [B]:
+    mean over samples of alpha(sigma) * mean over elements (x0_hat - sg[target])^2, alpha = 1 / sqrt(1 + sigma^2)
+    (ADD's c(t) = alpha_t: high noise, where the teacher's estimate is a blur, weighs least). ``x0_hat``,
+    ``target`` [B, F, h, w, C]; no gradient flows into ``target``."""
+    d = _up(x0_hat) - jax.lax.stop_gradient(_up(target))
+    per_sample = jnp.mean((d * d).reshape(d.shape[0], -1), axis=1)
+    return jnp.mean(per_sample / jnp.sqrt(1.0 + _up(sigma) ** 2))
+
+
 def head_statistics(
     real_logits: Sequence[jax.Array], fake_logits: Sequence[jax.Array], kinds: Sequence[str]
 ) -> dict[str, jax.Array]:

@@ -26,7 +26,7 @@ from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
 from sfv_jax.training import heldout
 from sfv_jax.training.discriminator import backbone_subset
-from sfv_jax.training.layout import build_modules, make_layout
+from sfv_jax.training.layout import build_modules, make_layout, whole_teacher
 
 GB = 1e9
 
@@ -106,7 +106,7 @@ def plan_memory(config, mesh_spec: str | None = None, log=print, target: str | N
     state, batch = lay.abstract_state, lay.abstract_batch(config)
     backbone = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        backbone_subset(state.unet_params()) if lay.backbone_shardings else {},
+        backbone_subset(state.unet_params(), whole_teacher(config)) if lay.backbone_shardings else {},
         lay.backbone_shardings,
     )
     log(

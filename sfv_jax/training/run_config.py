@@ -112,6 +112,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "loss.sigma_max_prob",
         "must be a probability in [0, 1] or None (uniform over the generator's levels)",
     )
+    need(config.loss.distill_weight >= 0, "loss.distill_weight", "must be >= 0 (0: no distillation term)")
     if config.objective == "sfv":
         need(
             1 <= config.sample.steps < config.loss.generator_grid,
@@ -169,6 +170,9 @@ ADDED_SETTINGS = {
     "disc.spectral_norm": False,
     "opt.disc_updates": 1,
     "disc.feature_maps": "blocks",
+    "loss.distill_weight": 0.0,
+    "loss.distill_min_guidance": 1.0,
+    "loss.distill_max_guidance": 3.0,
 }
 
 

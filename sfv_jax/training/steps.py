@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sfv_jax.diffusion import edm
+from sfv_jax.diffusion import edm, samplers
 from sfv_jax.training import losses, param_groups, programs
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_features, discriminator_logits
 
@@ -85,6 +85,12 @@ class StepConfig:
     ema_rate: float
     nonfinite: str  # NONFINITE_POLICIES
     disc_updates: int  # discriminator updates per generator update (paper: 1)
+    # ADD's teacher term (losses.distillation_loss; not in the paper, 0: off): its weight and the teacher's
+    # per-frame guidance, first and last frame; the renoising levels are the teacher's training levels
+    # (``diffusion.p_mean`` / ``p_std``)
+    distill_weight: float
+    distill_min_guidance: float
+    distill_max_guidance: float
 
     @classmethod
     def from_config(cls, config: Any) -> StepConfig:
@@ -101,6 +107,12 @@ class StepConfig:
     @property
     def has_discriminator(self) -> bool:
         return self.objective == "sfv"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the generator step runs the whole frozen teacher UNet (the distillation term), not only
+        its encoder (the discriminator's backbone)."""
+        return self.has_discriminator and self.distill_weight > 0
 
 
 @flax.struct.dataclass
@@ -191,6 +203,43 @@ def generate(unet: nn.Module, params: Any, x_t: jax.Array, sigma: jax.Array, con
     return edm.denoise(velocity, x_t, sigma)
 
 
+def guided_denoise(unet: nn.Module, params: Any, x: jax.Array, sigma: jax.Array, cond: dict, scales: jax.Array):
+    """The teacher's classifier-free-guided denoiser D_u + g_f (D_c - D_u) (the pipeline's guidance, applied to
+    D instead of the velocity: the same, D being affine in it with coefficients shared by both halves). One
+    forward pass of the doubled batch [uncond, cond]; ``x`` [B, F, h, w, C], ``sigma`` [B], ``scales`` [F]."""
+    b = x.shape[0]
+    null_latents, null_embeds = samplers.null_condition(cond["image_latents"], cond["image_embeds"])
+    both = {
+        "image_latents": jnp.concatenate([null_latents, cond["image_latents"]]),
+        "image_embeds": jnp.concatenate([null_embeds, cond["image_embeds"]]),
+        "added_time_ids": jnp.concatenate([cond["added_time_ids"], cond["added_time_ids"]]),
+    }
+    d = generate(unet, params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), both)
+    return samplers.apply_guidance(d[:b], d[b:], scales)
+
+
+# the distillation term's sigma and eps: fold_in(key, DISTILL_NOISE_STREAM) then per sample; above every sample
+# index, whose fold_in(key, index) draws the other terms' noise
+DISTILL_NOISE_STREAM = 2**31 - 1
+
+
+def distillation_term(x0_hat: jax.Array, micro: dict, teacher: Any, key: jax.Array, *, models: Models, cfg: StepConfig):
+    """ADD's teacher term on one micro-batch (losses.distillation_loss): x0_hat renoised at sigma ~ the teacher's
+    training levels, the frozen teacher's guided denoising of it the target. ``teacher``: the whole frozen UNet
+    tree. Draws from their own stream, so the other terms' noise is the same with the term on or off."""
+    k_sigma, k_eps = jax.random.split(jax.random.fold_in(key, DISTILL_NOISE_STREAM))
+    sigma = jax.vmap(
+        lambda i: losses.sample_training_sigma(
+            jax.random.fold_in(k_sigma, i), (), cfg.diffusion.p_mean, cfg.diffusion.p_std
+        )
+    )(micro["index"])
+    eps = per_sample_normal(k_eps, micro["index"], x0_hat.shape[1:])
+    noisy = jax.lax.stop_gradient(x0_hat) + sigma[:, None, None, None, None] * eps
+    scales = samplers.guidance_scales(cfg.distill_min_guidance, cfg.distill_max_guidance, x0_hat.shape[1])
+    target = guided_denoise(models.unet, teacher, noisy, sigma, conditioning(micro), scales)
+    return losses.distillation_loss(x0_hat, target, sigma)
+
+
 def _huber_c(cfg: StepConfig, x0: jax.Array) -> float:
     return cfg.huber_c if cfg.huber_c is not None else losses.pseudo_huber_c(x0[0].size)
 
@@ -213,6 +262,10 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
         d(x0_hat), x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0), adv_weight=cfg.adv_weight
     )
     metrics = {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
+    if cfg.needs_teacher:  # ``backbone`` is the whole teacher then (discriminator.frozen_teacher)
+        distill = distillation_term(x0_hat, micro, backbone, key, models=models, cfg=cfg)
+        loss = loss + cfg.distill_weight * distill
+        metrics |= {"g_loss": loss, "g_distill": distill}
     if cfg.grad_balance:
         # which term drives the generator: each term's gradient norm at its output x0_hat (one more
         # backward pass through the discriminator; not through the generator)
@@ -221,6 +274,9 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
         g_rec = jax.grad(lambda x: losses.pseudo_huber_loss(x, x0, _huber_c(cfg, x0)))(out)
         metrics["g_adv_out_grad"] = optax.tree.norm(g_adv)
         metrics["g_recon_out_grad"] = cfg.recon_weight * optax.tree.norm(g_rec)
+        if cfg.needs_teacher:
+            g_dis = jax.grad(lambda x: distillation_term(x, micro, backbone, key, models=models, cfg=cfg))(out)
+            metrics["g_distill_out_grad"] = cfg.distill_weight * optax.tree.norm(g_dis)
     return loss, metrics
 
 
