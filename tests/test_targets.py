@@ -87,13 +87,14 @@ def test_paper_unet_settings_compile_for_h100():
 @pytest.mark.parametrize(
     ("target", "mesh", "flags", "steps"),
     [
-        ("h100", "fsdp=8", (), ("g_grads", "d_update", "heldout")),
+        ("h100", "fsdp=8", ("--config.loss.distill_weight=1.0",), ("g_grads", "d_update", "heldout")),
         ("v5p", "fsdp=4", ("--config.objective=diffusion",), ("g_grads",)),
     ],
 )
 def test_tiny_config_compiles_for_targets(target, mesh, flags, steps):
     """``sfv-memory --target``: the tiny config's generator step (SF-V's on a GPU target: UNet, heads and
-    losses; the diffusion objective's on a TPU target), SF-V's discriminator update (its scalar arguments
+    losses, with the teacher term too, so the whole frozen teacher's guided pass; the diffusion objective's on
+    a TPU target), SF-V's discriminator update (its scalar arguments
     passed abstract, replicated on the target's mesh: 8 s) and its held-out grip, compiled by the target's
     compiler, per-device figures from it, the target's memory as the limit, the last line the peak. (The other steps and
     configs compile in ``sfv-targets``'s table; here the compile time is CI's. At XLA's usual -O2: the GPU

@@ -170,6 +170,31 @@ def test_distillation_term_adds_the_guided_teacher_pull(setup):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+def test_guidance_objective_regresses_onto_the_guided_start(setup):
+    """objective="guidance": no heads, the whole start kept frozen; its loss is the student's squared distance to
+    the start's guided output, so a student equal to its start has loss 0 exactly at guidance 1 (the guided output
+    is then the conditional one) and a positive loss at the teacher's 1 -> 3."""
+    steps, state, batch, config = setup["steps"], setup["state"], setup["batch"], setup["config"]
+    cfg_config = copy.deepcopy(config)
+    cfg_config.objective = "guidance"
+    lay = make_layout(cfg_config, sharding.Plan.from_config(cfg_config), *build_modules(cfg_config))
+    assert lay.head_shardings == {} and any(k.startswith("up_blocks") for k in lay.backbone_shardings)
+    assert lay.steps(cfg_config).d_grads is None
+    with pytest.raises(ConfigError, match="init_from=None: the guidance objective distils a trained generator"):
+        check_config(cfg_config)
+    cfg_config.init_from = "runs/sfv_export"
+    check_config(cfg_config)
+
+    start = backbone_param_subset(state.unet_params(), whole=True)
+    micro = jax.tree.map(lambda v: v[0], batch)
+    losses_at = {}
+    for top in (1.0, 3.0):
+        cfg = dataclasses.replace(steps.cfg, objective="guidance", distill_min_guidance=1.0, distill_max_guidance=top)
+        fn = jax.jit(functools.partial(train_steps.guidance_loss_fn, models=steps.models, cfg=cfg))
+        losses_at[top] = float(fn(state.generator, micro, state.frozen, start, {}, jax.random.PRNGKey(3))[0])
+    assert losses_at[1.0] == pytest.approx(0.0, abs=1e-10) and losses_at[3.0] > 1e-6
+
+
 def test_a_frozen_generator_gives_a_growing_margin(setup):
     """Discriminator updates only (the generator frozen): the held-out grip (``training.heldout.grip``: 8
     fixed clips, each at every generator level, fixed sigma' and noise) has per-level margins (score(fake) -

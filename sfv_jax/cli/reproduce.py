@@ -91,8 +91,11 @@ def run_config(
 
 
 def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None, diagnostics: bool = True) -> Path:
-    """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder."""
+    """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder. A run
+    with a start in ``toy_protocol.RUN_STARTS`` trains that run first and starts from its export."""
     out = workdir / "models" / name
+    if start := tp.RUN_STARTS.get(name):
+        teacher = train_run(workdir, start, teacher, seed, steps, diagnostics)
     config = run_config(name, teacher, seed, steps, diagnostics)
     if out.is_dir():
         check_trained_run(workdir / "train" / name, config)

@@ -87,9 +87,17 @@ RUNS: dict[str, dict[str, Any]] = {
     # of the generator's renoised output), weighted so that its gradient at the generator's output matches the
     # adversarial term's (about 10x: 0.0026 against 0.027 at weight 1, 20 steps of seed 2)
     "sfv_distill": {"loss.distill_weight": 10.0},
+    # beyond the paper: guidance distillation (objective "guidance") of the toy default's trained generator, its
+    # start (RUN_STARTS): the student regresses onto that generator sampled with the teacher's guidance 1 -> 3,
+    # so one conditional pass, without guidance at sampling, gives what the guided row gives with two
+    "sfv_cfg": {"objective": "guidance"},
     # the default before the heads and the levels were chosen: both heads, uniform levels, lambda 0
     "sfv_both_uniform": BOTH_UNIFORM,
 }
+
+
+# runs that start from another run's trained generator instead of the teacher (the start is trained first)
+RUN_STARTS = {"sfv_cfg": "sfv"}
 
 
 @dataclasses.dataclass(frozen=True)

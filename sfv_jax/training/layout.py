@@ -69,7 +69,7 @@ def build_modules(config: ml_collections.ConfigDict, *, svd_defaults: bool = Fal
 def whole_teacher(config: ml_collections.ConfigDict) -> bool:
     """Whether the frozen copy an SF-V run keeps is the whole teacher UNet (the distillation term,
     ``loss.distill_weight`` > 0, runs it) rather than the discriminator's backbone, its encoder."""
-    return config.objective == "sfv" and config.loss.distill_weight > 0
+    return config.objective == "guidance" or (config.objective == "sfv" and config.loss.distill_weight > 0)
 
 
 @dataclasses.dataclass
@@ -158,8 +158,9 @@ def make_layout(
         )
         head_abs, head_sh = nn.meta.unbox(head_boxed), plan.param_shardings(head_boxed)
         backbone_sh = backbone_subset(unet_sh, whole_teacher(config))
-    else:  # the diffusion objective: no discriminator, no frozen backbone
-        head_abs, head_sh, backbone_sh = {}, {}, {}
+    else:  # no discriminator; the guidance objective's frozen start, the diffusion objective nothing frozen
+        head_abs, head_sh = {}, {}
+        backbone_sh = backbone_subset(unet_sh, whole=True) if whole_teacher(config) else {}
     (train_abs, frozen_abs), (train_sh, frozen_sh) = (
         param_groups.split(t, config.trainable) for t in (unet_abs, unet_sh)
     )
@@ -259,19 +260,21 @@ def init_params(config: ml_collections.ConfigDict, lay: Layout, key: jax.Array):
     else:
         unet_params = _random_init(lay.unet, k_unet, lay.unet_shardings)
     vae_params, clip_params = frozen_encoders(config, lay.vae, lay.clip, key)
-    if config.objective != "sfv":  # no discriminator
+    if not lay.backbone_shardings:  # the diffusion objective: no discriminator, nothing frozen to copy
         return unet_params, vae_params, clip_params, {}, {}
-    d, f = config.data, lay.vae.config.downsample_factor
-    kw = dict(embed_dim=lay.clip.config.projection_dim, latent_hw=(d.height // f, d.width // f))
-    backbone_shapes = jax.eval_shape(backbone_subset, unet_params)  # the heads' init needs only its shapes
-    init_heads = programs.jitted(
-        ("init_heads", lay.heads, lay.unet, tuple(kw.items()), programs.shardings_key(lay.head_shardings)),
-        lambda: jax.jit(
-            lambda k: nn.meta.unbox(_init_heads(lay.heads, lay.unet, backbone_shapes, k, **kw)),
-            out_shardings=lay.head_shardings,
-        ),
-    )
-    head_params = init_heads(jax.random.fold_in(key, 2))
+    head_params = {}
+    if config.objective == "sfv":
+        d, f = config.data, lay.vae.config.downsample_factor
+        kw = dict(embed_dim=lay.clip.config.projection_dim, latent_hw=(d.height // f, d.width // f))
+        backbone_shapes = jax.eval_shape(backbone_subset, unet_params)  # the heads' init needs only its shapes
+        init_heads = programs.jitted(
+            ("init_heads", lay.heads, lay.unet, tuple(kw.items()), programs.shardings_key(lay.head_shardings)),
+            lambda: jax.jit(
+                lambda k: nn.meta.unbox(_init_heads(lay.heads, lay.unet, backbone_shapes, k, **kw)),
+                out_shardings=lay.head_shardings,
+            ),
+        )
+        head_params = init_heads(jax.random.fold_in(key, 2))
     subset = programs.jitted(
         ("backbone", whole_teacher(config), programs.shardings_key(lay.backbone_shardings)),
         lambda: jax.jit(

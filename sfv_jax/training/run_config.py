@@ -113,7 +113,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "must be a probability in [0, 1] or None (uniform over the generator's levels)",
     )
     need(config.loss.distill_weight >= 0, "loss.distill_weight", "must be >= 0 (0: no distillation term)")
-    if config.objective == "sfv":
+    need(
+        config.objective != "guidance" or bool(config.init_from),
+        "init_from",
+        "the guidance objective distils a trained generator: name its pipeline folder",
+    )
+    if config.objective in ("sfv", "guidance"):
         need(
             1 <= config.sample.steps < config.loss.generator_grid,
             "sample.steps",

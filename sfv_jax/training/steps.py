@@ -38,9 +38,18 @@ from sfv_jax.training import losses, param_groups, programs
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_features, discriminator_logits
 
 NONFINITE_POLICIES = ("skip", "halt")
-OBJECTIVES = ("sfv", "diffusion")
+# sfv        SF-V (the paper): generator and discriminator steps
+# diffusion  SVD's denoising loss (fine-tuning SVD, training a teacher)
+# guidance   guidance distillation of a trained generator (beyond the paper): the student regresses onto the frozen
+#            start's classifier-free-guided output, so one conditional pass gives what guided sampling gives
+OBJECTIVES = ("sfv", "diffusion", "guidance")
+SAMPLER = {"sfv": "sfv", "diffusion": "svd", "guidance": "sfv"}  # the sampler of the model each objective trains
 OPTIMIZERS = ("sm3", "adamw")
-DEFAULT_OPTIMIZER = {"sfv": "sm3", "diffusion": "adamw"}  # config opt.optimizer = None: the objective's
+DEFAULT_OPTIMIZER = {
+    "sfv": "sm3",
+    "diffusion": "adamw",
+    "guidance": "adamw",
+}  # config opt.optimizer = None: the objective's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +119,9 @@ class StepConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether the generator step runs the whole frozen teacher UNet (the distillation term), not only
-        its encoder (the discriminator's backbone)."""
-        return self.has_discriminator and self.distill_weight > 0
+        """Whether the generator step runs a whole frozen UNet (SF-V's distillation term; the guidance objective's
+        frozen start), not only the teacher's encoder (the discriminator's backbone) or nothing."""
+        return self.objective == "guidance" or (self.has_discriminator and self.distill_weight > 0)
 
 
 @flax.struct.dataclass
@@ -365,6 +374,25 @@ def diffusion_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
     return loss, {"g_loss": loss, "cond_dropped": jnp.mean((n["drop_embed"] | n["drop_latent"]).astype(jnp.float32))}
 
 
+def guidance_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, key, *, models: Models, cfg: StepConfig):
+    """Guidance distillation on one micro-batch (Meng et al. 2023, for the SF-V generator): x_t = x0 + sigma eps at
+    SF-V's generator levels (``sample_noise``: the same draws as SF-V's), target = the frozen start's guided
+    output (:func:`guided_denoise`, per frame ``distill_min_guidance`` -> ``distill_max_guidance``), loss = mean
+    squared error of the student's conditional output against it. The target is a fixed function of x_t and the
+    conditioning, so the regression has no blur to average over. ``backbone`` is the frozen start (the whole
+    UNet); ``head_params`` is unused."""
+    del head_params
+    x0 = micro["latents"].astype(jnp.float32)
+    n = sample_noise(key, micro["index"], x0.shape[1:], cfg)
+    cond = conditioning(micro)
+    x_t = x0 + n["sigma_g"][:, None, None, None, None] * n["eps_g"]
+    scales = samplers.guidance_scales(cfg.distill_min_guidance, cfg.distill_max_guidance, x0.shape[1])
+    target = jax.lax.stop_gradient(guided_denoise(models.unet, backbone, x_t, n["sigma_g"], cond, scales))
+    out = generate(models.unet, param_groups.merge(gen_params, frozen), x_t, n["sigma_g"], cond)
+    loss = jnp.mean(jnp.square(out - target))
+    return loss, {"g_loss": loss}
+
+
 def denoising_losses(unet: nn.Module, params: Any, micro: dict, sigmas: Any, key: jax.Array) -> jax.Array:
     """The held-out measure of a diffusion model: the EDM-weighted denoising loss of one micro-batch at
     each fixed noise level of ``sigmas`` [n], no conditioning dropout, eps from ``fold_in(key, index)``
@@ -447,7 +475,7 @@ def generator_grads(
 ) -> tuple[Any, dict]:
     """Mean gradient of the objective's generator loss over the micro-batches (the UNet's trained
     parameters only; frozen parameters, heads and backbone are inputs)."""
-    fn = generator_loss_fn if cfg.objective == "sfv" else diffusion_loss_fn
+    fn = {"sfv": generator_loss_fn, "diffusion": diffusion_loss_fn, "guidance": guidance_loss_fn}[cfg.objective]
     loss_fn = functools.partial(fn, models=models, cfg=cfg)
     return accumulate_grads(loss_fn, state.generator, batch, state.frozen, backbone, state.heads, _step_key(state, 0))
 
@@ -456,8 +484,8 @@ def generator_update(
     state: TrainState, grads: Any, metrics: dict, *, cfg: StepConfig, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict]:
     """Optimizer update of the generator and its EMA. A non-finite loss or gradient leaves the state
-    unchanged (``g_finite`` = 0, ``skipped`` + 1). Without a discriminator step (the diffusion objective)
-    the iteration counter advances here."""
+    unchanged (``g_finite`` = 0, ``skipped`` + 1). Without a discriminator step (the diffusion and guidance
+    objectives) the iteration counter advances here."""
 
     def ema(new_params, keep=False):
         return state.ema if keep else ema_update(state.ema, new_params, cfg.ema_rate)

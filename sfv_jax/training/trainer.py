@@ -1,7 +1,8 @@
 """The trainer, top to bottom: config check -> logging -> data -> models -> steps -> restore -> loop.
 
-One trainer for both objectives (``config.objective``): ``sfv`` (SF-V's generator and discriminator
-steps) and ``diffusion`` (SVD's denoising loss: fine-tuning SVD, training a teacher); the objective is
+One trainer for every objective (``config.objective``): ``sfv`` (SF-V's generator and discriminator
+steps), ``diffusion`` (SVD's denoising loss: fine-tuning SVD, training a teacher) and ``guidance`` (a
+trained generator's guided output distilled into one conditional pass); the objective is
 the steps' pure loss function and the parameters it trains (``sfv_jax.training.steps``), and
 ``config.trainable`` picks the UNet parameters that train (``sfv_jax.training.param_groups``).
 
@@ -179,7 +180,7 @@ class SampleWriter:
             fps=d.fps,
             motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
             noise_aug_strength=d.noise_aug_strength,
-            sampler="sfv" if config.objective == "sfv" else "svd",
+            sampler=train_steps.SAMPLER[config.objective],
         )
 
     def __call__(self, state: train_steps.TrainState, step: int) -> None:
