@@ -57,6 +57,23 @@ def test_every_run_overrides_the_toy_config():
         assert any(base.get(key) != value for key, value in overrides.items()) or name == "sfv", name  # None: absent
 
 
+def test_a_run_with_a_start_trains_it_first_and_starts_from_its_export(tmp_path, monkeypatch):
+    """``toy_protocol.RUN_STARTS``: ``sfv_cfg`` (the guidance objective) trains the toy default first and
+    distils its export; the start's export is reused, not trained again, by a later row."""
+    assert all(start in tp.RUNS and name in tp.RUNS for name, start in tp.RUN_STARTS.items())
+    trained = []
+
+    def fake_train(config, workdir):
+        trained.append((Path(workdir).name, config.objective, config.init_from))
+
+    monkeypatch.setattr(reproduce.trainer, "train", fake_train)
+    monkeypatch.setattr(reproduce.export, "export_run", lambda run, out: Path(out).mkdir(parents=True))
+    teacher = tmp_path / "teacher"
+    out = reproduce.train_run(tmp_path, "sfv_cfg", teacher, 2, 300)
+    assert out == tmp_path / "models" / "sfv_cfg"
+    assert trained == [("sfv", "sfv", str(teacher)), ("sfv_cfg", "guidance", str(tmp_path / "models" / "sfv"))]
+
+
 def test_size_presets():
     """``--quick`` / ``--demo`` resolve their defaults; explicit flags win. (The report, grids and resume are
     checked on the shipped teacher's report in tests/test_toy_teacher.py.)"""

@@ -85,7 +85,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "sfv_b16": {"data.accum_steps": 4},
     # beyond the paper: adversarial diffusion distillation's teacher term (the frozen teacher's guided denoising
     # of the generator's renoised output), weighted so that its gradient at the generator's output matches the
-    # adversarial term's (about 10x: 0.0026 against 0.027 at weight 1, 20 steps of seed 2)
+    # adversarial term's (about 10x: 0.0026 against 0.027 at weight 1, 20 steps of seed 2). Measured worse than
+    # the default on seeds 2 and 3 (less motion, no more colour: docs/reproduction.md)
     "sfv_distill": {"loss.distill_weight": 10.0},
     # beyond the paper: guidance distillation (objective "guidance") of the toy default's trained generator, its
     # start (RUN_STARTS): the student regresses onto that generator sampled with the teacher's guidance 1 -> 3,
