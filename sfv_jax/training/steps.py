@@ -45,11 +45,8 @@ NONFINITE_POLICIES = ("skip", "halt")
 OBJECTIVES = ("sfv", "diffusion", "guidance")
 SAMPLER = {"sfv": "sfv", "diffusion": "svd", "guidance": "sfv"}  # the sampler of the model each objective trains
 OPTIMIZERS = ("sm3", "adamw")
-DEFAULT_OPTIMIZER = {
-    "sfv": "sm3",
-    "diffusion": "adamw",
-    "guidance": "adamw",
-}  # config opt.optimizer = None: the objective's
+# config opt.optimizer = None: the objective's
+DEFAULT_OPTIMIZER = {"sfv": "sm3", "diffusion": "adamw", "guidance": "adamw"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +268,7 @@ def generator_loss_fn(gen_params, micro: dict, frozen, backbone, head_params, ke
         d(x0_hat), x0_hat, x0, recon_weight=cfg.recon_weight, huber_c=_huber_c(cfg, x0), adv_weight=cfg.adv_weight
     )
     metrics = {"g_loss": loss, "g_adv": aux["adv"], "g_recon": aux["recon"]}
-    if cfg.needs_teacher:  # ``backbone`` is the whole teacher then (discriminator.frozen_teacher)
+    if cfg.needs_teacher:  # ``backbone`` is then the whole frozen teacher (layout.whole_teacher)
         distill = distillation_term(x0_hat, micro, backbone, key, models=models, cfg=cfg)
         loss = loss + cfg.distill_weight * distill
         metrics |= {"g_loss": loss, "g_distill": distill}
