@@ -67,8 +67,9 @@ def build_modules(config: ml_collections.ConfigDict, *, svd_defaults: bool = Fal
 
 
 def whole_teacher(config: ml_collections.ConfigDict) -> bool:
-    """Whether the frozen copy an SF-V run keeps is the whole teacher UNet (the distillation term,
-    ``loss.distill_weight`` > 0, runs it) rather than the discriminator's backbone, its encoder."""
+    """Whether the frozen copy a run keeps is a whole UNet (SF-V's distillation term, ``loss.distill_weight`` > 0,
+    runs the teacher; the guidance objective its start, ``init_from``) rather than the discriminator's
+    backbone, the teacher's encoder (SF-V) or nothing (the diffusion objective)."""
     return config.objective == "guidance" or (config.objective == "sfv" and config.loss.distill_weight > 0)
 
 
