@@ -70,7 +70,7 @@ def whole_teacher(config: ml_collections.ConfigDict) -> bool:
     """Whether the frozen copy a run keeps is a whole UNet (SF-V's distillation term, ``loss.distill_weight`` > 0,
     runs the teacher; the guidance objective its start, ``init_from``) rather than the discriminator's
     backbone, the teacher's encoder (SF-V) or nothing (the diffusion objective)."""
-    return config.objective == "guidance" or (config.objective == "sfv" and config.loss.distill_weight > 0)
+    return train_steps.StepConfig.from_config(config).needs_teacher  # the steps' own rule
 
 
 @dataclasses.dataclass
