@@ -26,13 +26,12 @@ from sfv_jax.data.loader import Loader
 from sfv_jax.diffusion.pipeline import velocity_fn
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding
-from sfv_jax.training import layout, losses, param_groups, trainer
-from sfv_jax.training import steps as train_steps
+from sfv_jax.training import layout, losses, objectives, param_groups, trainer
 from sfv_jax.training.checkpoints import checkpoint_manager, restore
 from sfv_jax.training.layout import build_modules, frozen_encoders, init_params, init_train_state, make_layout
 
 REPO = Path(__file__).resolve().parents[1]
-DIFF = train_steps.DiffusionConfig(p_mean=0.7, p_std=1.6, drop_embed=0.1, drop_both=0.2, drop_latent=0.15)
+DIFF = objectives.DiffusionConfig(p_mean=0.7, p_std=1.6, drop_embed=0.1, drop_both=0.2, drop_latent=0.15)
 
 
 class StubUNet(nn.Module):
@@ -65,13 +64,13 @@ def _micro(rng: np.random.Generator, m: int = 6, f: int = 3, hw: int = 4, d: int
 
 
 def _stub_models():
-    return train_steps.Models(StubUNet(), None)
+    return objectives.Models(StubUNet(), None)
 
 
 def _cfg(diffusion=DIFF):
     c = tiny.get_config()
     c.objective = "diffusion"
-    return dataclasses.replace(train_steps.StepConfig.from_config(c), diffusion=diffusion)
+    return dataclasses.replace(objectives.StepConfig.from_config(c), diffusion=diffusion)
 
 
 def test_loss_equals_float64_numpy():
@@ -81,8 +80,8 @@ def test_loss_equals_float64_numpy():
     key = jax.random.PRNGKey(3)
     cfg = _cfg()
     params = {"a": jnp.float32(0.7), "b": jnp.float32(-0.3), "c": jnp.float32(0.2)}
-    loss, metrics = train_steps.diffusion_loss_fn(params, micro, {}, {}, {}, key, models=_stub_models(), cfg=cfg)
-    n = jax.tree.map(np.asarray, train_steps.diffusion_noise(key, micro["index"], micro["latents"].shape[1:], DIFF))
+    loss, metrics = objectives.diffusion_loss_fn(params, micro, {}, {}, {}, key, models=_stub_models(), cfg=cfg)
+    n = jax.tree.map(np.asarray, objectives.diffusion_noise(key, micro["index"], micro["latents"].shape[1:], DIFF))
     x0 = micro["latents"].astype(np.float64)
     sigma, eps = n["sigma"].astype(np.float64), n["eps"].astype(np.float64)
     s = sigma[:, None, None, None, None]
@@ -102,7 +101,7 @@ def test_loss_equals_float64_numpy():
 def test_sigma_distribution_median():
     """ln sigma ~ N(P_mean, P_std^2): over 20000 per-sample draws the median is exp(P_mean) (standard
     error of the log-median: 1.6 * sqrt(pi / 2 / 20000) = 0.014; bound 0.06) and the log-std P_std."""
-    n = train_steps.diffusion_noise(jax.random.PRNGKey(0), jnp.arange(20000), (1,), DIFF)
+    n = objectives.diffusion_noise(jax.random.PRNGKey(0), jnp.arange(20000), (1,), DIFF)
     log_sigma = np.log(np.asarray(n["sigma"], np.float64))
     assert abs(np.median(log_sigma) - 0.7) < 0.06, np.median(log_sigma)
     assert abs(np.std(log_sigma) - 1.6) < 0.05, np.std(log_sigma)
@@ -114,11 +113,11 @@ def test_dropout_frequencies_and_null_condition():
     """The three dropout outcomes occur at their configured rates (within 4 binomial standard errors), and
     a dropped sample's conditioning is bitwise what the teacher sampler's unconditional branch gets."""
     m = 20000
-    n = train_steps.diffusion_noise(jax.random.PRNGKey(5), jnp.arange(m), (1,), DIFF)
+    n = objectives.diffusion_noise(jax.random.PRNGKey(5), jnp.arange(m), (1,), DIFF)
     de, dl = np.asarray(n["drop_embed"]), np.asarray(n["drop_latent"])
     for got, p in (((de & ~dl).mean(), 0.1), ((de & dl).mean(), 0.2), ((~de & dl).mean(), 0.15)):
         assert abs(got - p) < 4 * np.sqrt(p * (1 - p) / m), (got, p)
-    none = train_steps.diffusion_noise(
+    none = objectives.diffusion_noise(
         jax.random.PRNGKey(5),
         jnp.arange(1000),
         (1,),
@@ -370,7 +369,7 @@ def held_out_losses(config, params_list) -> list[np.ndarray]:
     encoder = ClipEncoder(lay.vae, vae_params, lay.clip, clip_params, seed=config.seed)
     held = trainer.make_batch(config, encoder, HELD_OUT_POSITION, global_micro=16)
     held = {k: v.reshape(-1, *v.shape[2:]) for k, v in held.items()}
-    fn = jax.jit(lambda p: train_steps.denoising_losses(lay.unet, p, held, HELD_OUT_SIGMAS, jax.random.PRNGKey(99)))
+    fn = jax.jit(lambda p: objectives.denoising_losses(lay.unet, p, held, HELD_OUT_SIGMAS, jax.random.PRNGKey(99)))
     return [np.asarray(fn(p)) for p in params_list]
 
 

@@ -22,8 +22,7 @@ from conftest import all_finite, to_host, trees_equal
 from sfv_jax.configs import tiny
 from sfv_jax.data.latents import ClipEncoder
 from sfv_jax.parallel import sharding
-from sfv_jax.training import heldout, losses, trainer
-from sfv_jax.training import steps as train_steps
+from sfv_jax.training import heldout, losses, objectives, trainer
 from sfv_jax.training.discriminator import backbone_param_subset
 from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
 from sfv_jax.training.run_config import ConfigError, check_config
@@ -92,7 +91,7 @@ def test_approximate_r1_in_the_discriminator_step(setup):
     batch of two is the mean of the two samples' losses."""
     steps, state = setup["steps"], setup["state"]
     cfg = dataclasses.replace(steps.cfg, r1_type="approx", r1_gamma=1.0)
-    fn = jax.jit(functools.partial(train_steps.discriminator_loss_fn, models=steps.models, cfg=cfg))
+    fn = jax.jit(functools.partial(objectives.discriminator_loss_fn, models=steps.models, cfg=cfg))
     both = {k: v.reshape(-1, *v.shape[2:]) for k, v in setup["batch"].items()}  # [k=2, m=1] -> [2]
     args = (state.unet_params(), setup["backbone"], jax.random.PRNGKey(7))
     loss, metrics = fn(state.heads, both, *args)
@@ -124,7 +123,7 @@ def test_distillation_term_adds_the_guided_teacher_pull(setup):
     out = {}
     for weight, balance in ((0.0, False), (2.0, True)):
         cfg = dataclasses.replace(steps.cfg, distill_weight=weight, grad_balance=balance)
-        fn = jax.jit(functools.partial(train_steps.generator_loss_fn, models=steps.models, cfg=cfg))
+        fn = jax.jit(functools.partial(objectives.generator_loss_fn, models=steps.models, cfg=cfg))
         out[weight] = fn(state.generator, micro, state.frozen, teacher, state.heads, key)
     (loss0, m0), (loss2, m2) = out[0.0], out[2.0]
     assert "g_distill" not in m0 and float(m2["g_distill"]) > 0
@@ -135,11 +134,11 @@ def test_distillation_term_adds_the_guided_teacher_pull(setup):
     for name in ("g_adv_out_grad", "g_recon_out_grad", "g_distill_out_grad"):
         assert np.isfinite(float(m2[name])) and float(m2[name]) > 0, name
 
-    cond = train_steps.conditioning(micro)
+    cond = objectives.conditioning(micro)
     x = jax.random.normal(jax.random.PRNGKey(1), micro["latents"].shape)
     scales = samplers.guidance_scales(1.0, 3.0, x.shape[1])
     sigma = 1.7
-    got = train_steps.guided_denoise(steps.models.unet, teacher, x, jnp.full((x.shape[0],), sigma), cond, scales)
+    got = objectives.guided_denoise(steps.models.unet, teacher, x, jnp.full((x.shape[0],), sigma), cond, scales)
     velocity = pipeline.velocity_fn(
         steps.models.unet,
         teacher,
@@ -172,7 +171,7 @@ def test_guidance_objective_regresses_onto_the_guided_start(setup):
     losses_at = {}
     for top in (1.0, 3.0):
         cfg = dataclasses.replace(steps.cfg, objective="guidance", distill_min_guidance=1.0, distill_max_guidance=top)
-        fn = jax.jit(functools.partial(train_steps.guidance_loss_fn, models=steps.models, cfg=cfg))
+        fn = jax.jit(functools.partial(objectives.guidance_loss_fn, models=steps.models, cfg=cfg))
         losses_at[top] = float(fn(state.generator, micro, state.frozen, start, {}, jax.random.PRNGKey(3))[0])
     assert losses_at[1.0] == pytest.approx(0.0, abs=1e-10) and losses_at[3.0] > 1e-6
 
@@ -278,7 +277,7 @@ def test_step_settings_and_log_line_come_from_the_config():
     """StepConfig has no defaults of its own: every field is the config's; the console's log line."""
     config = tiny.get_config()
     config.loss.r1_gamma, config.opt.ema_rate = 0.5, 0.9
-    cfg = train_steps.StepConfig.from_config(config)
+    cfg = objectives.StepConfig.from_config(config)
     assert cfg.r1_gamma == 0.5 and cfg.ema_rate == 0.9 and cfg.recon_weight == config.loss.recon_weight
     assert cfg.nonfinite == config.opt.nonfinite and cfg.generator_grid == config.loss.generator_grid
     line = trainer.format_metrics(10, 400, {"d_loss": 1.98, "g_loss": 0.123456, "g_finite": 1.0, "zeta": 2.0}, 3.14159)
@@ -344,4 +343,4 @@ def test_packaged_training_configs_pass_their_checks(name):
 
     config = importlib.import_module(f"sfv_jax.configs.{name}").get_config()
     check_config(config)
-    assert config.objective in train_steps.OBJECTIVES
+    assert config.objective in objectives.OBJECTIVES

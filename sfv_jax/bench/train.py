@@ -22,8 +22,7 @@ from sfv_jax.parallel import sharding
 from sfv_jax.testing import missing_dev_extras
 from sfv_jax.testing import torch_reference as ref
 from sfv_jax.timing import median_time
-from sfv_jax.training import memory_plan, param_groups
-from sfv_jax.training import steps as train_steps
+from sfv_jax.training import memory_plan, objectives, param_groups
 from sfv_jax.training.layout import build_modules, init_params, init_train_state, make_layout
 
 
@@ -195,7 +194,7 @@ def _unet_fwd_bwd(config, lay, args) -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="one training iteration: time, MFU, memory; UNet fwd+bwd vs diffusers")
-    p.add_argument("--objective", choices=train_steps.OBJECTIVES, default="sfv")
+    p.add_argument("--objective", choices=objectives.OBJECTIVES, default="sfv")
     p.add_argument("--trainable", choices=param_groups.TRAINABLE, default="all")
     p.add_argument("--config", choices=["tiny", "small", "svd"], default=None, help="default: svd on GPU, tiny on CPU")
     p.add_argument("--mesh", default=None, help="AXIS=SIZE[,...] over data, fsdp, tensor (default: all devices fsdp)")

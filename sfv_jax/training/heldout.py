@@ -24,7 +24,7 @@ import numpy as np
 
 from sfv_jax.data.loader import Loader
 from sfv_jax.diffusion import edm
-from sfv_jax.training import losses
+from sfv_jax.training import losses, objectives
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import discriminator_logits
 
@@ -39,16 +39,16 @@ def grip(
     backbone: Any,
     key: jax.Array,
     *,
-    models: train_steps.Models,
-    cfg: train_steps.StepConfig,
+    models: objectives.Models,
+    cfg: objectives.StepConfig,
 ) -> dict[str, jax.Array]:
     """Every clip of ``micro`` against its one-step fake from each generator level of the grid in turn (the
     same eps_g at every level), real and fake sharing sigma' and eps (Fig. 2), all from ``fold_in(key,
     index)``. Returns ``losses.level_statistics``' sums and counts (``losses.reduce_interval`` makes them
     ``d_margin_<kind>@<level>`` and ``d_rank_<kind>@<level>``). ``gen_params``: the full UNet tree."""
     x0 = micro["latents"].astype(jnp.float32)
-    n = train_steps.sample_noise(key, micro["index"], x0.shape[1:], cfg)
-    cond = train_steps.conditioning(micro)
+    n = objectives.sample_noise(key, micro["index"], x0.shape[1:], cfg)
+    cond = objectives.conditioning(micro)
     levels = edm.generator_sigma_levels(cfg.generator_grid)
     s_d = n["sigma_d"][:, None, None, None, None]
 
@@ -61,7 +61,7 @@ def grip(
     def level_stats(i):  # one generator and one discriminator in the program, whatever the number of levels
         s_g = jnp.full(x0.shape[:1], jnp.asarray(levels, jnp.float32)[i])
         x_t = x0 + s_g[:, None, None, None, None] * n["eps_g"]
-        x0_hat = train_steps.generate(models.unet, gen_params, x_t, s_g, cond)
+        x0_hat = objectives.generate(models.unet, gen_params, x_t, s_g, cond)
         level = jnp.full(x0.shape[:1], i, jnp.int32)
         return losses.level_statistics(real_logits, d(x0_hat + s_d * n["eps_d"]), kinds, level, levels)
 

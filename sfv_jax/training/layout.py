@@ -28,7 +28,7 @@ from sfv_jax.models.build import (
 )
 from sfv_jax.models.unet import init_inputs
 from sfv_jax.parallel import sharding
-from sfv_jax.training import param_groups, programs
+from sfv_jax.training import objectives, param_groups, programs
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset, with_conv_in
 from sfv_jax.training.run_config import ConfigError
@@ -70,7 +70,7 @@ def whole_teacher(config: ml_collections.ConfigDict) -> bool:
     """Whether the frozen copy a run keeps is a whole UNet (SF-V's distillation term, ``loss.distill_weight`` > 0,
     runs the teacher; the guidance objective its start, ``init_from``) rather than the discriminator's
     backbone, the teacher's encoder (SF-V) or nothing (the diffusion objective)."""
-    return train_steps.StepConfig.from_config(config).needs_teacher  # the steps' own rule
+    return objectives.StepConfig.from_config(config).needs_teacher  # the steps' own rule
 
 
 @dataclasses.dataclass
@@ -100,8 +100,8 @@ class Layout:
 
     def steps(self, config: ml_collections.ConfigDict) -> train_steps.JittedSteps:
         return train_steps.JittedSteps(
-            train_steps.Models(self.unet, self.heads),
-            train_steps.StepConfig.from_config(config),
+            objectives.Models(self.unet, self.heads),
+            objectives.StepConfig.from_config(config),
             self.gen_tx,
             self.disc_tx,
             self.step_shardings(),

@@ -24,8 +24,7 @@ from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import sampling_program
 from sfv_jax.models.build import abstract_params
 from sfv_jax.parallel import sharding, targets
-from sfv_jax.training import heldout
-from sfv_jax.training import steps as train_steps
+from sfv_jax.training import heldout, objectives
 from sfv_jax.training.discriminator import backbone_subset
 from sfv_jax.training.layout import build_modules, make_layout, whole_teacher
 
@@ -175,7 +174,7 @@ def plan_sampler(config, target: str | None = None, log=print) -> dict:
         device = jax.devices()[0]
     unet = build_modules(config, svd_defaults=True)[0].clone(remat_policy="none")
     dtype = unet.dtype
-    sampler = train_steps.SAMPLER[config.objective]
+    sampler = objectives.SAMPLER[config.objective]
     steps = int(config.sample.steps)
     f, (h, w) = config.data.num_frames, (s // 8 for s in (config.sample.height, config.sample.width))
     one = jax.sharding.SingleDeviceSharding(device)

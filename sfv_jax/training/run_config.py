@@ -14,7 +14,7 @@ from sfv_jax.data.sources import KINDS as DATA_KINDS
 from sfv_jax.models.attention import ATTENTION_IMPLS
 from sfv_jax.models.build import COMPUTE_DTYPES
 from sfv_jax.paths import folder_problem
-from sfv_jax.training import losses, param_groups
+from sfv_jax.training import losses, objectives, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import COND_EMBEDDINGS, FEATURE_MAPS, HEAD_KINDS
 
@@ -64,7 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"must be one of {train_steps.NONFINITE_POLICIES}",
     )
     need(config.opt.halt_check in HALT_CHECKS, "opt.halt_check", f"must be one of {HALT_CHECKS}")
-    need(config.objective in train_steps.OBJECTIVES, "objective", f"must be one of {train_steps.OBJECTIVES}")
+    need(config.objective in objectives.OBJECTIVES, "objective", f"must be one of {objectives.OBJECTIVES}")
     need(config.trainable in param_groups.TRAINABLE, "trainable", f"must be one of {param_groups.TRAINABLE}")
     need(
         config.opt.optimizer in (None, *train_steps.OPTIMIZERS),

@@ -66,7 +66,7 @@ from sfv_jax.diffusion.generation import GenerationSettings
 from sfv_jax.diffusion.pipeline import SVDPipeline
 from sfv_jax.parallel import sharding
 from sfv_jax.paths import OutputLock, write_atomic
-from sfv_jax.training import losses, param_groups
+from sfv_jax.training import losses, objectives, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.checkpoints import checkpoint_manager, restore_newest_readable
 from sfv_jax.training.heldout import HeldOutGrip
@@ -180,7 +180,7 @@ class SampleWriter:
             fps=d.fps,
             motion_bucket_id=d.motion_bucket_id if d.motion_bucket_id >= 0 else 127,
             noise_aug_strength=d.noise_aug_strength,
-            sampler=train_steps.SAMPLER[config.objective],
+            sampler=objectives.SAMPLER[config.objective],
         )
 
     def __call__(self, state: train_steps.TrainState, step: int) -> None:
