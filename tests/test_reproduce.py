@@ -59,19 +59,20 @@ def test_every_run_overrides_the_toy_config():
 
 def test_a_run_with_a_start_trains_it_first_and_starts_from_its_export(tmp_path, monkeypatch):
     """``toy_protocol.RUN_STARTS``: ``sfv_cfg`` (the guidance objective) trains the toy default first and
-    distils its export; the start's export is reused, not trained again, by a later row."""
+    distils its export, for ``guidance_steps`` (``--guidance-steps``) where given; the start keeps ``steps``."""
     assert all(start in tp.RUNS and name in tp.RUNS for name, start in tp.RUN_STARTS.items())
     trained = []
 
     def fake_train(config, workdir):
-        trained.append((Path(workdir).name, config.objective, config.init_from))
+        trained.append((Path(workdir).name, config.objective, config.init_from, config.total_steps))
 
     monkeypatch.setattr(reproduce.trainer, "train", fake_train)
     monkeypatch.setattr(reproduce.export, "export_run", lambda run, out: Path(out).mkdir(parents=True))
     teacher = tmp_path / "teacher"
-    out = reproduce.train_run(tmp_path, "sfv_cfg", teacher, 2, 300)
+    out = reproduce.train_run(tmp_path, "sfv_cfg", teacher, 2, 300, guidance_steps=100)
     assert out == tmp_path / "models" / "sfv_cfg"
-    assert trained == [("sfv", "sfv", str(teacher)), ("sfv_cfg", "guidance", str(tmp_path / "models" / "sfv"))]
+    start = str(tmp_path / "models" / "sfv")
+    assert trained == [("sfv", "sfv", str(teacher), 300), ("sfv_cfg", "guidance", start, 100)]
 
 
 def test_size_presets():
@@ -81,14 +82,24 @@ def test_size_presets():
     assert (quick.num_videos, quick.steps, quick.rows) == (8, 4, None)
     assert reproduce.parse_args(["--workdir", "w", "--quick", "--num-videos", "32"]).num_videos == 8
     demo = reproduce.parse_args(["--workdir", "w", "--demo"])
-    assert (demo.num_videos, demo.steps, demo.rows) == (
+    assert (demo.num_videos, demo.steps, demo.guidance_steps, demo.rows) == (
         reproduce.DEMO["num_videos"],
         reproduce.DEMO["steps"],
+        reproduce.DEMO["guidance_steps"],
         reproduce.DEMO["rows"],
     )
     assert reproduce.parse_args(["--workdir", "w", "--demo", "--rows", "real", "--steps", "7"]).rows == "real"
+    assert reproduce.parse_args(["--workdir", "w", "--demo", "--guidance-steps", "5"]).guidance_steps == 5
     full = reproduce.parse_args(["--workdir", "w"])
-    assert (full.num_videos, full.steps, full.rows, full.seed, full.train_seed) == (256, None, None, 0, 0)
+    names = ("num_videos", "steps", "guidance_steps", "rows", "seed", "train_seed")
+    assert [getattr(full, name) for name in names] == [256, None, None, None, 0, 0]
+    # the side by side: SF-V's one step, then its guidance-distilled and guided ones where the rows have them
+    columns = reproduce.side_by_side_columns(tp.select_rows(reproduce.DEMO["rows"].split(",")))
+    assert columns == ["sfv_1", "sfv_guided_1"]
+    both = reproduce.side_by_side_columns(tp.select_rows(["sfv_guided_1", "sfv_1", "sfv_cfg_1"]))
+    assert both == ["sfv_1", "sfv_cfg_1", "sfv_guided_1"]
+    assert reproduce.side_by_side_columns(tp.select_rows(["sfv_guided_1", "teacher_1"])) == ["sfv_guided_1"]
+    assert reproduce.side_by_side_columns(tp.select_rows(["teacher_1"])) == []
 
 
 def test_train_seed_repeats_a_run_under_the_same_protocol():
@@ -132,6 +143,7 @@ def test_bad_flags(tiny_pipeline_dirs, tmp_path, capsys):
         (["--teacher", teacher, "--rows", "nosuch"], "--rows: unknown row(s) ['nosuch']"),
         (["--teacher", str(tmp_path)], "not a pipeline folder"),
         (["--teacher", teacher, "--num-videos", "1"], "--num-videos=1: must be >= 2"),
+        (["--teacher", teacher, "--guidance-steps", "0"], "--guidance-steps=0: must be >= 1"),
     ]
     for flags, message in cases:
         assert reproduce.main(["--workdir", str(tmp_path / "w"), *flags]) == 2

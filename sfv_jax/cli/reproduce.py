@@ -2,12 +2,14 @@
 evaluate every row and write a report.
 
     python -m sfv_jax.cli.reproduce --workdir DIR [--teacher FOLDER] [--seed S] [--train-seed T]
-        [--num-videos N] [--rows real,teacher,sfv,...] [--steps K] [--quick | --demo]
+        [--num-videos N] [--rows real,teacher,sfv,...] [--steps K] [--guidance-steps K] [--quick | --demo]
 
 The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``). ``--demo`` is the
 README's main job: rows real, teacher 1, 4 and 25 steps, SF-V 1 step unguided and guided, 32 videos, a
 short SF-V run without its training diagnostics (about 8 minutes on a 2-core CPU; the VAE's floor is left
-to the full protocol).
+to the full protocol). ``--demo --rows real,teacher_1,teacher_4,teacher_25,sfv_1,sfv_cfg_1`` puts the same
+generator with the teacher's guidance distilled into its one unguided pass in place of the guided row (``sfv_cfg``,
+100 steps at this size instead of the full protocol's 300; about 2.5 minutes more).
 
 Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that set
 through the teacher's VAE: the floor of every generated row), ``teacher`` at 1, 2, 4, 8, 16, 25 Euler steps with
@@ -21,13 +23,15 @@ term, with temporal heads only and half of the generator's updates at sigma_max)
 ``_g1000``: gamma 10, 100, 1000 instead of 1e-5), the method fixes (``sfv_spread``:
 ``disc.cond_embedding=spread``; ``sfv_warmup0``: SM3 without warm-up), the heads at the paper's size
 (``sfv_heads128``), the adversarial game's levers (``sfv_uniform`` / ``sfv_top100``: the generator's levels
-uniform or all at sigma_max, ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``) and the previous
-default (``sfv_both_uniform``). Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides, from the
-teacher, for ``--steps`` iterations (default the config's), trained in ``DIR/train/<run>`` and exported to
-``DIR/models/<run>``. ``--seed`` fixes the protocol (the clips, conditioning frames and noise) and, by default,
-the runs' training seed; ``--train-seed`` trains the runs with another one under the same protocol (repeats of
-one row, to measure run-to-run spread: one workdir per training seed, the real and teacher rows copied or
-recomputed).
+uniform or all at sigma_max, ``sfv_sn``, ``sfv_d2``, ``sfv_conv_in``, ``sfv_conv_in_sn``, the optimizer
+``sfv_adam``, the batch ``sfv_b16``), ADD's teacher term (``sfv_distill``), the toy default's generator with the
+teacher's guidance distilled into its one unguided pass (``sfv_cfg``, trained after ``sfv``, from its export) and
+the previous default (``sfv_both_uniform``). Each SF-V row's run is ``configs/toy_sfv.py`` with its overrides,
+from the teacher, for ``--steps`` iterations (default the config's; ``--guidance-steps`` for ``sfv_cfg``),
+trained in ``DIR/train/<run>`` and exported to ``DIR/models/<run>``. ``--seed`` fixes the protocol (the clips,
+conditioning frames and noise) and, by default, the runs' training seed; ``--train-seed`` trains the runs with
+another one under the same protocol (repeats of one row, to measure run-to-run spread: one workdir per training
+seed, the real and teacher rows copied or recomputed).
 
 Writes ``DIR/report.md``, ``DIR/report.json`` (``{"seed", "train_seed", "num_videos", "rows": [{"name", "steps",
 "fvd", "motion", "sharpness", "colour", "frame0_psnr", ...}]}``) and ``DIR/grids/<row>.png`` (the first 4 videos,
@@ -66,7 +70,14 @@ from sfv_jax.training.run_config import ConfigError, saved_conflicts
 
 GRID_VIDEOS = 4
 SIDE_BY_SIDE = ("teacher_1", "teacher_25")  # after the conditioning frame, then the run's SF-V one step
-DEMO = {"rows": "real,teacher_1,teacher_4,teacher_25,sfv_1,sfv_guided_1", "num_videos": 32, "steps": 300}
+DEMO = {
+    "rows": "real,teacher_1,teacher_4,teacher_25,sfv_1,sfv_guided_1",
+    "num_videos": 32,
+    "steps": 300,
+    "guidance_steps": 100,  # where --rows adds sfv_cfg_1 (the guidance-distilled one step): 100 instead of 300
+}
+# the side-by-side's columns after SF-V's one step, where the rows have them
+EXTRA_COLUMNS = {"sfv_cfg_1": "SF-V 1 step, guidance distilled", "sfv_guided_1": "SF-V 1 step, guided"}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -90,12 +101,24 @@ def run_config(
     return config
 
 
-def train_run(workdir: Path, name: str, teacher: Path, seed: int, steps: int | None, diagnostics: bool = True) -> Path:
+def train_run(
+    workdir: Path,
+    name: str,
+    teacher: Path,
+    seed: int,
+    steps: int | None,
+    diagnostics: bool = True,
+    guidance_steps: int | None = None,
+) -> Path:
     """Train (or resume) SF-V run ``name`` and export its EMA generator; returns the pipeline folder. A run
-    with a start in ``toy_protocol.RUN_STARTS`` trains that run first and starts from its export."""
+    with a start in ``toy_protocol.RUN_STARTS`` trains that run first and starts from its export. ``steps``:
+    every run's step count (None: its config's); ``guidance_steps``, where given, that of the guidance-distillation
+    runs (objective "guidance") instead."""
     out = workdir / "models" / name
     if start := tp.RUN_STARTS.get(name):
-        teacher = train_run(workdir, start, teacher, seed, steps, diagnostics)
+        teacher = train_run(workdir, start, teacher, seed, steps, diagnostics, guidance_steps)
+    if guidance_steps is not None and tp.RUNS[name].get("objective") == "guidance":
+        steps = guidance_steps
     config = run_config(name, teacher, seed, steps, diagnostics)
     if out.is_dir():
         check_trained_run(workdir / "train" / name, config)
@@ -161,17 +184,21 @@ def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, ar
 
 def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
     """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows and of
-    the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), then the guided
-    one step if ``rows`` has it, 4x upscaled; [] while one of them is missing."""
-    one_step = [r.key for r in rows if r.kind == "sfv" and r.steps == 1]
-    sfv = "sfv_1" if "sfv_1" in one_step else next(iter(one_step), None)
-    guided = ["sfv_guided_1"] if "sfv_guided_1" in one_step and sfv != "sfv_guided_1" else []
-    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, sfv, *guided)]
-    if sfv is None or not all(p.is_file() for p in paths):
+    the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), then the
+    EXTRA_COLUMNS that ``rows`` has, 4x upscaled; [] while one of them is missing."""
+    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, *side_by_side_columns(rows))]
+    if len(paths) == len(SIDE_BY_SIDE) or not all(p.is_file() for p in paths):
         return []
     cond = real[:GRID_VIDEOS, :1]  # the conditioning frames, as 1-frame videos
     grid = video_io.video_grid([cond, *(np.load(p) for p in paths)], scale=4)
     return [video_io.write_video(workdir / f"side_by_side{ext}", grid, fps=tp.FPS) for ext in (".mp4", ".gif")]
+
+
+def side_by_side_columns(rows: list[tp.Row]) -> list[str]:
+    """The SF-V row keys of the side-by-side, in order: the run's one step, then EXTRA_COLUMNS; [] without one."""
+    one_step = [r.key for r in rows if r.kind == "sfv" and r.steps == 1]
+    sfv = "sfv_1" if "sfv_1" in one_step else next(iter(one_step), None)
+    return [] if sfv is None else [sfv, *(k for k in EXTRA_COLUMNS if k in one_step and k != sfv)]
 
 
 def _optional(value: float | None, spec: str) -> str:
@@ -225,13 +252,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-videos", type=int, default=None, help="videos per row (default 256; --quick 8, --demo 32)")
     p.add_argument("--rows", default=None, help="comma-separated row names or name_steps (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each SF-V run (default: toy_sfv's)")
+    p.add_argument(
+        "--guidance-steps",
+        type=int,
+        default=None,
+        help="training steps of the guidance-distillation stage (sfv_cfg) instead (default: --steps; --demo 100)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke size: 8 videos, 4 training steps")
     size.add_argument(
         "--demo",
         action="store_true",
-        help=f"the main job: rows {DEMO['rows']}, {DEMO['num_videos']} videos, {DEMO['steps']} SF-V steps "
-        "(each unless given)",
+        help=f"the main job: rows {DEMO['rows']}, {DEMO['num_videos']} videos, {DEMO['steps']} SF-V steps, "
+        f"{DEMO['guidance_steps']} guidance-distillation steps (each unless given)",
     )
     args = p.parse_args(argv)
     default_videos = 256
@@ -241,6 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.demo:
         default_videos = DEMO["num_videos"]
         args.rows, args.steps = args.rows or DEMO["rows"], args.steps or DEMO["steps"]
+        args.guidance_steps = args.guidance_steps or DEMO["guidance_steps"]
     args.num_videos = default_videos if args.num_videos is None else args.num_videos
     args.train_seed = args.seed if args.train_seed is None else args.train_seed
     return args
@@ -255,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return console.fail(f"--rows: {e}")
     if args.num_videos < 2:
         return console.fail(f"--num-videos={args.num_videos}: must be >= 2")
-    if args.steps is not None and args.steps < 1:
-        return console.fail(f"--steps={args.steps}: must be >= 1")
+    for flag, value in (("--steps", args.steps), ("--guidance-steps", args.guidance_steps)):
+        if value is not None and value < 1:
+            return console.fail(f"{flag}={value}: must be >= 1")
     if not (teacher / "model_index.json").is_file():
         return console.fail(f"--teacher {teacher}: not a pipeline folder (no model_index.json)")
     if problem := output_overlaps("--workdir", workdir, {"--teacher": teacher}) or folder_problem("--workdir", workdir):
@@ -300,7 +335,9 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
         for row in rows:
             model = teacher if row.kind in ("teacher", "vae") else None
             if row.kind == "sfv":
-                model = train_run(workdir, row.run, teacher, args.train_seed, args.steps, not args.demo)
+                model = train_run(
+                    workdir, row.run, teacher, args.train_seed, args.steps, not args.demo, args.guidance_steps
+                )
             results.append(evaluate_row(workdir, row, pipes, model, args, features, real, real_stats))
     except (ConfigError, CheckpointError, video_io.VideoError) as e:
         return console.fail(e)
@@ -319,8 +356,8 @@ def _reproduce(args: argparse.Namespace, rows: list, workdir: Path, teacher: Pat
     print(text)
     print(f"[reproduce] wrote {workdir / 'report.md'}, {workdir / 'report.json'} and {workdir / 'grids'}")
     if videos:
-        guided = " | SF-V 1 step, guided" if "sfv_guided_1" in {r.key for r in rows} else ""
-        columns = f"conditioning | teacher 1 step | teacher 25 steps | SF-V 1 step{guided}"
+        extra = "".join(f" | {EXTRA_COLUMNS[k]}" for k in side_by_side_columns(rows)[1:])
+        columns = f"conditioning | teacher 1 step | teacher 25 steps | SF-V 1 step{extra}"
         print(f"[reproduce] side by side ({columns}): {videos[0]}")
     return 0
 
