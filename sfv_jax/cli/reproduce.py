@@ -186,8 +186,9 @@ def side_by_side(workdir: Path, real, rows: list[tp.Row]) -> list[Path]:
     """``DIR/side_by_side.mp4`` and ``.gif`` from the cached first videos of the SIDE_BY_SIDE rows and of
     the run's SF-V one step (``sfv_1``, else the first one-step SF-V variant among ``rows``), then the
     EXTRA_COLUMNS that ``rows`` has, 4x upscaled; [] while one of them is missing."""
-    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, *side_by_side_columns(rows))]
-    if len(paths) == len(SIDE_BY_SIDE) or not all(p.is_file() for p in paths):
+    columns = side_by_side_columns(rows)
+    paths = [workdir / "rows" / f"{key}.npy" for key in (*SIDE_BY_SIDE, *columns)]
+    if not columns or not all(p.is_file() for p in paths):
         return []
     cond = real[:GRID_VIDEOS, :1]  # the conditioning frames, as 1-frame videos
     grid = video_io.video_grid([cond, *(np.load(p) for p in paths)], scale=4)
