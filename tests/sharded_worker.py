@@ -46,8 +46,8 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 def config_for(plan: sharding.Plan, objective: str = "sfv"):
     """The tiny config (2 accumulation steps) with ``GLOBAL`` samples per accumulation step: on 8 devices
-    these are the programs of ``test_two_processes_train_like_one``'s 8-device training CLI run, which
-    then finds them in the shared compilation cache. ``objective="diffusion"``: SVD's loss, temporal
+    the step of ``test_two_processes_train_like_one``'s 2-process training CLI run, which ends on this
+    state. ``objective="diffusion"``: SVD's loss, temporal
     layers only, AdamW with clipping and warm-up, lognormal noise augmentation."""
     c = tiny.get_config()
     c.data.micro_batch = GLOBAL // plan.batch_shards

@@ -25,11 +25,13 @@ TOL = 1e-5
 
 
 # Every subprocess here runs XLA:CPU with the memory planner's scheduler flag (scheduling only: the
-# same arithmetic), so that the worker, the training CLI on 8 devices and the planner compile identical
-# programs and find each other's in the shared compilation cache (conftest); the device count is not
-# part of the cache key. And at XLA's usual -O2, not conftest's -O0: these steps carry 16 samples, and
-# running them is most of their cost (the tiny generator gradient of 8 samples on one device, 2 cores
-# shared with another job: 38.7 s at -O0 against 2.3 s at -O2, compiling in 20 s against 22 s).
+# same arithmetic), so that the worker and the planner compile identical programs and find each other's
+# in the shared compilation cache (conftest); the device count is not part of the cache key. The two
+# training processes joined by jax.distributed compile programs of their own (measured: each compiles
+# the generator gradient again, 45 s beside the other). And at XLA's usual -O2, not conftest's -O0:
+# these steps carry 16 samples, and running them is most of their cost (the tiny generator gradient of
+# 8 samples on one device, 2 cores shared with another job: 38.7 s at -O0 against 2.3 s at -O2,
+# compiling in 20 s against 22 s).
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
@@ -180,7 +182,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@ON_WORKER  # after the worker: its programs are in the compilation cache
+@ON_WORKER  # after the worker: it compares with the worker's step on the same mesh
 def test_two_processes_train_like_one(tmp_path, worker):
     """2 processes x 4 devices (jax.distributed, local coordinator) run one training step of the CLI on
     mesh data=2 x fsdp=4, each process loading only its rows of the global batch, and end with the state

@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _reproduce(work: Path) -> subprocess.CompletedProcess:
-    """``python -m sfv_jax.cli.reproduce`` on the shipped teacher (the default), at -O2: bound by run time (SF-V
-    steps, 25-step sampling, I3D at 224 px; conftest.run_time_bound_env)."""
+    """``python -m sfv_jax.cli.reproduce --demo`` (the main job's training, without its held-out grip and final
+    sample) on the shipped teacher (the default) with this file's rows, videos and steps, at -O2: bound by run
+    time (SF-V steps, 25-step sampling, I3D at 224 px; conftest.run_time_bound_env)."""
     env = run_time_bound_env()
-    argv = ["--workdir", str(work), "--rows", ROWS, "--num-videos", str(N), "--steps", str(STEPS)]
+    argv = ["--workdir", str(work), "--demo", "--rows", ROWS, "--num-videos", str(N), "--steps", str(STEPS)]
     cmd = [sys.executable, "-m", "sfv_jax.cli.reproduce", *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,12 +11,14 @@ The arguments mirror diffusers' ``StableVideoDiffusionPipeline.__call__`` and th
 noise-augmented, encoded to its posterior mean (unscaled, float32); added_time_ids [fps - 1,
 motion_bucket_id, noise_aug_strength]; zero embeddings and latents for the unconditional half, batch
 order [uncond, cond]; per-frame guidance linspace(min, max, F); decode in chunks of
-``decode_chunk_size`` frames. Each stage is jitted and compiled once per shape and option set
-(``compile_count``), compilation timed apart from execution.
+``decode_chunk_size`` frames. Each stage is jitted and compiled once per module, shape and option set
+(``compile_count``), compilation timed apart from execution; pipelines with equal modules (a teacher and
+the SF-V generator trained from it) share their compiled stages, since the parameters are arguments.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -38,10 +40,20 @@ from sfv_jax.models.vae import decode_latents
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
 
 
-def _mesh_spec(a: Any) -> str:
-    """How an argument is split over a mesh (after :meth:`SVDPipeline.shard`); "" for one device / numpy."""
+# Compiled stages of every pipeline in this process, by (stage, module, static options, argument specs): a
+# stage's program depends on its module's definition (modules compare by value), never on parameter values.
+# The least recently compiled go first past MAX_EXECUTABLES (a pipeline keeps the ones it ran).
+MAX_EXECUTABLES = 64
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def _mesh_spec(a: Any) -> str | tuple:
+    """How an argument is split over a mesh (after :meth:`SVDPipeline.shard`): its sharding and the mesh's
+    device ids; "" for one device / numpy."""
     sharding = getattr(a, "sharding", None)
-    return str(sharding) if isinstance(sharding, NamedSharding) else ""
+    if not isinstance(sharding, NamedSharding):
+        return ""
+    return str(sharding), tuple(d.id for d in sharding.mesh.devices.flat)
 
 
 def velocity_fn(unet: nn.Module, params, image_latents, embeds, added_time_ids, scales) -> edm.VelocityFn:
@@ -163,16 +175,18 @@ class SVDPipeline:
 
     @property
     def compile_count(self) -> int:
-        """Executables compiled so far (one per stage, shape and static option set)."""
+        """Executables this pipeline has run (one per stage, shape and static option set), compiled by it or
+        by an earlier pipeline with equal modules."""
         return len(self._compiled)
 
     # ------------------------------------------------------------------------------------------ stages
 
-    def _run(self, stage: str, fn: Callable, args: tuple, static: tuple = ()) -> Any:
-        """Run ``fn(*args)`` jitted, compiling once per (stage, static options, argument shapes); the
-        compile and run times are added to ``last_timings``."""
+    def _run(self, stage: str, module: nn.Module, fn: Callable, args: tuple, static: tuple = ()) -> Any:
+        """Run ``fn(*args)`` jitted, compiling once per (stage, ``module`` (what ``fn`` applies), static options,
+        argument shapes) in this process; the compile and run times are added to ``last_timings``."""
         key = (
             stage,
+            module,
             static,
             tuple(
                 (
@@ -184,9 +198,13 @@ class SVDPipeline:
             ),
         )
         if key not in self._compiled:
-            t0 = time.perf_counter()
-            self._compiled[key] = jax.jit(fn).lower(*args).compile()
-            self.last_timings["compile"] = self.last_timings.get("compile", 0.0) + time.perf_counter() - t0
+            if key not in _EXECUTABLES:
+                t0 = time.perf_counter()
+                _EXECUTABLES[key] = jax.jit(fn).lower(*args).compile()
+                self.last_timings["compile"] = self.last_timings.get("compile", 0.0) + time.perf_counter() - t0
+                while len(_EXECUTABLES) > MAX_EXECUTABLES:
+                    _EXECUTABLES.popitem(last=False)
+            self._compiled[key] = _EXECUTABLES[key]
         t0 = time.perf_counter()
         out = jax.block_until_ready(self._compiled[key](*args))
         self.last_timings[stage] = self.last_timings.get(stage, 0.0) + time.perf_counter() - t0
@@ -197,6 +215,7 @@ class SVDPipeline:
         model = self.image_encoder
         return self._run(
             "image_encoder",
+            model,
             lambda p, x: model.apply({"params": p}, x),
             (self.image_encoder_params, jnp.asarray(clip_pixels)),
         )
@@ -207,6 +226,7 @@ class SVDPipeline:
         model = self.vae.clone(dtype=jnp.float32)
         return self._run(
             "vae_encode",
+            model,
             lambda p, x: model.apply({"params": p}, x, method=model.encode),
             (self.vae_params, jnp.asarray(pixels, jnp.float32)),
         )
@@ -220,7 +240,7 @@ class SVDPipeline:
             x = decode_latents(model, p, z, chunk_size).astype(jnp.float32)
             return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
 
-        return self._run("vae_decode", fn, (self.vae_params, latents), static=(chunk_size,))
+        return self._run("vae_decode", model, fn, (self.vae_params, latents), static=(chunk_size,))
 
     def sample_latents(
         self,
@@ -237,7 +257,7 @@ class SVDPipeline:
         ``embeds`` [B, 1, D], ``added_time_ids`` [B, 3], ``noise`` [B, F, h, w, L] (svd) or
         [n, B, F, h, w, L] (sfv), ``scales`` [F] enables guidance. -> latents [B, F, h, w, L]."""
         args = (self.unet_params, noise, image_latents, embeds, added_time_ids, jnp.asarray(sigmas), scales)
-        return self._run("unet", sampling_program(self.unet, sampler), args, static=(sampler,))
+        return self._run("unet", self.unet, sampling_program(self.unet, sampler), args, static=(sampler,))
 
     # ------------------------------------------------------------------------------------------ __call__
 
