@@ -146,7 +146,8 @@ def check_trained_run(train_dir: Path, config: ml_collections.ConfigDict) -> Non
 
 def evaluate_row(workdir: Path, row: tp.Row, pipes: dict, model: Path | None, args, features, real, real_stats) -> dict:
     """The row's metrics (cached in ``DIR/rows``). ``pipes``: the loaded pipeline of each model folder, shared
-    by its rows (the teacher's six reuse one pipeline and its compiled stages)."""
+    by its rows (the teacher's six reuse one pipeline; the SF-V runs' exports, whose modules are equal, share
+    their compiled stages)."""
     path = workdir / "rows" / f"{row.key}.json"
     if path.is_file():
         return json.loads(path.read_text())

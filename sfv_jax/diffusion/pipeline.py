@@ -40,7 +40,7 @@ from sfv_jax.models.vae import decode_latents
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
 
 
-# Compiled stages of every pipeline in this process, by (stage, module, static options, argument specs): a
+# Compiled stages of every pipeline in this process, by (stage, module, static options, argument tree and specs): a
 # stage's program depends on its module's definition (modules compare by value), never on parameter values.
 # The least recently compiled go first past MAX_EXECUTABLES (a pipeline keeps the ones it ran).
 MAX_EXECUTABLES = 64
@@ -188,6 +188,7 @@ class SVDPipeline:
             stage,
             module,
             static,
+            jax.tree.structure(args),
             tuple(
                 (
                     tuple(np.shape(a)),
