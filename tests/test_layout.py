@@ -20,6 +20,7 @@ PKG = REPO / "sfv_jax"
 LAYERS = {
     "timing": 0,
     "paths": 0,
+    "programs": 0,
     "models": 1,
     "testing": 2,
     "diffusion": 2,

@@ -18,7 +18,6 @@ the SF-V generator trained from it) share their compiled stages, since the param
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import time
@@ -33,18 +32,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sfv_jax import programs
 from sfv_jax.diffusion import conditioning, edm, samplers
 from sfv_jax.diffusion.generation import SAMPLERS, GenerationSettings
 from sfv_jax.models.vae import decode_latents
 
 STAGES = ("image_encoder", "vae_encode", "unet", "vae_decode")
-
-
-# Compiled stages of every pipeline in this process, by (stage, module, static options, argument tree and specs): a
-# stage's program depends on its module's definition (modules compare by value), never on parameter values.
-# The least recently compiled go first past MAX_EXECUTABLES (a pipeline keeps the ones it ran).
-MAX_EXECUTABLES = 64
-_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 
 
 def _mesh_spec(a: Any) -> str | tuple:
@@ -184,7 +177,10 @@ class SVDPipeline:
     def _run(self, stage: str, module: nn.Module, fn: Callable, args: tuple, static: tuple = ()) -> Any:
         """Run ``fn(*args)`` jitted, compiling once per (stage, ``module`` (what ``fn`` applies), static options,
         argument shapes) in this process; the compile and run times are added to ``last_timings``."""
+        # kept per process (sfv_jax.programs): a stage's program depends on its module's definition (modules
+        # compare by value), never on parameter values
         key = (
+            "pipeline",
             stage,
             module,
             static,
@@ -199,13 +195,14 @@ class SVDPipeline:
             ),
         )
         if key not in self._compiled:
-            if key not in _EXECUTABLES:
+
+            def compile_timed():
                 t0 = time.perf_counter()
-                _EXECUTABLES[key] = jax.jit(fn).lower(*args).compile()
+                executable = jax.jit(fn).lower(*args).compile()
                 self.last_timings["compile"] = self.last_timings.get("compile", 0.0) + time.perf_counter() - t0
-                while len(_EXECUTABLES) > MAX_EXECUTABLES:
-                    _EXECUTABLES.popitem(last=False)
-            self._compiled[key] = _EXECUTABLES[key]
+                return executable
+
+            self._compiled[key] = programs.jitted(key, compile_timed)
         t0 = time.perf_counter()
         out = jax.block_until_ready(self._compiled[key](*args))
         self.last_timings[stage] = self.last_timings.get(stage, 0.0) + time.perf_counter() - t0

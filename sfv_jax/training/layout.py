@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sfv_jax import programs
 from sfv_jax.checkpoint import components, pretrained
 from sfv_jax.models import presets
 from sfv_jax.models.build import (
@@ -28,7 +29,7 @@ from sfv_jax.models.build import (
 )
 from sfv_jax.models.unet import init_inputs
 from sfv_jax.parallel import sharding
-from sfv_jax.training import objectives, param_groups, programs
+from sfv_jax.training import objectives, param_groups
 from sfv_jax.training import steps as train_steps
 from sfv_jax.training.discriminator import DiscriminatorHeads, backbone_param_subset, backbone_subset, with_conv_in
 from sfv_jax.training.run_config import ConfigError
@@ -308,7 +309,7 @@ def make_optimizer(config: ml_collections.ConfigDict, learning_rate: float) -> o
     AdamW (``adamw_b1``, ``adamw_b2``, ``weight_decay``), both after global-norm gradient clipping at
     ``clip_norm`` (None: none) and with a linear warm-up of the learning rate over ``warmup_steps``
     (0: none; the paper's SM3 has neither). Equal settings return the same object within a process, so
-    that the update steps jitted with it are built once (:mod:`sfv_jax.training.programs`)."""
+    that the update steps jitted with it are built once (:mod:`sfv_jax.programs`)."""
     o = config.opt
     name = optimizer_name(config)
     if name not in train_steps.OPTIMIZERS:

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sfv_jax.training import losses, param_groups, programs
+from sfv_jax import programs
+from sfv_jax.training import losses, param_groups
 from sfv_jax.training.objectives import GENERATOR_LOSS, Models, StepConfig, discriminator_loss_fn
 
 NONFINITE_POLICIES = ("skip", "halt")
@@ -248,7 +249,7 @@ class JittedSteps:
 
     def __post_init__(self):
         # equal models, settings, optimizers and shardings give the same jitted objects within a process
-        # (sfv_jax.training.programs): a second run finds its steps in jit's cache, traced and loaded
+        # (sfv_jax.programs): a second run finds its steps in jit's cache, traced and loaded
         sh = self.shardings
         key = (
             "steps",

@@ -5,6 +5,8 @@ lowers and loads (or compiles) its program again even when everything it closes 
 ``trainer.train`` in one process (a notebook, a sweep, a resumed run in a test) would pay that again: about
 40 s for the tiny config's steps and random inits on a 2-core CPU, minutes at SVD's size. :func:`jitted`
 returns the same jitted object for an equal key, so the second run finds its programs in jit's own cache.
+The pipeline keeps its compiled stages here too (``diffusion/pipeline.py``): pipelines with equal modules (a
+teacher and the generator trained from it) run the same executables on their own parameters.
 
 A key holds what the program closes over: hashable static values (Flax modules compare by their fields, the
 step settings are frozen dataclasses, shardings compare by mesh and spec; see :func:`shardings_key`). Values
@@ -21,7 +23,7 @@ from typing import Any
 
 import jax
 
-MAX_PROGRAMS = 32  # jitted objects kept (each holds its traces and executables); least recently used go first
+MAX_PROGRAMS = 64  # jitted or compiled objects kept (traces and executables); least recently used go first
 
 _cache: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
 _lock = threading.Lock()
