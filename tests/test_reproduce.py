@@ -95,7 +95,7 @@ def test_size_presets():
     assert [getattr(full, name) for name in names] == [256, None, None, None, 0, 0]
     # the side by side: SF-V's one step, then its guidance-distilled and guided ones where the rows have them
     columns = reproduce.side_by_side_columns(tp.select_rows(reproduce.DEMO["rows"].split(",")))
-    assert columns == ["sfv_1", "sfv_guided_1"]
+    assert columns == ["sfv_1", "sfv_cfg_1"]
     both = reproduce.side_by_side_columns(tp.select_rows(["sfv_guided_1", "sfv_1", "sfv_cfg_1"]))
     assert both == ["sfv_1", "sfv_cfg_1", "sfv_guided_1"]
     assert reproduce.side_by_side_columns(tp.select_rows(["sfv_guided_1", "teacher_1"])) == ["sfv_guided_1"]
