@@ -1,7 +1,7 @@
 """The packaged configs, each a ``get_config()`` Python file with its run command in the docstring.
 
   sfv_svd      the paper's SF-V setting (full SVD, 768x448x14, 8 devices FSDP)
-  tiny         SF-V at toy size on a CPU (random-init tiny models, synthetic videos): the main job
+  tiny         SF-V at toy size on a CPU (random-init tiny models, synthetic videos): the Quickstart's tiny run
   svd_finetune SVD's own diffusion objective on full SVD (``svd_finetune:xt``: SVD-XT, 25 frames)
   toy_teacher  the diffusion objective at toy size: the teacher the toy SF-V reproduction distils
   toy_sfv      SF-V distilled from the toy teacher (toy world, 32x32x14)
