@@ -8,8 +8,9 @@ The teacher defaults to the shipped toy teacher (``sfv_jax/assets/toy_teacher``)
 README's main job (about 9 minutes on a 2-core CPU): rows real, teacher 1, 4 and 25 steps, SF-V's one step
 (200 training steps, without the training diagnostics) and the same generator with the teacher's guidance
 distilled into its one unguided pass (``sfv_cfg``: 100 steps instead of the full protocol's 300), 32 videos;
-the VAE's floor is left to the full protocol. ``--demo --rows real,teacher_1,teacher_4,teacher_25,sfv_1,sfv_cfg_1,sfv_guided_1``
-adds the SF-V generator sampled with the teacher's guidance (two UNet evaluations; the rest is reused).
+the VAE's floor is left to the full protocol. With
+``--demo --rows real,teacher_1,teacher_4,teacher_25,sfv_1,sfv_cfg_1,sfv_guided_1`` the report adds the SF-V
+generator sampled with the teacher's guidance (two UNet evaluations; the rest is reused).
 
 Rows (``evaluation/toy_protocol.py``): ``real`` (a second held-out real set: FVD's floor), ``vae`` (that set
 through the teacher's VAE: the floor of every generated row), ``teacher`` at 1, 2, 4, 8, 16, 25 Euler steps with
