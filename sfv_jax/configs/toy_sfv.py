@@ -7,8 +7,8 @@ Run (after configs/toy_teacher.py and its export):
       --config.init_from=runs/toy_teacher_export
 
 Then, beyond the paper, its guided one step distilled into one unguided pass (``objective="guidance"``,
-docs/method.md, "Guidance distillation of the generator"; below the teacher's 4 steps on seeds 4, 8, 9, 10 and 11 where
-SF-V alone is above them):
+docs/method.md, "Guidance distillation of the generator"; below the teacher's 4 steps on seeds 4, 8, 9, 10, 11
+and 12 where SF-V alone is above them):
   python -m sfv_jax.cli.train --config configs/toy_sfv.py --workdir runs/toy_sfv_cfg \\
       --config.objective=guidance --config.init_from=runs/toy_sfv_export
 
